@@ -1,0 +1,184 @@
+//! The options a deploy gives a service. The control plane validates and persists them; the
+//! data plane reads them on every request through the service they belong to.
+
+use serde::{Deserialize, Serialize};
+
+use crate::GoDuration;
+
+pub const DEFAULT_DEPLOY_TIMEOUT: GoDuration = GoDuration::from_secs(30);
+pub const DEFAULT_DRAIN_TIMEOUT: GoDuration = GoDuration::from_secs(30);
+pub const DEFAULT_PAUSE_TIMEOUT: GoDuration = GoDuration::from_secs(30);
+pub const DEFAULT_TARGET_TIMEOUT: GoDuration = GoDuration::from_secs(30);
+pub const DEFAULT_HEALTH_CHECK_INTERVAL: GoDuration = GoDuration::from_secs(1);
+pub const DEFAULT_HEALTH_CHECK_TIMEOUT: GoDuration = GoDuration::from_secs(5);
+pub const DEFAULT_HEALTH_CHECK_PATH: &str = "/up";
+pub const DEFAULT_BUFFER_MEMORY: u64 = 1024 * 1024;
+pub const DEFAULT_WRITER_AFFINITY_TIMEOUT: GoDuration = GoDuration::from_secs(1);
+
+/// Everything about a service except its name and targets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ServiceConfig {
+    /// Host names served; empty means every host not claimed by another service.
+    pub hosts: Vec<String>,
+    /// Path prefixes served, normalised (`/` when none were given).
+    pub path_prefixes: Vec<String>,
+    pub strip_path_prefix: bool,
+    pub tls: TlsConfig,
+    pub health_check: HealthCheckConfig,
+    /// Time allowed for the target to send its response head.
+    pub target_timeout: GoDuration,
+    pub buffering: BufferConfig,
+    pub forward_headers: bool,
+    /// Header to take the client address from instead of the peer address.
+    pub client_ip_header: Option<String>,
+    pub log_request_headers: Vec<String>,
+    pub log_response_headers: Vec<String>,
+    pub error_pages: Option<String>,
+    // Accepted and stored for compatibility; see `proxy deploy --help` for which are active.
+    pub read_targets: Vec<String>,
+    pub writer_affinity_timeout: GoDuration,
+    pub read_target_websockets: bool,
+    pub exclude_metrics_path: Vec<String>,
+    pub scope_cookie_paths: bool,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            hosts: Vec::new(),
+            path_prefixes: vec!["/".to_string()],
+            strip_path_prefix: true,
+            tls: TlsConfig::default(),
+            health_check: HealthCheckConfig::default(),
+            target_timeout: DEFAULT_TARGET_TIMEOUT,
+            buffering: BufferConfig::default(),
+            forward_headers: true,
+            client_ip_header: None,
+            log_request_headers: Vec::new(),
+            log_response_headers: Vec::new(),
+            error_pages: None,
+            read_targets: Vec::new(),
+            writer_affinity_timeout: DEFAULT_WRITER_AFFINITY_TIMEOUT,
+            read_target_websockets: false,
+            exclude_metrics_path: Vec::new(),
+            scope_cookie_paths: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TlsConfig {
+    pub enabled: bool,
+    pub redirect: bool,
+    pub staging: bool,
+    pub on_demand_url: Option<String>,
+    pub certificate_path: Option<String>,
+    pub private_key_path: Option<String>,
+    pub acme_cache_path: Option<String>,
+    pub canonical_host: Option<String>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            redirect: true,
+            staging: false,
+            on_demand_url: None,
+            certificate_path: None,
+            private_key_path: None,
+            acme_cache_path: None,
+            canonical_host: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HealthCheckConfig {
+    pub path: String,
+    /// Port to check; `None` means the target's own port.
+    pub port: Option<u16>,
+    /// Host header to send; `None` means the target address.
+    pub host: Option<String>,
+    pub interval: GoDuration,
+    pub timeout: GoDuration,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        Self {
+            path: DEFAULT_HEALTH_CHECK_PATH.to_string(),
+            port: None,
+            host: None,
+            interval: DEFAULT_HEALTH_CHECK_INTERVAL,
+            timeout: DEFAULT_HEALTH_CHECK_TIMEOUT,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BufferConfig {
+    pub requests: bool,
+    pub responses: bool,
+    /// Bytes kept in memory per body before spilling to a temporary file.
+    pub memory: u64,
+    /// 0 means unlimited.
+    pub max_request_body: u64,
+    /// 0 means unlimited.
+    pub max_response_body: u64,
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        Self {
+            requests: false,
+            responses: false,
+            memory: DEFAULT_BUFFER_MEMORY,
+            max_request_body: 0,
+            max_response_body: 0,
+        }
+    }
+}
+
+/// Lower-cases a host and removes a trailing dot and any port, the form routing compares.
+pub fn normalize_host(host: &str) -> String {
+    let host = host.trim().trim_end_matches('.');
+    host.to_ascii_lowercase()
+}
+
+/// `api/` → `/api`, `` → `/`: a leading slash and no trailing one, except the root.
+pub fn normalize_path_prefix(prefix: &str) -> String {
+    let trimmed = prefix.trim().trim_matches('/');
+    if trimmed.is_empty() {
+        "/".to_string()
+    } else {
+        format!("/{trimmed}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_prefixes_normalise_to_leading_slash_without_trailing() {
+        assert_eq!(normalize_path_prefix("api/"), "/api");
+        assert_eq!(normalize_path_prefix("/api"), "/api");
+        assert_eq!(normalize_path_prefix(""), "/");
+        assert_eq!(normalize_path_prefix("/"), "/");
+        assert_eq!(normalize_path_prefix("/a/b/"), "/a/b");
+    }
+
+    #[test]
+    fn state_written_by_an_older_version_fills_in_defaults() {
+        let config: ServiceConfig = serde_json::from_str(r#"{"hosts":["a.test"]}"#).unwrap();
+        assert_eq!(config.hosts, vec!["a.test"]);
+        assert_eq!(config.path_prefixes, vec!["/"]);
+        assert!(config.strip_path_prefix);
+        assert_eq!(config.health_check.path, "/up");
+    }
+}

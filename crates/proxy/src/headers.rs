@@ -1,0 +1,179 @@
+//! Header rules for forwarding: hop-by-hop removal, X-Forwarded-*, X-Request-ID.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// True for an HTTP/1.1 request asking to switch protocols (WebSocket and the like).
+pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes headers meant for one hop only, including those the Connection header names.
+/// For an upgrade, `Connection: upgrade` and `Upgrade` are kept so the target can switch.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .filter(|name| !(upgrade && name == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Sets X-Forwarded-For/Proto/Host. With `trust_incoming`, values from the client are kept
+/// (the client address is appended to X-Forwarded-For); otherwise they are replaced.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    client_ip: IpAddr,
+    scheme: &'static str,
+    host: Option<&HeaderValue>,
+    trust_incoming: bool,
+) {
+    let client = client_ip.to_string();
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
+        Some(existing) if trust_incoming => {
+            let mut joined = existing.as_bytes().to_vec();
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(client.as_bytes());
+            HeaderValue::from_bytes(&joined).ok()
+        }
+        _ => None,
+    };
+    let forwarded_for = forwarded_for.unwrap_or_else(|| {
+        HeaderValue::from_str(&client).expect("an IP address is a valid header value")
+    });
+    headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
+    if !(trust_incoming && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
+    }
+    if !(trust_incoming && headers.contains_key(&X_FORWARDED_HOST)) {
+        match host {
+            Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host.clone()),
+            None => headers.remove(&X_FORWARDED_HOST),
+        };
+    }
+}
+
+/// Returns the request's X-Request-ID, adding a new UUID when it has none.
+pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+    if let Some(existing) = headers.get(&X_REQUEST_ID).filter(|v| !v.is_empty()) {
+        return existing.clone();
+    }
+    let mut buffer = uuid::Uuid::encode_buffer();
+    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buffer);
+    let value = HeaderValue::from_str(id).expect("a UUID is a valid header value");
+    headers.insert(X_REQUEST_ID.clone(), value.clone());
+    value
+}
+
+/// The client address from a named header (first entry of a list), if it parses.
+pub fn client_ip_from_header(headers: &HeaderMap, name: &str) -> Option<IpAddr> {
+    let value = headers.get(name)?.to_str().ok()?;
+    value.split(',').next()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_removed() {
+        let mut map = headers(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("accept", "*/*"),
+        ]);
+        remove_hop_by_hop(&mut map, false);
+        let names: Vec<&str> = map.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["accept"]);
+    }
+
+    #[test]
+    fn upgrades_keep_their_upgrade_headers() {
+        let mut map = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(is_upgrade_request(&map));
+        remove_hop_by_hop(&mut map, true);
+        assert_eq!(map["upgrade"], "websocket");
+        assert_eq!(map["connection"], "upgrade");
+    }
+
+    #[test]
+    fn forwarded_for_is_appended_when_trusted_and_replaced_otherwise() {
+        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        let host = HeaderValue::from_static("app.test");
+        let mut trusted = headers(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        set_forwarded(&mut trusted, ip, "http", Some(&host), true);
+        assert_eq!(trusted["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
+        assert_eq!(trusted["x-forwarded-proto"], "https");
+        assert_eq!(trusted["x-forwarded-host"], "app.test");
+
+        let mut untrusted = headers(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        set_forwarded(&mut untrusted, ip, "http", Some(&host), false);
+        assert_eq!(untrusted["x-forwarded-for"], "10.0.0.9");
+        assert_eq!(untrusted["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn an_existing_request_id_is_kept() {
+        let mut map = headers(&[("x-request-id", "abc")]);
+        assert_eq!(ensure_request_id(&mut map), "abc");
+        let mut fresh = HeaderMap::new();
+        let id = ensure_request_id(&mut fresh);
+        assert_eq!(id.len(), 36);
+        assert_eq!(fresh["x-request-id"], id);
+    }
+}

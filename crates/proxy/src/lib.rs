@@ -1,0 +1,39 @@
+//! Berth's data plane: everything a request touches on its way to an app and back.
+//!
+//! # Layout
+//! - [`route`]: the immutable routing snapshot (host + path prefix → service) and the handle
+//!   requests read it through.
+//! - [`service`]: a service's settings, target pool (round-robin over healthy targets) and
+//!   pause/stop state.
+//! - [`target`]: one upstream address with its health, in-flight count and drain signals.
+//! - [`health`]: the periodic health check of each target.
+//! - [`pipeline`]: the request pipeline: route → admit → pick target → forward → log.
+//! - [`listener`]: listening sockets and the accept loop with graceful shutdown.
+//! - `buffer`, `headers`, `tunnel`, `error_page`, `request_log`: the layers the pipeline uses.
+//! - [`GoDuration`] and [`config`]: the service options a deploy sets.
+//!
+//! The data plane never waits on the control plane: the control plane builds a new
+//! [`RouteTable`] and publishes it, and swaps targets inside a [`Service`] atomically.
+
+pub mod body;
+mod buffer;
+pub mod config;
+mod duration;
+mod error_page;
+mod headers;
+pub mod health;
+pub mod listener;
+pub mod pipeline;
+mod request_log;
+pub mod route;
+pub mod service;
+pub mod target;
+mod tunnel;
+pub mod upstream;
+
+pub use duration::{DurationError, GoDuration};
+pub use error_page::{ErrorPages, ErrorPagesError};
+pub use pipeline::Proxy;
+pub use route::{RouteTable, RouteTableHandle};
+pub use service::{PauseState, Service, ServiceSettings};
+pub use target::{Health, Target};

@@ -1,0 +1,428 @@
+//! The request pipeline: route → admit (pause/stop) → pick a target → forward → log.
+//!
+//! Protocol details (HTTP/1.1, HTTP/2, upgrades) stay at the edges: the listener hands every
+//! request here as an `http::Request`, and upgrades are tunnelled in `tunnel`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::uri::{PathAndQuery, Scheme, Uri};
+use http::{header, HeaderValue, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use crate::body::{self, BoxError, ProxyBody};
+use crate::buffer::{buffer_body, BufferError};
+use crate::error_page::ErrorPages;
+use crate::headers;
+use crate::request_log::RequestRecord;
+use crate::route::{strip_prefix, RouteTableHandle};
+use crate::service::{Admission, Service, ServiceSettings};
+use crate::target::InFlight;
+use crate::tunnel;
+use crate::upstream::{describe_error, UpstreamClient};
+
+/// Where a connection came from, as the listener saw it.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionInfo {
+    pub peer: SocketAddr,
+    pub local_port: u16,
+    pub tls: bool,
+}
+
+/// Why forwarding failed, and so which error page the client gets.
+#[derive(Debug, thiserror::Error)]
+enum ForwardError {
+    #[error("body larger than the service allows")]
+    BodyTooLarge,
+    #[error("malformed request body: {0}")]
+    BadRequestBody(BoxError),
+    #[error("target unreachable: {0}")]
+    Unreachable(String),
+    #[error("target sent no response head within the target timeout")]
+    Timeout,
+    #[error("request cut: target drain timeout reached")]
+    Cut,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ForwardError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ForwardError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ForwardError::BadRequestBody(_) => StatusCode::BAD_REQUEST,
+            ForwardError::Unreachable(_) | ForwardError::Cut => StatusCode::BAD_GATEWAY,
+            ForwardError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ForwardError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// Everything a request needs to find its way; cheap to clone per connection.
+#[derive(Clone)]
+pub struct Proxy {
+    routes: RouteTableHandle<Service>,
+    client: UpstreamClient,
+}
+
+impl Proxy {
+    pub fn new(routes: RouteTableHandle<Service>, client: UpstreamClient) -> Self {
+        Self { routes, client }
+    }
+
+    /// Serves one request. Never fails: every problem becomes an error page.
+    pub async fn handle(
+        &self,
+        conn: ConnectionInfo,
+        request: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let scheme = if conn.tls { "https" } else { "http" };
+        let mut record = RequestRecord::begin(&request, conn.peer, conn.local_port, scheme);
+
+        let found = {
+            let routes = self.routes.current();
+            let host = request_host(&request);
+            routes.lookup(host, request.uri().path()).map(|found| {
+                let path = if found.service.settings().config.strip_path_prefix {
+                    strip_prefix(found.prefix, request.uri().path())
+                } else {
+                    request.uri().path()
+                };
+                (
+                    Arc::clone(found.service),
+                    upstream_path(path, request.uri().query()),
+                )
+            })
+        };
+        let Some((service, path_and_query)) = found else {
+            return finish_with_error(record, &ErrorPages::default(), StatusCode::NOT_FOUND, None);
+        };
+        let settings = service.settings();
+        record.service = service.name().to_string();
+        let config = &settings.config;
+        record.capture_headers("req_", &config.log_request_headers, request.headers());
+
+        match service.admit().await {
+            Admission::Proceed => {}
+            Admission::Stopped(message) => {
+                let status = StatusCode::SERVICE_UNAVAILABLE;
+                return finish_with_error(
+                    record,
+                    &settings.error_pages,
+                    status,
+                    message.as_deref(),
+                );
+            }
+            Admission::PauseTimedOut => {
+                let status = StatusCode::GATEWAY_TIMEOUT;
+                return finish_with_error(record, &settings.error_pages, status, None);
+            }
+        }
+
+        let Some(claim) = service.pick_target() else {
+            let status = StatusCode::SERVICE_UNAVAILABLE;
+            return finish_with_error(
+                record,
+                &settings.error_pages,
+                status,
+                Some("No target is available."),
+            );
+        };
+        record.target = claim.target().address().to_string();
+
+        match self
+            .forward(
+                conn,
+                &settings,
+                &claim,
+                request,
+                path_and_query,
+                &mut record,
+            )
+            .await
+        {
+            Ok(Forwarded::Upgraded(response)) => {
+                record.status = response.status().as_u16();
+                record.emit();
+                response
+            }
+            Ok(Forwarded::Response(response)) => {
+                record.status = response.status().as_u16();
+                record.capture_headers("resp_", &config.log_response_headers, response.headers());
+                record.resp_content_type = response
+                    .headers()
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                let cut = claim.target().cut_requests().clone().cancelled_owned();
+                response.map(|inner| {
+                    body::boxed(ObservedBody {
+                        inner,
+                        claim: Some(claim),
+                        record: Some(record),
+                        cut: Box::pin(cut),
+                        sent: 0,
+                    })
+                })
+            }
+            Err(error) => {
+                let status = error.status();
+                tracing::info!(service = %service.name(), target = %claim.target().address(), %error, "Forwarding failed");
+                drop(claim);
+                finish_with_error(record, &settings.error_pages, status, None)
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        conn: ConnectionInfo,
+        settings: &ServiceSettings,
+        claim: &InFlight,
+        mut request: Request<Incoming>,
+        path_and_query: PathAndQuery,
+        record: &mut RequestRecord,
+    ) -> Result<Forwarded, ForwardError> {
+        let config = &settings.config;
+        let target = claim.target();
+        let upgrade =
+            request.version() == Version::HTTP_11 && headers::is_upgrade_request(request.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+
+        let (mut parts, incoming) = request.into_parts();
+        let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        parts.uri = Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(target.authority().clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|e| ForwardError::Internal(e.to_string()))?;
+        parts.version = Version::HTTP_11;
+        headers::remove_hop_by_hop(&mut parts.headers, upgrade);
+        if let Some(host) = &original_host {
+            parts.headers.insert(header::HOST, host.clone());
+        }
+        let client_ip = config
+            .client_ip_header
+            .as_deref()
+            .and_then(|name| headers::client_ip_from_header(&parts.headers, name))
+            .unwrap_or(conn.peer.ip());
+        record.client_addr = client_ip.to_string();
+        let scheme = if conn.tls { "https" } else { "http" };
+        headers::set_forwarded(
+            &mut parts.headers,
+            client_ip,
+            scheme,
+            original_host.as_ref(),
+            config.forward_headers,
+        );
+        let request_id = headers::ensure_request_id(&mut parts.headers);
+        record.request_id = request_id.to_str().unwrap_or_default().to_string();
+
+        let buffering = &config.buffering;
+        let outgoing = if buffering.requests && !upgrade {
+            let declared = parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if buffering.max_request_body > 0
+                && declared.is_some_and(|len| len > buffering.max_request_body)
+            {
+                return Err(ForwardError::BodyTooLarge);
+            }
+            let buffered = buffer_body(incoming, buffering.memory, buffering.max_request_body)
+                .await
+                .map_err(|e| match e {
+                    BufferError::TooLarge(_) => ForwardError::BodyTooLarge,
+                    BufferError::Read(e) => ForwardError::BadRequestBody(e),
+                    BufferError::Spill(e) => ForwardError::Internal(e.to_string()),
+                })?;
+            if buffered.len > 0 || declared.is_some() {
+                parts
+                    .headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(buffered.len));
+            }
+            buffered.body
+        } else {
+            body::boxed(incoming)
+        };
+
+        let sent = self.client.request(Request::from_parts(parts, outgoing));
+        let timeout = config.target_timeout.get();
+        let response = tokio::select! {
+            result = with_timeout(timeout, sent) => result,
+            _ = target.cut_requests().cancelled() => return Err(ForwardError::Cut),
+        };
+        let mut response = match response {
+            None => return Err(ForwardError::Timeout),
+            Some(Err(error)) => return Err(ForwardError::Unreachable(describe_error(&error))),
+            Some(Ok(response)) => response,
+        };
+
+        if let Some(client_upgrade) = client_upgrade {
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                let upstream_upgrade = hyper::upgrade::on(&mut response);
+                tunnel::spawn(
+                    client_upgrade,
+                    upstream_upgrade,
+                    target.close_upgrades().clone(),
+                );
+                return Ok(Forwarded::Upgraded(response.map(|_| body::empty())));
+            }
+        }
+
+        let (mut parts, incoming) = response.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers, false);
+        let outgoing = if buffering.responses {
+            let buffered = buffer_body(incoming, buffering.memory, buffering.max_response_body)
+                .await
+                .map_err(|e| match e {
+                    BufferError::TooLarge(_) => ForwardError::BodyTooLarge,
+                    BufferError::Read(e) => ForwardError::Unreachable(describe_error(&*e)),
+                    BufferError::Spill(e) => ForwardError::Internal(e.to_string()),
+                })?;
+            if !no_body_status(parts.status) {
+                parts
+                    .headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(buffered.len));
+            }
+            buffered.body
+        } else {
+            body::boxed(incoming)
+        };
+        Ok(Forwarded::Response(Response::from_parts(parts, outgoing)))
+    }
+}
+
+enum Forwarded {
+    Response(Response<ProxyBody>),
+    Upgraded(Response<ProxyBody>),
+}
+
+fn no_body_status(status: StatusCode) -> bool {
+    status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+}
+
+/// Runs `future` with a time limit; a zero limit means none.
+async fn with_timeout<F: std::future::Future>(
+    limit: std::time::Duration,
+    future: F,
+) -> Option<F::Output> {
+    if limit.is_zero() {
+        Some(future.await)
+    } else {
+        tokio::time::timeout(limit, future).await.ok()
+    }
+}
+
+/// The host a request is for: the Host header, or the HTTP/2 `:authority`.
+fn request_host<B>(request: &Request<B>) -> &str {
+    request
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| request.uri().authority().map(|a| a.as_str()))
+        .unwrap_or_default()
+}
+
+/// The path and the untouched query for the upstream request.
+fn upstream_path(path: &str, query: Option<&str>) -> PathAndQuery {
+    let joined = match query {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_string(),
+    };
+    joined
+        .parse()
+        .unwrap_or_else(|_| PathAndQuery::from_static("/"))
+}
+
+fn finish_with_error(
+    mut record: RequestRecord,
+    pages: &ErrorPages,
+    status: StatusCode,
+    message: Option<&str>,
+) -> Response<ProxyBody> {
+    record.status = status.as_u16();
+    record.resp_content_type = "text/html; charset=utf-8".to_string();
+    record.emit();
+    pages.render(status, message)
+}
+
+/// A response body on its way to the client. It holds the target claim until the last byte
+/// is sent (so draining waits for streaming responses), cuts the stream when the drain
+/// timeout fires, and writes the log line at the end.
+struct ObservedBody {
+    inner: ProxyBody,
+    claim: Option<InFlight>,
+    record: Option<RequestRecord>,
+    cut: Pin<Box<WaitForCancellationFutureOwned>>,
+    sent: u64,
+}
+
+impl ObservedBody {
+    fn finish(&mut self) {
+        self.claim = None;
+        if let Some(mut record) = self.record.take() {
+            record.resp_content_length = Some(self.sent);
+            record.emit();
+        }
+    }
+}
+
+impl Body for ObservedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.claim.is_some() && this.cut.as_mut().poll(cx).is_ready() {
+            this.finish();
+            return Poll::Ready(Some(Err(
+                "response cut: target drain timeout reached".into()
+            )));
+        }
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.sent += data.len() as u64;
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.finish(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}

@@ -1,0 +1,267 @@
+//! A service: a named app with its settings, its pool of targets and its pause state.
+//!
+//! The control plane swaps a service's targets and settings atomically; requests already
+//! holding the old ones finish with them.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::ServiceConfig;
+use crate::error_page::ErrorPages;
+use crate::target::{InFlight, Target};
+
+/// What a service does with new requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PauseState {
+    Running,
+    /// Requests wait until resumed or until the deadline.
+    Paused {
+        until: Instant,
+    },
+    /// Requests get a 503 with this message.
+    Stopped {
+        message: Option<String>,
+    },
+}
+
+impl PauseState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            PauseState::Running => "running",
+            PauseState::Paused { .. } => "paused",
+            PauseState::Stopped { .. } => "stopped",
+        }
+    }
+}
+
+/// What `admit` decided for a request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admission {
+    Proceed,
+    Stopped(Option<String>),
+    PauseTimedOut,
+}
+
+/// Settings that change together on a redeploy.
+#[derive(Debug)]
+pub struct ServiceSettings {
+    pub config: ServiceConfig,
+    pub error_pages: ErrorPages,
+}
+
+/// The targets serving a service, in round-robin order.
+#[derive(Debug, Default)]
+pub struct TargetPool {
+    targets: Vec<Arc<Target>>,
+    next: AtomicUsize,
+}
+
+impl TargetPool {
+    pub fn new(targets: Vec<Arc<Target>>) -> Self {
+        Self {
+            targets,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn targets(&self) -> &[Arc<Target>] {
+        &self.targets
+    }
+
+    /// The next healthy target in turn; if none is healthy, the next one at all, since a
+    /// request that may succeed beats a certain 503.
+    fn pick(&self) -> Option<InFlight> {
+        let count = self.targets.len();
+        if count == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let in_turn = (0..count).map(|i| &self.targets[(start + i) % count]);
+        in_turn
+            .clone()
+            .filter(|target| target.is_healthy())
+            .find_map(|target| target.try_acquire())
+            .or_else(|| in_turn.into_iter().find_map(|target| target.try_acquire()))
+    }
+}
+
+pub struct Service {
+    name: String,
+    settings: ArcSwap<ServiceSettings>,
+    pool: ArcSwap<TargetPool>,
+    pause: watch::Sender<PauseState>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service").field("name", &self.name).finish()
+    }
+}
+
+impl Service {
+    pub fn new(name: &str, settings: ServiceSettings) -> Self {
+        Self {
+            name: name.to_string(),
+            settings: ArcSwap::from_pointee(settings),
+            pool: ArcSwap::from_pointee(TargetPool::default()),
+            pause: watch::Sender::new(PauseState::Running),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn settings(&self) -> Arc<ServiceSettings> {
+        self.settings.load_full()
+    }
+
+    pub fn set_settings(&self, settings: ServiceSettings) {
+        self.settings.store(Arc::new(settings));
+    }
+
+    pub fn pool(&self) -> Arc<TargetPool> {
+        self.pool.load_full()
+    }
+
+    /// Makes `targets` the ones serving; returns the ones replaced (for draining).
+    pub fn replace_targets(&self, targets: Vec<Arc<Target>>) -> Vec<Arc<Target>> {
+        let old = self.pool.swap(Arc::new(TargetPool::new(targets)));
+        old.targets.clone()
+    }
+
+    /// Claims a target for one request. A pool swapped mid-pick is read again.
+    pub fn pick_target(&self) -> Option<InFlight> {
+        for _ in 0..3 {
+            if let Some(claim) = self.pool.load().pick() {
+                return Some(claim);
+            }
+        }
+        None
+    }
+
+    pub fn pause_state(&self) -> PauseState {
+        self.pause.borrow().clone()
+    }
+
+    pub fn set_pause_state(&self, state: PauseState) {
+        self.pause.send_replace(state);
+    }
+
+    /// Waits while the service is paused; says whether the request may go on.
+    pub async fn admit(&self) -> Admission {
+        let until = match &*self.pause.borrow() {
+            PauseState::Running => return Admission::Proceed,
+            PauseState::Stopped { message } => return Admission::Stopped(message.clone()),
+            PauseState::Paused { until } => *until,
+        };
+        let mut changes = self.pause.subscribe();
+        let resumed = tokio::time::timeout_at(
+            until,
+            changes.wait_for(|state| !matches!(state, PauseState::Paused { .. })),
+        )
+        .await;
+        match resumed {
+            Ok(Ok(state)) => match &*state {
+                PauseState::Stopped { message } => Admission::Stopped(message.clone()),
+                _ => Admission::Proceed,
+            },
+            _ => Admission::PauseTimedOut,
+        }
+    }
+
+    /// Requests in flight on all current targets.
+    pub fn in_flight(&self) -> usize {
+        self.pool.load().targets.iter().map(|t| t.in_flight()).sum()
+    }
+
+    /// Waits for in-flight requests on the current targets to finish, up to `timeout`.
+    pub async fn wait_idle(&self, timeout: Duration) -> bool {
+        let pool = self.pool();
+        let all_idle = futures_util::future::join_all(pool.targets.iter().map(|t| t.wait_idle()));
+        tokio::time::timeout(timeout, all_idle).await.is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::HealthCheckConfig;
+
+    fn target(address: &str, healthy: bool) -> Arc<Target> {
+        let target = Arc::new(Target::new(address, HealthCheckConfig::default()).unwrap());
+        if healthy {
+            target.assume_healthy();
+        }
+        target
+    }
+
+    fn service() -> Service {
+        Service::new(
+            "app",
+            ServiceSettings {
+                config: ServiceConfig::default(),
+                error_pages: ErrorPages::default(),
+            },
+        )
+    }
+
+    #[test]
+    fn round_robin_skips_unhealthy_targets() {
+        let service = service();
+        service.replace_targets(vec![
+            target("a:1", true),
+            target("b:1", false),
+            target("c:1", true),
+        ]);
+        let picks: Vec<String> = (0..4)
+            .map(|_| {
+                service
+                    .pick_target()
+                    .unwrap()
+                    .target()
+                    .address()
+                    .to_string()
+            })
+            .collect();
+        assert!(!picks.contains(&"b:1".to_string()));
+        assert!(picks.contains(&"a:1".to_string()) && picks.contains(&"c:1".to_string()));
+    }
+
+    #[test]
+    fn with_no_healthy_target_any_target_is_tried() {
+        let service = service();
+        service.replace_targets(vec![target("a:1", false)]);
+        assert!(service.pick_target().is_some());
+    }
+
+    #[tokio::test]
+    async fn paused_requests_wait_for_resume() {
+        let service = Arc::new(service());
+        service.set_pause_state(PauseState::Paused {
+            until: Instant::now() + Duration::from_secs(5),
+        });
+        let waiting = tokio::spawn({
+            let service = Arc::clone(&service);
+            async move { service.admit().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished());
+        service.set_pause_state(PauseState::Running);
+        assert_eq!(waiting.await.unwrap(), Admission::Proceed);
+    }
+
+    #[tokio::test]
+    async fn a_pause_past_its_deadline_times_out() {
+        let service = service();
+        service.set_pause_state(PauseState::Paused {
+            until: Instant::now() + Duration::from_millis(10),
+        });
+        assert_eq!(service.admit().await, Admission::PauseTimedOut);
+    }
+}
