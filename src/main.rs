@@ -1,1 +1,63 @@
-fn main() {}
+//! `proxy`: the daemon (`proxy run`) and the CLI that drives it, in one binary.
+//!
+//! - `cli`: the command line (kamal-proxy's commands and flags).
+//! - `daemon`: `proxy run`, wiring the data plane, control plane and state.
+//! - `commands`: every other command, a thin client of the control API.
+
+mod cli;
+mod commands;
+mod daemon;
+
+use std::process::ExitCode;
+
+use clap::error::ErrorKind;
+use clap::Parser;
+
+use cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return report_usage_error(error),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(anyhow::anyhow!("cannot start the async runtime: {error}")),
+    };
+    let outcome = match cli.command {
+        Command::Run(args) => daemon::RunOptions::resolve(args).and_then(|options| {
+            daemon::init_logging(options.debug);
+            runtime.block_on(daemon::run(options))
+        }),
+        command => runtime.block_on(commands::run(command)),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(error),
+    }
+}
+
+/// kamal-proxy's convention: `Error: <message>` on stderr, exit 1.
+fn fail(error: anyhow::Error) -> ExitCode {
+    eprintln!("Error: {error:#}");
+    ExitCode::from(1)
+}
+
+/// Help and version exit 0; a bad flag or value exits 1 with clap's message, which names it.
+fn report_usage_error(error: clap::Error) -> ExitCode {
+    match error.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = error.print();
+            ExitCode::SUCCESS
+        }
+        _ => {
+            let rendered = error.render().to_string();
+            let message = rendered.trim_start_matches("error: ");
+            eprint!("Error: {message}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -33,7 +33,8 @@ impl<S> PathRoutes<S> {
             prefix: prefix.into(),
             service,
         });
-        self.0.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        self.0
+            .sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
     }
 
     fn lookup(&self, path: &str) -> Option<&Route<S>> {

@@ -21,7 +21,7 @@ use crate::config::HealthCheckConfig;
 pub struct InvalidTarget(pub String);
 
 /// Health as the target's checks last saw it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Health {
     Unknown,

@@ -1,0 +1,106 @@
+//! The JSON messages of the control API, shared by the daemon and the CLI.
+//!
+//! | method and path                     | body            | answer          |
+//! |-------------------------------------|-----------------|-----------------|
+//! | `POST /v1/services/{name}/deploy`   | [`DeployRequest`] | `{}` when the new targets serve and the old ones are drained |
+//! | `DELETE /v1/services/{name}`        |                 | `{}`            |
+//! | `POST /v1/services/{name}/stop`     | [`StopRequest`]   | `{}` after draining |
+//! | `POST /v1/services/{name}/pause`    | [`PauseRequest`]  | `{}` after draining |
+//! | `POST /v1/services/{name}/resume`   |                 | `{}`            |
+//! | `GET /v1/services`                  |                 | [`ServiceList`]   |
+//! | `GET /v1/status`                    |                 | [`StatusReport`]  |
+//!
+//! Failures answer a 4xx/5xx status with [`ApiError`] as the body.
+
+use berth_proxy::config::{
+    ServiceConfig, DEFAULT_DEPLOY_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_PAUSE_TIMEOUT,
+};
+use berth_proxy::{GoDuration, Health};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeployRequest {
+    pub targets: Vec<String>,
+    pub config: ServiceConfig,
+    #[serde(default = "default_deploy_timeout")]
+    pub deploy_timeout: GoDuration,
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: GoDuration,
+    /// Skip the health gate: the new targets serve at once.
+    #[serde(default)]
+    pub force: bool,
+}
+
+fn default_deploy_timeout() -> GoDuration {
+    DEFAULT_DEPLOY_TIMEOUT
+}
+
+fn default_drain_timeout() -> GoDuration {
+    DEFAULT_DRAIN_TIMEOUT
+}
+
+fn default_pause_timeout() -> GoDuration {
+    DEFAULT_PAUSE_TIMEOUT
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StopRequest {
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: GoDuration,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PauseRequest {
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: GoDuration,
+    #[serde(default = "default_pause_timeout")]
+    pub max_pause: GoDuration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}
+
+/// `list`: one entry per service, sorted by name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceList {
+    pub services: Vec<ServiceSummary>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceSummary {
+    pub name: String,
+    pub hosts: Vec<String>,
+    pub path_prefixes: Vec<String>,
+    pub targets: Vec<String>,
+    pub state: String,
+    pub tls: bool,
+}
+
+/// `status`: what serves each host and path, and how its targets are doing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub routes: Vec<RouteStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouteStatus {
+    /// `*` for a service that takes every host.
+    pub host: String,
+    pub path: String,
+    pub service: String,
+    pub state: String,
+    pub tls: bool,
+    pub targets: Vec<TargetStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TargetStatus {
+    pub address: String,
+    pub health: Health,
+    pub last_failure: Option<String>,
+    pub in_flight: usize,
+}

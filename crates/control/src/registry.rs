@@ -1,0 +1,605 @@
+//! The registry: the set of services and every change to it (deploy, remove, stop, pause,
+//! resume). Each change is validated, saved to the state file, then applied and published as
+//! a new routing snapshot, so a change that cannot be saved is not made.
+//!
+//! Deploys of one service are serialised by a per-service lock held for the whole deploy
+//! (health wait and drain); deploys of different services run in parallel.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use berth_proxy::config::{
+    normalize_host, normalize_path_prefix, ServiceConfig, DEFAULT_DRAIN_TIMEOUT,
+};
+use berth_proxy::health::spawn_health_check;
+use berth_proxy::upstream::UpstreamClient;
+use berth_proxy::{
+    ErrorPages, PauseState, RouteTable, RouteTableHandle, Service, ServiceSettings, Target,
+};
+use futures_util::future::join_all;
+use tokio::time::Instant;
+
+use crate::protocol::{
+    DeployRequest, RouteStatus, ServiceList, ServiceSummary, StatusReport, TargetStatus,
+};
+use crate::state::{PersistedPause, ServiceState, State, StateError, StateFile};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("service not found")]
+    ServiceNotFound,
+    #[error("host settings conflict with another service")]
+    HostConflict,
+    #[error("target failed to become healthy within configured timeout ({target}: {reason})")]
+    Unhealthy { target: String, reason: String },
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+struct Entry {
+    service: Arc<Service>,
+    targets: Vec<String>,
+    pause: PersistedPause,
+}
+
+pub struct Registry {
+    routes: RouteTableHandle<Service>,
+    client: UpstreamClient,
+    state_file: StateFile,
+    entries: Mutex<BTreeMap<String, Entry>>,
+    service_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Registry {
+    pub fn new(
+        routes: RouteTableHandle<Service>,
+        client: UpstreamClient,
+        state_file: StateFile,
+    ) -> Self {
+        Self {
+            routes,
+            client,
+            state_file,
+            entries: Mutex::new(BTreeMap::new()),
+            service_locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Loads the state file and serves its services at once; restored targets are taken as
+    /// healthy, then health-checked.
+    pub fn restore(&self) -> Result<usize, StateError> {
+        let state = self.state_file.load()?;
+        let mut entries = self.lock_entries();
+        for saved in state.services {
+            let error_pages = load_error_pages(&saved.config).unwrap_or_else(|error| {
+                tracing::warn!(service = %saved.name, %error, "Custom error pages unavailable; using built-in pages");
+                ErrorPages::default()
+            });
+            let service = Arc::new(Service::new(
+                &saved.name,
+                ServiceSettings {
+                    config: saved.config.clone(),
+                    error_pages,
+                },
+            ));
+            let targets: Vec<Arc<Target>> = saved
+                .targets
+                .iter()
+                .filter_map(|address| match Target::new(address, saved.config.health_check.clone()) {
+                    Ok(target) => Some(Arc::new(target)),
+                    Err(error) => {
+                        tracing::warn!(service = %saved.name, %error, "Skipping unusable saved target");
+                        None
+                    }
+                })
+                .collect();
+            for target in &targets {
+                target.assume_healthy();
+                spawn_health_check(target, self.client.clone());
+            }
+            service.replace_targets(targets);
+            service.set_pause_state(match &saved.pause {
+                PersistedPause::Running => PauseState::Running,
+                PersistedPause::Paused { max_pause } => PauseState::Paused {
+                    until: Instant::now() + max_pause.get(),
+                },
+                PersistedPause::Stopped { message } => PauseState::Stopped {
+                    message: message.clone(),
+                },
+            });
+            entries.insert(
+                saved.name.clone(),
+                Entry {
+                    service,
+                    targets: saved.targets,
+                    pause: saved.pause,
+                },
+            );
+        }
+        self.publish(&entries);
+        Ok(entries.len())
+    }
+
+    /// Deploys `targets` for `name`: waits for them to be healthy (unless forced), makes them
+    /// the service's targets, then drains the old ones. The old targets keep serving if the
+    /// new ones never become healthy.
+    pub async fn deploy(&self, name: &str, request: DeployRequest) -> Result<(), RegistryError> {
+        validate_service_name(name)?;
+        let config = normalize_config(request.config)?;
+        if request.targets.is_empty() {
+            return Err(RegistryError::Invalid(
+                "at least one target is required".into(),
+            ));
+        }
+        let error_pages =
+            load_error_pages(&config).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let targets: Vec<Arc<Target>> = request
+            .targets
+            .iter()
+            .map(|address| Target::new(address, config.health_check.clone()).map(Arc::new))
+            .collect::<Result<_, _>>()
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+
+        let lock = self.service_lock(name);
+        let _deploying = lock.lock().await;
+        self.check_conflicts(name, &config)?;
+
+        tracing::info!(service = name, targets = ?request.targets, hosts = ?config.hosts, "Deploying");
+        let started = std::time::Instant::now();
+        for target in &targets {
+            spawn_health_check(target, self.client.clone());
+        }
+        if request.force {
+            targets.iter().for_each(|target| target.assume_healthy());
+        } else if let Err(error) = wait_all_healthy(&targets, request.deploy_timeout.get()).await {
+            targets.iter().for_each(|target| target.retire());
+            tracing::info!(service = name, %error, "Deploy failed; previous targets keep serving");
+            return Err(error);
+        }
+
+        let old_targets = {
+            let mut entries = self.lock_entries();
+            // Checked again: another service may have claimed the host while we waited.
+            if let Err(error) = check_conflicts(&entries, name, &config) {
+                targets.iter().for_each(|target| target.retire());
+                return Err(error);
+            }
+            let mut next_state = snapshot(&entries);
+            let saved = ServiceState {
+                name: name.to_string(),
+                targets: request.targets.clone(),
+                config: config.clone(),
+                pause: entries
+                    .get(name)
+                    .map(|e| e.pause.clone())
+                    .unwrap_or_default(),
+            };
+            match next_state.services.iter_mut().find(|s| s.name == name) {
+                Some(existing) => *existing = saved,
+                None => next_state.services.push(saved),
+            }
+            if let Err(error) = self.state_file.save(&next_state) {
+                targets.iter().for_each(|target| target.retire());
+                return Err(error.into());
+            }
+            let settings = ServiceSettings {
+                config,
+                error_pages,
+            };
+            let entry = entries.entry(name.to_string()).or_insert_with(|| Entry {
+                service: Arc::new(Service::new(
+                    name,
+                    ServiceSettings {
+                        config: ServiceConfig::default(),
+                        error_pages: ErrorPages::default(),
+                    },
+                )),
+                targets: Vec::new(),
+                pause: PersistedPause::Running,
+            });
+            entry.service.set_settings(settings);
+            entry.targets = request.targets.clone();
+            let old = entry.service.replace_targets(targets);
+            self.publish(&entries);
+            old
+        };
+
+        let cut = drain_all(&old_targets, request.drain_timeout.get()).await;
+        tracing::info!(
+            service = name,
+            targets = ?request.targets,
+            duration_ms = started.elapsed().as_millis() as u64,
+            requests_cut = cut,
+            "Deployed"
+        );
+        Ok(())
+    }
+
+    /// Takes a service out of routing and forgets it; its targets drain in the background.
+    pub async fn remove(&self, name: &str) -> Result<(), RegistryError> {
+        let lock = self.service_lock(name);
+        let _changing = lock.lock().await;
+        let removed = {
+            let mut entries = self.lock_entries();
+            if !entries.contains_key(name) {
+                return Err(RegistryError::ServiceNotFound);
+            }
+            let mut next_state = snapshot(&entries);
+            next_state.services.retain(|s| s.name != name);
+            self.state_file.save(&next_state)?;
+            let removed = entries.remove(name).map(|entry| entry.service);
+            self.publish(&entries);
+            removed
+        };
+        self.service_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        if let Some(service) = removed {
+            let targets = service.replace_targets(Vec::new());
+            tokio::spawn(async move { drain_all(&targets, DEFAULT_DRAIN_TIMEOUT.get()).await });
+        }
+        tracing::info!(service = name, "Removed");
+        Ok(())
+    }
+
+    /// Serves 503 (with `message`) to new requests, then waits for in-flight ones.
+    pub async fn stop(
+        &self,
+        name: &str,
+        drain_timeout: Duration,
+        message: Option<String>,
+    ) -> Result<(), RegistryError> {
+        let service = self.set_pause(
+            name,
+            PersistedPause::Stopped {
+                message: message.clone(),
+            },
+            PauseState::Stopped { message },
+        )?;
+        service.wait_idle(drain_timeout).await;
+        Ok(())
+    }
+
+    /// Holds new requests (up to `max_pause`), then waits for in-flight ones.
+    pub async fn pause(
+        &self,
+        name: &str,
+        drain_timeout: Duration,
+        max_pause: Duration,
+    ) -> Result<(), RegistryError> {
+        let persisted = PersistedPause::Paused {
+            max_pause: berth_proxy::GoDuration(max_pause),
+        };
+        let live = PauseState::Paused {
+            until: Instant::now() + max_pause,
+        };
+        let service = self.set_pause(name, persisted, live)?;
+        service.wait_idle(drain_timeout).await;
+        Ok(())
+    }
+
+    pub fn resume(&self, name: &str) -> Result<(), RegistryError> {
+        self.set_pause(name, PersistedPause::Running, PauseState::Running)?;
+        Ok(())
+    }
+
+    pub fn list(&self) -> ServiceList {
+        let entries = self.lock_entries();
+        let services = entries
+            .iter()
+            .map(|(name, entry)| {
+                let settings = entry.service.settings();
+                ServiceSummary {
+                    name: name.clone(),
+                    hosts: settings.config.hosts.clone(),
+                    path_prefixes: settings.config.path_prefixes.clone(),
+                    targets: entry.targets.clone(),
+                    state: entry.service.pause_state().name().to_string(),
+                    tls: settings.config.tls.enabled,
+                }
+            })
+            .collect();
+        ServiceList { services }
+    }
+
+    pub fn status(&self) -> StatusReport {
+        let entries = self.lock_entries();
+        let mut routes = Vec::new();
+        for (name, entry) in entries.iter() {
+            let settings = entry.service.settings();
+            let targets: Vec<TargetStatus> = entry
+                .service
+                .pool()
+                .targets()
+                .iter()
+                .map(|target| {
+                    let report = target.health_report();
+                    TargetStatus {
+                        address: target.address().to_string(),
+                        health: report.health,
+                        last_failure: report.last_failure,
+                        in_flight: target.in_flight(),
+                    }
+                })
+                .collect();
+            let hosts = if settings.config.hosts.is_empty() {
+                vec!["*".to_string()]
+            } else {
+                settings.config.hosts.clone()
+            };
+            for host in &hosts {
+                for path in &settings.config.path_prefixes {
+                    routes.push(RouteStatus {
+                        host: host.clone(),
+                        path: path.clone(),
+                        service: name.clone(),
+                        state: entry.service.pause_state().name().to_string(),
+                        tls: settings.config.tls.enabled,
+                        targets: targets.clone(),
+                    });
+                }
+            }
+        }
+        routes.sort_by(|a, b| (&a.host, &a.path).cmp(&(&b.host, &b.path)));
+        StatusReport { routes }
+    }
+
+    fn set_pause(
+        &self,
+        name: &str,
+        persisted: PersistedPause,
+        live: PauseState,
+    ) -> Result<Arc<Service>, RegistryError> {
+        let mut entries = self.lock_entries();
+        let Some(entry) = entries.get(name) else {
+            return Err(RegistryError::ServiceNotFound);
+        };
+        let service = Arc::clone(&entry.service);
+        let mut next_state = snapshot(&entries);
+        if let Some(saved) = next_state.services.iter_mut().find(|s| s.name == name) {
+            saved.pause = persisted.clone();
+        }
+        self.state_file.save(&next_state)?;
+        if let Some(entry) = entries.get_mut(name) {
+            entry.pause = persisted;
+        }
+        service.set_pause_state(live);
+        tracing::info!(
+            service = name,
+            state = service.pause_state().name(),
+            "Service state changed"
+        );
+        Ok(service)
+    }
+
+    fn check_conflicts(&self, name: &str, config: &ServiceConfig) -> Result<(), RegistryError> {
+        check_conflicts(&self.lock_entries(), name, config)
+    }
+
+    fn publish(&self, entries: &BTreeMap<String, Entry>) {
+        let mut table = RouteTable::default();
+        for entry in entries.values() {
+            let settings = entry.service.settings();
+            table.insert(
+                &settings.config.hosts,
+                &settings.config.path_prefixes,
+                &entry.service,
+            );
+        }
+        self.routes.publish(table);
+    }
+
+    fn service_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.service_locks.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(locks.entry(name.to_string()).or_default())
+    }
+
+    fn lock_entries(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+        // A panic while holding the lock cannot leave the map half-changed (every change is
+        // a single insert/remove), so a poisoned lock is still safe to use.
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn snapshot(entries: &BTreeMap<String, Entry>) -> State {
+    State {
+        version: 0,
+        services: entries
+            .iter()
+            .map(|(name, entry)| ServiceState {
+                name: name.clone(),
+                targets: entry.targets.clone(),
+                config: entry.service.settings().config.clone(),
+                pause: entry.pause.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn check_conflicts(
+    entries: &BTreeMap<String, Entry>,
+    name: &str,
+    config: &ServiceConfig,
+) -> Result<(), RegistryError> {
+    let claims = |config: &ServiceConfig| -> Vec<(String, String)> {
+        let hosts = if config.hosts.is_empty() {
+            vec![String::new()]
+        } else {
+            config.hosts.clone()
+        };
+        hosts
+            .iter()
+            .flat_map(|host| {
+                config
+                    .path_prefixes
+                    .iter()
+                    .map(move |path| (host.clone(), path.clone()))
+            })
+            .collect()
+    };
+    let wanted = claims(config);
+    for (other_name, other) in entries {
+        if other_name == name {
+            continue;
+        }
+        let taken = claims(&other.service.settings().config);
+        if wanted.iter().any(|claim| taken.contains(claim)) {
+            tracing::info!(service = name, conflicting_service = %other_name, "Host settings conflict");
+            return Err(RegistryError::HostConflict);
+        }
+    }
+    Ok(())
+}
+
+fn validate_service_name(name: &str) -> Result<(), RegistryError> {
+    let valid = !name.is_empty()
+        && name.len() <= 255
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if valid {
+        Ok(())
+    } else {
+        Err(RegistryError::Invalid(format!(
+            "invalid service name {name:?}: use letters, digits, '-', '_' and '.'"
+        )))
+    }
+}
+
+/// Normalises hosts and prefixes and refuses combinations kamal-proxy refuses.
+pub fn normalize_config(mut config: ServiceConfig) -> Result<ServiceConfig, RegistryError> {
+    let invalid = |message: &str| Err(RegistryError::Invalid(message.to_string()));
+    config.hosts = config
+        .hosts
+        .iter()
+        .map(|h| normalize_host(h))
+        .filter(|h| !h.is_empty())
+        .collect();
+    config.hosts.dedup();
+    for host in &config.hosts {
+        let name = host.strip_prefix("*.").unwrap_or(host);
+        let valid = !name.is_empty()
+            && !name.contains('*')
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b));
+        if !valid {
+            return Err(RegistryError::Invalid(format!("invalid host {host:?}")));
+        }
+    }
+    if config.path_prefixes.is_empty() {
+        config.path_prefixes.push("/".to_string());
+    }
+    config.path_prefixes = config
+        .path_prefixes
+        .iter()
+        .map(|p| normalize_path_prefix(p))
+        .collect();
+    config.path_prefixes.sort();
+    config.path_prefixes.dedup();
+
+    let tls = &config.tls;
+    let custom_certificate = tls.certificate_path.is_some() || tls.private_key_path.is_some();
+    if tls.certificate_path.is_some() != tls.private_key_path.is_some() {
+        return invalid("tls-certificate-path and tls-private-key-path must be given together");
+    }
+    if tls.enabled {
+        if config.hosts.is_empty() && tls.on_demand_url.is_none() {
+            return invalid("host must be set when using TLS");
+        }
+        if !config.path_prefixes.iter().any(|p| p == "/") {
+            return invalid("TLS settings must be specified on the root path service");
+        }
+        if tls.on_demand_url.is_some() && (!config.hosts.is_empty() || custom_certificate) {
+            return invalid("tls-on-demand-url cannot be used with hosts or custom certificates");
+        }
+        if !custom_certificate && config.hosts.iter().any(|h| h.starts_with("*.")) {
+            return invalid("automatic TLS certificates cannot be used with wildcard hosts");
+        }
+    }
+    if let Some(canonical) = &tls.canonical_host {
+        if !config.hosts.contains(&normalize_host(canonical)) {
+            return invalid("canonical host must be one of the service's hosts");
+        }
+    }
+    if config.buffering.max_request_body > 0 && !config.buffering.requests {
+        return invalid("max-request-body can only be set when request buffering is enabled");
+    }
+    if config.buffering.max_response_body > 0 && !config.buffering.responses {
+        return invalid("max-response-body can only be set when response buffering is enabled");
+    }
+    Ok(config)
+}
+
+fn load_error_pages(config: &ServiceConfig) -> Result<ErrorPages, berth_proxy::ErrorPagesError> {
+    match &config.error_pages {
+        Some(dir) => ErrorPages::load(std::path::Path::new(dir)),
+        None => Ok(ErrorPages::default()),
+    }
+}
+
+async fn wait_all_healthy(targets: &[Arc<Target>], timeout: Duration) -> Result<(), RegistryError> {
+    let waits = targets.iter().map(|target| async move {
+        target
+            .wait_until_healthy(timeout)
+            .await
+            .map_err(|reason| RegistryError::Unhealthy {
+                target: target.address().to_string(),
+                reason,
+            })
+    });
+    join_all(waits).await.into_iter().collect()
+}
+
+async fn drain_all(targets: &[Arc<Target>], timeout: Duration) -> usize {
+    let drains = targets.iter().map(|target| target.drain(timeout));
+    join_all(drains).await.into_iter().sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(hosts: &[&str]) -> ServiceConfig {
+        ServiceConfig {
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            ..ServiceConfig::default()
+        }
+    }
+
+    #[test]
+    fn tls_needs_a_host_and_the_root_path() {
+        let mut tls_without_host = config(&[]);
+        tls_without_host.tls.enabled = true;
+        assert!(normalize_config(tls_without_host).is_err());
+
+        let mut tls_on_subpath = config(&["a.test"]);
+        tls_on_subpath.tls.enabled = true;
+        tls_on_subpath.path_prefixes = vec!["/api".into()];
+        assert!(normalize_config(tls_on_subpath).is_err());
+
+        let mut wildcard = config(&["*.a.test"]);
+        wildcard.tls.enabled = true;
+        assert!(normalize_config(wildcard).is_err());
+    }
+
+    #[test]
+    fn canonical_host_must_be_served() {
+        let mut c = config(&["a.test"]);
+        c.tls.canonical_host = Some("b.test".into());
+        assert!(normalize_config(c).is_err());
+    }
+
+    #[test]
+    fn hosts_and_prefixes_are_normalised() {
+        let mut c = config(&["App.Test.", "app.test"]);
+        c.path_prefixes = vec!["api/".into()];
+        let c = normalize_config(c).unwrap();
+        assert_eq!(c.hosts, vec!["app.test"]);
+        assert_eq!(c.path_prefixes, vec!["/api"]);
+    }
+}

@@ -1,0 +1,325 @@
+//! The command line, flag for flag compatible with kamal-proxy: `--flag value` and
+//! `--flag=value`, booleans as `--flag` or `--flag=false`, Go-style durations, repeatable
+//! list flags that also take comma-separated values.
+
+use std::net::IpAddr;
+
+use berth_proxy::config::{
+    DEFAULT_BUFFER_MEMORY, DEFAULT_DEPLOY_TIMEOUT, DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_HEALTH_CHECK_INTERVAL, DEFAULT_HEALTH_CHECK_PATH, DEFAULT_HEALTH_CHECK_TIMEOUT,
+    DEFAULT_PAUSE_TIMEOUT, DEFAULT_TARGET_TIMEOUT, DEFAULT_WRITER_AFFINITY_TIMEOUT,
+};
+use berth_proxy::GoDuration;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "proxy",
+    version,
+    about = "Berth: a reverse proxy for zero-downtime deploys, compatible with kamal-proxy",
+    long_about = "Berth routes requests by host and path to app containers, swaps to a new \
+container only once it is healthy, drains the old one without dropping a request.\n\n\
+`proxy run` starts the daemon; every other command talks to it over the control socket \
+($KAMAL_PROXY_SOCKET, else $XDG_RUNTIME_DIR/kamal-proxy.sock, else /tmp/kamal-proxy.sock)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy daemon
+    Run(RunArgs),
+    /// Deploy a service: wait for its new targets to be healthy, switch, drain the old ones
+    Deploy(Box<DeployArgs>),
+    /// Remove a service
+    #[command(visible_alias = "rm")]
+    Remove(ServiceArg),
+    /// List the services currently running
+    #[command(visible_alias = "ls")]
+    List(OutputArgs),
+    /// Show what serves each host and path, with target health and in-flight requests
+    Status(OutputArgs),
+    /// Stop a service: drain in-flight requests, then answer 503 with a message
+    Stop(StopArgs),
+    /// Pause a service: drain in-flight requests, then hold new ones until resumed
+    Pause(PauseArgs),
+    /// Resume a paused or stopped service
+    Resume(ServiceArg),
+}
+
+/// Options of `run`. Each may also come from the environment as `KAMAL_PROXY_<NAME>` or
+/// `<NAME>` (flag first, then the prefixed variable, then the plain one).
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Port to serve HTTP on [env: HTTP_PORT] [default: 80]
+    #[arg(long, value_name = "PORT")]
+    pub http_port: Option<u16>,
+    /// Port to serve HTTPS on [env: HTTPS_PORT] [default: 443] (HTTPS serving lands with the TLS work; the port is reserved)
+    #[arg(long, value_name = "PORT")]
+    pub https_port: Option<u16>,
+    /// Port for Prometheus metrics, 0 for none [env: METRICS_PORT] [default: 0] (accepted; metrics are not served yet)
+    #[arg(long, value_name = "PORT")]
+    pub metrics_port: Option<u16>,
+    /// Address to listen on [env: BIND] [default: all addresses]
+    #[arg(long, value_name = "ADDRESS")]
+    pub bind: Option<IpAddr>,
+    /// Log at debug level [env: DEBUG]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
+    pub debug: Option<bool>,
+    /// Enable HTTP/3 (accepted for compatibility; not supported, ignored)
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
+    pub http3: Option<bool>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServiceArg {
+    /// Service name
+    pub service: String,
+}
+
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// Service name
+    pub service: String,
+    /// Time to wait for in-flight requests before stopping
+    #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_DRAIN_TIMEOUT, value_parser = parse_duration)]
+    pub drain_timeout: GoDuration,
+    /// Message shown on the 503 page while stopped
+    #[arg(long)]
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PauseArgs {
+    /// Service name
+    pub service: String,
+    /// Time to wait for in-flight requests before pausing
+    #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_DRAIN_TIMEOUT, value_parser = parse_duration)]
+    pub drain_timeout: GoDuration,
+    /// Longest time a request is held while paused
+    #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_PAUSE_TIMEOUT, value_parser = parse_duration)]
+    pub max_pause: GoDuration,
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// Service name
+    pub service: String,
+
+    /// Target host:port to deploy (repeatable, or comma-separated)
+    #[arg(
+        long = "target",
+        value_name = "HOST:PORT",
+        required = true,
+        value_delimiter = ','
+    )]
+    pub targets: Vec<String>,
+    /// Read-only target host:port (accepted and stored; read/write splitting is not implemented yet)
+    #[arg(long = "read-target", value_name = "HOST:PORT", value_delimiter = ',')]
+    pub read_targets: Vec<String>,
+    /// Host to serve this service on (repeatable; none = all hosts; `*.example.com` for a wildcard)
+    #[arg(long = "host", value_name = "HOST", value_delimiter = ',')]
+    pub hosts: Vec<String>,
+    /// Serve the service below this path prefix (repeatable) [default: /]
+    #[arg(long = "path-prefix", value_name = "PATH", value_delimiter = ',')]
+    pub path_prefixes: Vec<String>,
+    /// With --path-prefix, strip the prefix before forwarding
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_value = "true", default_missing_value = "true", value_parser = parse_bool)]
+    pub strip_path_prefix: bool,
+
+    /// Serve this service over HTTPS with certificates for its hosts (stored; HTTPS serving lands with the TLS work)
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub tls: bool,
+    /// Use Let's Encrypt's staging environment for certificates
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub tls_staging: bool,
+    /// URL asked before issuing a certificate on demand (`?host=<name>`; 200 allows)
+    #[arg(long, value_name = "URL")]
+    pub tls_on_demand_url: Option<String>,
+    /// Custom TLS certificate (PEM); needs --tls-private-key-path
+    #[arg(long, value_name = "PATH", requires = "tls_private_key_path")]
+    pub tls_certificate_path: Option<String>,
+    /// Custom TLS private key (PEM); needs --tls-certificate-path
+    #[arg(long, value_name = "PATH", requires = "tls_certificate_path")]
+    pub tls_private_key_path: Option<String>,
+    /// Directory for the ACME certificate cache [default: $HOME/.config/kamal-proxy/certs]
+    #[arg(long, value_name = "PATH")]
+    pub tls_acme_cache_path: Option<String>,
+    /// Redirect plain HTTP to HTTPS for this service
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_value = "true", default_missing_value = "true", value_parser = parse_bool)]
+    pub tls_redirect: bool,
+    /// Redirect the service's other hosts to this one
+    #[arg(long, value_name = "HOST")]
+    pub canonical_host: Option<String>,
+
+    /// Longest wait for the new targets to become healthy
+    #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_DEPLOY_TIMEOUT, value_parser = parse_duration)]
+    pub deploy_timeout: GoDuration,
+    /// Longest wait for in-flight requests on the old targets before they are cut
+    #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_DRAIN_TIMEOUT, value_parser = parse_duration)]
+    pub drain_timeout: GoDuration,
+    /// Skip the health gate: switch to the new targets at once
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub force: bool,
+
+    /// Interval between health checks
+    #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_HEALTH_CHECK_INTERVAL, value_parser = parse_duration)]
+    pub health_check_interval: GoDuration,
+    /// Time each health check must complete in
+    #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_HEALTH_CHECK_TIMEOUT, value_parser = parse_duration)]
+    pub health_check_timeout: GoDuration,
+    /// Path to check for health (a 2xx answer is healthy)
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_HEALTH_CHECK_PATH)]
+    pub health_check_path: String,
+    /// Port to check for health [default: the target's port]
+    #[arg(long, value_name = "PORT")]
+    pub health_check_port: Option<u16>,
+    /// Host header to send with health checks [default: the target address]
+    #[arg(long, value_name = "HOST")]
+    pub health_check_host: Option<String>,
+
+    /// Longest wait for a target's response head when serving a request (0 = no limit)
+    #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_TARGET_TIMEOUT, value_parser = parse_duration)]
+    pub target_timeout: GoDuration,
+    /// Read whole request bodies before forwarding them
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub buffer_requests: bool,
+    /// Read whole response bodies before sending them on
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub buffer_responses: bool,
+    /// Bytes of a buffered body kept in memory before spilling to a temporary file
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_BUFFER_MEMORY)]
+    pub buffer_memory: u64,
+    /// Largest request body when buffering, in bytes (0 = unlimited)
+    #[arg(long, value_name = "BYTES", requires = "buffer_requests")]
+    pub max_request_body: Option<u64>,
+    /// Largest response body when buffering, in bytes (0 = unlimited)
+    #[arg(long, value_name = "BYTES", requires = "buffer_responses")]
+    pub max_response_body: Option<u64>,
+    /// Directory of custom error pages (`<status>.html`)
+    #[arg(long, value_name = "DIR")]
+    pub error_pages: Option<String>,
+
+    /// Request header to add to the request log (repeatable)
+    #[arg(
+        long = "log-request-header",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    pub log_request_headers: Vec<String>,
+    /// Response header to add to the request log (repeatable)
+    #[arg(
+        long = "log-response-header",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    pub log_response_headers: Vec<String>,
+    /// Keep incoming X-Forwarded-* headers [default: true without --tls, false with it]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
+    pub forward_headers: Option<bool>,
+    /// Header to take the client IP from instead of the connection's address
+    #[arg(long, value_name = "NAME")]
+    pub client_ip_header: Option<String>,
+    /// Path to leave out of metrics (repeatable; stored until metrics land)
+    #[arg(
+        long = "exclude-metrics-path",
+        value_name = "PATH",
+        value_delimiter = ','
+    )]
+    pub exclude_metrics_paths: Vec<String>,
+    /// Scope cookies to the path prefix (accepted and stored; not implemented yet)
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub scope_cookie_paths: bool,
+    /// Time after a write before reads go to read targets (accepted and stored; not implemented yet)
+    #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_WRITER_AFFINITY_TIMEOUT, value_parser = parse_duration)]
+    pub writer_affinity_timeout: GoDuration,
+    /// Send WebSockets to read targets (accepted and stored; not implemented yet)
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub read_target_websockets: bool,
+}
+
+fn parse_duration(text: &str) -> Result<GoDuration, String> {
+    text.parse()
+        .map_err(|e: berth_proxy::DurationError| e.to_string())
+}
+
+/// Booleans as Go's flag package reads them.
+pub fn parse_bool(text: &str) -> Result<bool, String> {
+    match text {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        _ => Err(format!("{text:?} is not a boolean (use true or false)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("proxy").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn kamal_deploy_command_line_parses() {
+        let Command::Deploy(args) = parse(&[
+            "deploy",
+            "app-web",
+            "--target=10.0.0.5:80",
+            "--host=a.test",
+            "--host",
+            "b.test",
+            "--tls",
+            "--deploy-timeout=30s",
+            "--buffer-requests",
+            "--buffer-responses",
+            "--log-request-header=Cache-Control",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not a deploy");
+        };
+        assert_eq!(args.targets, vec!["10.0.0.5:80"]);
+        assert_eq!(args.hosts, vec!["a.test", "b.test"]);
+        assert!(args.tls && args.buffer_requests && args.buffer_responses);
+        assert!(args.strip_path_prefix && args.tls_redirect);
+        assert_eq!(args.deploy_timeout.to_string(), "30s");
+    }
+
+    #[test]
+    fn booleans_take_explicit_false() {
+        let Command::Deploy(args) = parse(&[
+            "deploy",
+            "s",
+            "--target=a:1",
+            "--tls-redirect=false",
+            "--strip-path-prefix=false",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not a deploy");
+        };
+        assert!(!args.tls_redirect && !args.strip_path_prefix && !args.tls);
+    }
+
+    #[test]
+    fn bad_values_name_their_flag() {
+        let error = parse(&["deploy", "s", "--target=a:1", "--deploy-timeout=soon"]).unwrap_err();
+        assert!(error.to_string().contains("--deploy-timeout"), "{error}");
+        let error = parse(&["deploy", "s"]).unwrap_err();
+        assert!(error.to_string().contains("--target"), "{error}");
+        let error = parse(&["deploy", "s", "--target=a:1", "--max-request-body=10"]).unwrap_err();
+        assert!(error.to_string().contains("--buffer-requests"), "{error}");
+    }
+}

@@ -1,0 +1,210 @@
+//! The client commands: each sends one request to the daemon and prints the answer.
+
+use std::io::IsTerminal;
+
+use berth_control::protocol::{ServiceList, StatusReport};
+use berth_control::{paths, ControlClient, DeployRequest, PauseRequest, StopRequest};
+use berth_proxy::config::{BufferConfig, HealthCheckConfig, ServiceConfig, TlsConfig};
+
+use crate::cli::{Command, DeployArgs, OutputArgs};
+
+pub async fn run(command: Command) -> anyhow::Result<()> {
+    let client = ControlClient::new(paths::socket_path());
+    match command {
+        Command::Run(_) => unreachable!("`run` is handled by main"),
+        Command::Deploy(args) => {
+            let service = args.service.clone();
+            client.deploy(&service, &deploy_request(*args)).await?;
+        }
+        Command::Remove(args) => client.remove(&args.service).await?,
+        Command::Stop(args) => {
+            let request = StopRequest {
+                drain_timeout: args.drain_timeout,
+                message: args.message,
+            };
+            client.stop(&args.service, &request).await?;
+        }
+        Command::Pause(args) => {
+            let request = PauseRequest {
+                drain_timeout: args.drain_timeout,
+                max_pause: args.max_pause,
+            };
+            client.pause(&args.service, &request).await?;
+        }
+        Command::Resume(args) => client.resume(&args.service).await?,
+        Command::List(output) => print_list(&client.list().await?, &output)?,
+        Command::Status(output) => print_status(&client.status().await?, &output)?,
+    }
+    Ok(())
+}
+
+fn deploy_request(args: DeployArgs) -> DeployRequest {
+    let acme_cache_path = args.tls.then(|| {
+        args.tls_acme_cache_path
+            .clone()
+            .unwrap_or_else(|| paths::certificates_dir().display().to_string())
+    });
+    let config = ServiceConfig {
+        hosts: args.hosts,
+        path_prefixes: args.path_prefixes,
+        strip_path_prefix: args.strip_path_prefix,
+        tls: TlsConfig {
+            enabled: args.tls,
+            redirect: args.tls_redirect,
+            staging: args.tls_staging,
+            on_demand_url: args.tls_on_demand_url,
+            certificate_path: args.tls_certificate_path,
+            private_key_path: args.tls_private_key_path,
+            acme_cache_path,
+            canonical_host: args.canonical_host,
+        },
+        health_check: HealthCheckConfig {
+            path: args.health_check_path,
+            port: args.health_check_port,
+            host: args.health_check_host,
+            interval: args.health_check_interval,
+            timeout: args.health_check_timeout,
+        },
+        target_timeout: args.target_timeout,
+        buffering: BufferConfig {
+            requests: args.buffer_requests,
+            responses: args.buffer_responses,
+            memory: args.buffer_memory,
+            max_request_body: args.max_request_body.unwrap_or(0),
+            max_response_body: args.max_response_body.unwrap_or(0),
+        },
+        forward_headers: args.forward_headers.unwrap_or(!args.tls),
+        client_ip_header: args.client_ip_header,
+        log_request_headers: args.log_request_headers,
+        log_response_headers: args.log_response_headers,
+        error_pages: args.error_pages,
+        read_targets: args.read_targets,
+        writer_affinity_timeout: args.writer_affinity_timeout,
+        read_target_websockets: args.read_target_websockets,
+        exclude_metrics_path: args.exclude_metrics_paths,
+        scope_cookie_paths: args.scope_cookie_paths,
+    };
+    DeployRequest {
+        targets: args.targets,
+        config,
+        deploy_timeout: args.deploy_timeout,
+        drain_timeout: args.drain_timeout,
+        force: args.force,
+    }
+}
+
+fn print_list(list: &ServiceList, output: &OutputArgs) -> anyhow::Result<()> {
+    if output.json {
+        println!("{}", serde_json::to_string_pretty(list)?);
+        return Ok(());
+    }
+    let rows = list
+        .services
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                join_or(&s.hosts, "*"),
+                join_or(&s.path_prefixes, "/"),
+                s.targets.join(","),
+                s.state.clone(),
+                if s.tls { "yes" } else { "no" }.to_string(),
+            ]
+        })
+        .collect();
+    print_table(&["Service", "Host", "Path", "Target", "State", "TLS"], rows);
+    Ok(())
+}
+
+fn print_status(status: &StatusReport, output: &OutputArgs) -> anyhow::Result<()> {
+    if output.json {
+        println!("{}", serde_json::to_string_pretty(status)?);
+        return Ok(());
+    }
+    let mut rows = Vec::new();
+    for route in &status.routes {
+        let tls = if route.tls { "yes" } else { "no" }.to_string();
+        if route.targets.is_empty() {
+            rows.push(vec![
+                route.host.clone(),
+                route.path.clone(),
+                route.service.clone(),
+                route.state.clone(),
+                tls.clone(),
+                "-".into(),
+                "-".into(),
+                "0".into(),
+                String::new(),
+            ]);
+        }
+        for target in &route.targets {
+            rows.push(vec![
+                route.host.clone(),
+                route.path.clone(),
+                route.service.clone(),
+                route.state.clone(),
+                tls.clone(),
+                target.address.clone(),
+                serde_json::to_value(target.health)?
+                    .as_str()
+                    .unwrap_or("unknown")
+                    .to_string(),
+                target.in_flight.to_string(),
+                target.last_failure.clone().unwrap_or_default(),
+            ]);
+        }
+    }
+    print_table(
+        &[
+            "Host",
+            "Path",
+            "Service",
+            "State",
+            "TLS",
+            "Target",
+            "Health",
+            "In-flight",
+            "Last failure",
+        ],
+        rows,
+    );
+    Ok(())
+}
+
+fn join_or(items: &[String], empty: &str) -> String {
+    if items.is_empty() {
+        empty.to_string()
+    } else {
+        items.join(",")
+    }
+}
+
+/// Left-aligned columns; the header is styled only on a terminal.
+fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let styled = std::io::stdout().is_terminal();
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let head = line(header.iter().map(|h| h.to_string()).collect());
+    if styled {
+        println!("\x1b[1m{head}\x1b[0m");
+    } else {
+        println!("{head}");
+    }
+    for row in rows {
+        println!("{}", line(row));
+    }
+}

@@ -1,0 +1,180 @@
+//! `proxy run`: wires the data plane, the control plane and the state together, and shuts
+//! down gracefully on SIGTERM/SIGINT.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use berth_control::{paths, Registry, StateFile};
+use berth_proxy::upstream::upstream_client;
+use berth_proxy::{listener, Proxy, RouteTableHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{parse_bool, RunArgs};
+
+/// How long in-flight requests get to finish after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long connecting to a target may take before the request fails with 502.
+const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The run options after flags, environment and defaults are merged.
+#[derive(Debug)]
+pub struct RunOptions {
+    pub http_port: u16,
+    pub https_port: u16,
+    pub metrics_port: u16,
+    pub bind: Option<IpAddr>,
+    pub debug: bool,
+}
+
+impl RunOptions {
+    pub fn resolve(args: RunArgs) -> anyhow::Result<Self> {
+        Ok(Self {
+            http_port: flag_or_env(args.http_port, "HTTP_PORT", 80)?,
+            https_port: flag_or_env(args.https_port, "HTTPS_PORT", 443)?,
+            metrics_port: flag_or_env(args.metrics_port, "METRICS_PORT", 0)?,
+            bind: match args.bind {
+                Some(address) => Some(address),
+                None => env_value("BIND")?,
+            },
+            debug: match args.debug {
+                Some(debug) => debug,
+                None => env_text("DEBUG")
+                    .map(|(name, text)| {
+                        parse_bool(&text).map_err(|e| anyhow::anyhow!("{name}: {e}"))
+                    })
+                    .transpose()?
+                    .unwrap_or(false),
+            },
+        })
+    }
+}
+
+/// `KAMAL_PROXY_<NAME>` first, then `<NAME>`; returns which one was set.
+fn env_text(name: &str) -> Option<(String, String)> {
+    [format!("KAMAL_PROXY_{name}"), name.to_string()]
+        .into_iter()
+        .find_map(|key| {
+            std::env::var(&key)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .map(|v| (key, v))
+        })
+}
+
+fn env_value<T: FromStr>(name: &str) -> anyhow::Result<Option<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    match env_text(name) {
+        None => Ok(None),
+        Some((key, text)) => text
+            .parse()
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("invalid value {text:?} for {key}: {e}")),
+    }
+}
+
+fn flag_or_env<T: FromStr>(flag: Option<T>, name: &str, default: T) -> anyhow::Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    match flag {
+        Some(value) => Ok(value),
+        None => Ok(env_value(name)?.unwrap_or(default)),
+    }
+}
+
+pub fn init_logging(debug: bool) {
+    let level = if debug { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PROXY_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{level},hyper=info,hyper_util=info"))
+    });
+    tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout)
+        .init();
+}
+
+pub async fn run(options: RunOptions) -> anyhow::Result<()> {
+    let routes = RouteTableHandle::default();
+    let client = upstream_client(UPSTREAM_CONNECT_TIMEOUT);
+    let state_file = StateFile::new(paths::state_path());
+    let registry = Arc::new(Registry::new(
+        routes.clone(),
+        client.clone(),
+        state_file.clone(),
+    ));
+    let restored = registry
+        .restore()
+        .with_context(|| format!("cannot restore state from {}", state_file.path().display()))?;
+    tracing::info!(path = %state_file.path().display(), services = restored, "Restored state");
+
+    let http = bind_listener(options.bind, options.http_port)?;
+    let http_address = http.local_addr()?;
+    let socket_path = paths::socket_path();
+    let control = berth_control::api::bind(&socket_path)
+        .await
+        .with_context(|| format!("cannot open the control socket {}", socket_path.display()))?;
+    if options.metrics_port != 0 {
+        tracing::warn!(
+            port = options.metrics_port,
+            "Metrics are not served by this version; --metrics-port is ignored"
+        );
+    }
+    tracing::info!(http = %http_address, https_port = options.https_port, socket = %socket_path.display(), "Proxy started");
+
+    let shutdown = CancellationToken::new();
+    let proxy = Proxy::new(routes, client);
+    let serving = tokio::spawn(listener::serve(
+        http,
+        proxy,
+        shutdown.clone(),
+        SHUTDOWN_GRACE,
+    ));
+    let api_shutdown = shutdown.clone();
+    let api = tokio::spawn(berth_control::api::serve(control, registry, async move {
+        api_shutdown.cancelled().await
+    }));
+
+    wait_for_signal().await?;
+    tracing::info!("Shutting down: no new connections; finishing in-flight requests");
+    shutdown.cancel();
+    let _ = serving.await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), api).await;
+    let _ = std::fs::remove_file(&socket_path);
+    tracing::info!("Stopped");
+    Ok(())
+}
+
+/// Binds `port` on `bind`, or on every address (IPv6 and IPv4 where the host has IPv6).
+fn bind_listener(bind: Option<IpAddr>, port: u16) -> anyhow::Result<tokio::net::TcpListener> {
+    if let Some(address) = bind {
+        let address = SocketAddr::new(address, port);
+        return listener::bind(address).with_context(|| format!("cannot listen on {address}"));
+    }
+    let dual_stack = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
+    match listener::bind(dual_stack) {
+        Ok(listener) => Ok(listener),
+        Err(_) => {
+            let address = SocketAddr::from(([0, 0, 0, 0], port));
+            listener::bind(address).with_context(|| format!("cannot listen on {address}"))
+        }
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    Ok(())
+}
