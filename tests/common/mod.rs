@@ -1,0 +1,290 @@
+//! Shared pieces of the end-to-end tests: the real `proxy` binary in a private home and
+//! socket, real upstream servers on loopback, and plain HTTP/WebSocket clients.
+
+#![allow(dead_code)]
+
+pub mod upstream;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+pub use upstream::Upstream;
+
+/// A running `proxy run`, killed when dropped.
+pub struct ProxyProcess {
+    child: Option<Child>,
+    home: tempfile::TempDir,
+    pub port: u16,
+    log_path: PathBuf,
+}
+
+impl ProxyProcess {
+    /// Starts the daemon on a free loopback port with a fresh home directory.
+    pub fn start() -> Self {
+        let home = tempfile::tempdir().expect("temp home");
+        Self::start_in(home, 0)
+    }
+
+    fn start_in(home: tempfile::TempDir, port: u16) -> Self {
+        let log_path = home
+            .path()
+            .join(format!("proxy-{}.log", Instant::now().elapsed().as_nanos()));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_proxy"))
+            .args([
+                "run",
+                "--bind",
+                "127.0.0.1",
+                "--http-port",
+                &port.to_string(),
+            ])
+            .envs(env_for(home.path()))
+            .env_remove("HTTP_PORT")
+            .env_remove("KAMAL_PROXY_HTTP_PORT")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start proxy");
+        let mut proxy = Self {
+            child: Some(child),
+            home,
+            port,
+            log_path,
+        };
+        proxy.port = proxy.wait_until_started();
+        proxy
+    }
+
+    /// Waits for the "Proxy started" log line and returns the HTTP port it names.
+    fn wait_until_started(&mut self) -> u16 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("proxy exited early with {status}:\n{}", self.log());
+                }
+            }
+            for line in self.log_lines() {
+                if line["message"] == "Proxy started" {
+                    let address: SocketAddr = line["http"].as_str().unwrap().parse().unwrap();
+                    return address.port();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("proxy did not start:\n{}", self.log());
+    }
+
+    pub fn home(&self) -> &Path {
+        self.home.path()
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.home.path().join("proxy.sock")
+    }
+
+    pub fn state_path(&self) -> PathBuf {
+        self.home
+            .path()
+            .join(".config/kamal-proxy/kamal-proxy.state")
+    }
+
+    /// Runs a CLI command against this daemon.
+    /// Blocks only this test's worker thread (tests run on the multi-thread runtime), so the
+    /// upstream servers in the same runtime keep answering health checks meanwhile.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let run = || {
+            Command::new(env!("CARGO_BIN_EXE_proxy"))
+                .args(args)
+                .envs(env_for(self.home.path()))
+                .output()
+                .expect("run proxy CLI")
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(_) => tokio::task::block_in_place(run),
+            Err(_) => run(),
+        }
+    }
+
+    /// Runs a CLI command and fails the test unless it exits 0.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let output = self.cli(args);
+        assert!(
+            output.status.success(),
+            "`proxy {}` failed ({}): {}\n--- proxy log ---\n{}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Deploys `service` to `target` with a fast health check, plus `extra` flags.
+    pub fn deploy(&self, service: &str, target: &str, extra: &[&str]) -> String {
+        let target_flag = format!("--target={target}");
+        let mut args = vec![
+            "deploy",
+            service,
+            &target_flag,
+            "--health-check-interval=100ms",
+        ];
+        args.extend_from_slice(extra);
+        self.ok(&args)
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The JSON lines the daemon has written so far.
+    pub fn log_lines(&self) -> Vec<serde_json::Value> {
+        let Ok(file) = std::fs::File::open(&self.log_path) else {
+            return Vec::new();
+        };
+        BufReader::new(file)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|line| serde_json::from_str(&line).ok())
+            .collect()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("proxy running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("proxy did not exit after SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the daemon and starts a new one with the same home (state) and port.
+    pub fn restart(mut self) -> Self {
+        let status = self.terminate();
+        assert!(status.success(), "proxy exited with {status}");
+        let port = self.port;
+        let home = std::mem::replace(&mut self.home, tempfile::tempdir().unwrap());
+        Self::start_in(home, port)
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn env_for(home: &Path) -> Vec<(String, String)> {
+    vec![
+        ("HOME".into(), home.display().to_string()),
+        (
+            "KAMAL_PROXY_SOCKET".into(),
+            home.join("proxy.sock").display().to_string(),
+        ),
+    ]
+}
+
+/// A response as the tests look at it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+/// One keep-alive HTTP/1.1 connection to the proxy.
+pub struct Connection {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl Connection {
+    pub async fn open(address: SocketAddr) -> Result<Self, String> {
+        let stream = TcpStream::connect(address)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        Ok(Self { sender })
+    }
+
+    pub async fn send(&mut self, request: Request<Full<Bytes>>) -> Result<Reply, String> {
+        self.sender.ready().await.map_err(|e| e.to_string())?;
+        let response = self
+            .sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok(Reply {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+
+    pub async fn get(&mut self, host: &str, path: &str) -> Result<Reply, String> {
+        self.send(request("GET", host, path, Bytes::new())).await
+    }
+}
+
+pub fn request(
+    method: &str,
+    host: &str,
+    path: &str,
+    body: impl Into<Bytes>,
+) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host)
+        .body(Full::new(body.into()))
+        .unwrap()
+}
+
+/// A GET on a new connection.
+pub async fn get(address: SocketAddr, host: &str, path: &str) -> Reply {
+    let mut connection = Connection::open(address).await.expect("connect to proxy");
+    connection
+        .get(host, path)
+        .await
+        .expect("request through proxy")
+}

@@ -1,0 +1,282 @@
+//! Forwarding end to end: what reaches the app, what the client gets back when things go
+//! wrong, buffering, and the request log.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{get, request, Connection, ProxyProcess, Upstream};
+
+fn report(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|_| panic!("not a report: {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_sees_original_host_exact_query_and_forwarded_headers() {
+    let proxy = ProxyProcess::start();
+    let app = Upstream::start("app").await;
+    proxy.deploy("web", &app.target(), &["--host=app.test"]);
+
+    let mut connection = Connection::open(proxy.address()).await.unwrap();
+    let mut sent = request(
+        "GET",
+        "app.test",
+        "/search?q=a%2Fb+c&&x=%E2%9C%93&flag",
+        Bytes::new(),
+    );
+    sent.headers_mut()
+        .insert("connection", "keep-alive, x-hop".parse().unwrap());
+    sent.headers_mut()
+        .insert("x-hop", "secret".parse().unwrap());
+    sent.headers_mut()
+        .insert("x-forwarded-for", "203.0.113.7".parse().unwrap());
+    let reply = connection.send(sent).await.unwrap();
+    let seen = report(&reply.body);
+    let headers = &seen["headers"];
+    assert_eq!(headers["host"], "app.test", "Host unchanged");
+    assert_eq!(
+        seen["query"], "q=a%2Fb+c&&x=%E2%9C%93&flag",
+        "query byte for byte"
+    );
+    assert_eq!(
+        headers["x-forwarded-for"], "203.0.113.7, 127.0.0.1",
+        "appended (forward-headers is on without TLS)"
+    );
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    assert_eq!(headers["x-forwarded-host"], "app.test");
+    assert_eq!(
+        headers["x-request-id"].as_str().unwrap().len(),
+        36,
+        "a UUID was added"
+    );
+    assert!(
+        headers.get("x-hop").is_none(),
+        "headers named by Connection are removed"
+    );
+    assert!(headers.get("connection").is_none() || headers["connection"] != "keep-alive, x-hop");
+
+    let mut with_id = request("GET", "app.test", "/", Bytes::new());
+    with_id
+        .headers_mut()
+        .insert("x-request-id", "abc-123".parse().unwrap());
+    let seen = report(&connection.send(with_id).await.unwrap().body);
+    assert_eq!(seen["headers"]["x-request-id"], "abc-123");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_headers_off_replaces_client_supplied_values() {
+    let proxy = ProxyProcess::start();
+    let app = Upstream::start("app").await;
+    proxy.deploy("web", &app.target(), &["--forward-headers=false"]);
+    let mut spoofed = request("GET", "app.test", "/", Bytes::new());
+    spoofed
+        .headers_mut()
+        .insert("x-forwarded-for", "6.6.6.6".parse().unwrap());
+    spoofed
+        .headers_mut()
+        .insert("x-forwarded-proto", "https".parse().unwrap());
+    let mut connection = Connection::open(proxy.address()).await.unwrap();
+    let seen = report(&connection.send(spoofed).await.unwrap().body);
+    assert_eq!(seen["headers"]["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["headers"]["x-forwarded-proto"], "http");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_target_is_502_and_slow_target_is_504() {
+    let proxy = ProxyProcess::start();
+    proxy.deploy("gone", "127.0.0.1:1", &["--host=gone.test", "--force"]);
+    let reply = get(proxy.address(), "gone.test", "/").await;
+    assert_eq!(reply.status, 502);
+    assert!(reply.body.contains("502 Bad Gateway"));
+
+    let app = Upstream::start("app").await;
+    proxy.deploy(
+        "slow",
+        &app.target(),
+        &["--host=slow.test", "--target-timeout=300ms"],
+    );
+    let started = Instant::now();
+    let reply = get(proxy.address(), "slow.test", "/slow?ms=3000").await;
+    assert_eq!(reply.status, 504);
+    assert!(started.elapsed() < Duration::from_millis(2500));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_requests_spill_to_disk_and_respect_the_maximum() {
+    let proxy = ProxyProcess::start();
+    let app = Upstream::start("app").await;
+    proxy.deploy(
+        "web",
+        &app.target(),
+        &[
+            "--buffer-requests",
+            "--buffer-responses",
+            "--buffer-memory=1024",
+            "--max-request-body=100000",
+        ],
+    );
+    let mut connection = Connection::open(proxy.address()).await.unwrap();
+
+    let body: Vec<u8> = (0..50_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let reply = connection
+        .send(request("POST", "app.test", "/echo", body.clone()))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.body.as_bytes(),
+        &body[..],
+        "body intact after spilling past 1 KB"
+    );
+    assert_eq!(reply.headers["x-request-framing"], "content-length 50000");
+    assert_eq!(reply.headers["content-length"], "50000");
+
+    let reply = connection
+        .send(request("POST", "app.test", "/echo", vec![b'x'; 200_000]))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 413);
+    assert_eq!(
+        app.requests(),
+        1,
+        "the oversized body never reached the app"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_buffered_response_is_413() {
+    let proxy = ProxyProcess::start();
+    let app = Upstream::start("app").await;
+    proxy.deploy(
+        "web",
+        &app.target(),
+        &["--buffer-responses", "--max-response-body=10"],
+    );
+    assert_eq!(get(proxy.address(), "app.test", "/").await.status, 413);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbuffered_uploads_stream_through_unchanged() {
+    let proxy = ProxyProcess::start();
+    let app = Upstream::start("app").await;
+    proxy.deploy("web", &app.target(), &[]);
+    let body = vec![7u8; 300_000];
+    let mut connection = Connection::open(proxy.address()).await.unwrap();
+    let reply = connection
+        .send(request("POST", "app.test", "/echo", body.clone()))
+        .await
+        .unwrap();
+    assert_eq!(reply.body.len(), body.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_is_logged_once_as_json_with_the_asked_headers() {
+    let proxy = ProxyProcess::start();
+    let app = Upstream::start("app").await;
+    proxy.deploy(
+        "web",
+        &app.target(),
+        &[
+            "--host=app.test",
+            "--log-request-header=Cache-Control",
+            "--log-response-header=Content-Type",
+        ],
+    );
+    let mut logged = request("GET", "app.test", "/page?x=1", Bytes::new());
+    logged
+        .headers_mut()
+        .insert("cache-control", "no-store".parse().unwrap());
+    logged
+        .headers_mut()
+        .insert("x-request-id", "log-me".parse().unwrap());
+    Connection::open(proxy.address())
+        .await
+        .unwrap()
+        .send(logged)
+        .await
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        let found = proxy
+            .log_lines()
+            .into_iter()
+            .filter(|l| l["request_id"] == "log-me")
+            .collect::<Vec<_>>();
+        if !found.is_empty() {
+            assert_eq!(found.len(), 1, "logged once");
+            break found[0].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no request log line:\n{}",
+            proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for field in [
+        "host",
+        "port",
+        "path",
+        "request_id",
+        "status",
+        "service",
+        "target",
+        "duration",
+        "method",
+        "req_content_length",
+        "req_content_type",
+        "resp_content_length",
+        "resp_content_type",
+        "client_addr",
+        "client_port",
+        "remote_addr",
+        "user_agent",
+        "proto",
+        "scheme",
+        "query",
+    ] {
+        assert!(line.get(field).is_some(), "missing {field} in {line}");
+    }
+    assert_eq!(line["host"], "app.test");
+    assert_eq!(line["path"], "/page");
+    assert_eq!(line["query"], "x=1");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["service"], "web");
+    assert_eq!(line["target"], app.target().as_str());
+    assert_eq!(line["req_cache_control"], "no-store");
+    assert!(line.get("resp_content_type").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_are_served_with_prior_knowledge() {
+    let proxy = ProxyProcess::start();
+    let app = Upstream::start("app").await;
+    proxy.deploy("web", &app.target(), &["--host=app.test"]);
+    let stream = tokio::net::TcpStream::connect(proxy.address())
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let sent = hyper::Request::get("http://app.test/h2?x=1")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(sent).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let seen = report(&String::from_utf8_lossy(&body));
+    assert_eq!(
+        seen["headers"]["host"], "app.test",
+        "the :authority becomes the Host header"
+    );
+    assert_eq!(seen["path"], "/h2");
+}
