@@ -172,10 +172,8 @@ async fn websocket(mut request: Request<Incoming>) -> Response<Body> {
         let mut socket =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
         while let Some(Ok(message)) = socket.next().await {
-            if message.is_text() || message.is_binary() {
-                if socket.send(message).await.is_err() {
-                    break;
-                }
+            if (message.is_text() || message.is_binary()) && socket.send(message).await.is_err() {
+                break;
             }
         }
     });
