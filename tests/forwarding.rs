@@ -280,3 +280,64 @@ async fn http2_clients_are_served_with_prior_knowledge() {
     );
     assert_eq!(seen["path"], "/h2");
 }
+
+/// Sends raw bytes and returns what the proxy answered (the connection is then closed).
+async fn raw_exchange(address: std::net::SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_chunked_body_is_400_buffered_or_not() {
+    let proxy = ProxyProcess::start();
+    let app = Upstream::start("app").await;
+    proxy.deploy("streamed", &app.target(), &["--host=streamed.test"]);
+    proxy.deploy(
+        "buffered",
+        &app.target(),
+        &["--host=buffered.test", "--buffer-requests"],
+    );
+    for host in ["streamed.test", "buffered.test"] {
+        let sent = format!("POST /echo HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n");
+        let answer = raw_exchange(proxy.address(), sent.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{host}: {answer}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_early_is_logged_as_499() {
+    use tokio::io::AsyncWriteExt;
+    let proxy = ProxyProcess::start();
+    let app = Upstream::start("app").await;
+    proxy.deploy("web", &app.target(), &[]);
+    let mut stream = tokio::net::TcpStream::connect(proxy.address())
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            b"GET /slow?ms=3000 HTTP/1.1\r\nHost: app.test\r\nX-Request-ID: leaves-early\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(stream);
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let lines = proxy.log_lines();
+        if let Some(line) = lines.iter().find(|l| l["request_id"] == "leaves-early") {
+            assert_eq!(line["status"], 499, "{line}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line for the abandoned request:\n{}",
+            proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -232,6 +233,7 @@ impl Proxy {
         record.request_id = request_id.to_str().unwrap_or_default().to_string();
 
         let buffering = &config.buffering;
+        let client_body_failed = Arc::new(AtomicBool::new(false));
         let outgoing = if buffering.requests && !upgrade {
             let declared = parts
                 .headers
@@ -256,8 +258,13 @@ impl Proxy {
                     .insert(header::CONTENT_LENGTH, HeaderValue::from(buffered.len));
             }
             buffered.body
+        } else if incoming.is_end_stream() {
+            body::empty()
         } else {
-            body::boxed(incoming)
+            body::boxed(ClientBody {
+                inner: incoming,
+                failed: Arc::clone(&client_body_failed),
+            })
         };
 
         let sent = self.client.request(Request::from_parts(parts, outgoing));
@@ -268,6 +275,9 @@ impl Proxy {
         };
         let mut response = match response {
             None => return Err(ForwardError::Timeout),
+            Some(Err(error)) if client_body_failed.load(Ordering::Relaxed) => {
+                return Err(ForwardError::BadRequestBody(error.into()))
+            }
             Some(Err(error)) => return Err(ForwardError::Unreachable(describe_error(&error))),
             Some(Ok(response)) => response,
         };
@@ -361,6 +371,38 @@ fn finish_with_error(
     record.resp_content_type = "text/html; charset=utf-8".to_string();
     record.emit();
     pages.render(status, message)
+}
+
+/// A streamed request body on its way to the target. Remembers whether reading it from the
+/// client failed, so a malformed body is answered 400 rather than blamed on the target.
+struct ClientBody {
+    inner: Incoming,
+    failed: Arc<AtomicBool>,
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            this.failed.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A response body on its way to the client. It holds the target claim until the last byte
