@@ -1,0 +1,437 @@
+//! `Certificates`: which hosts have which certificate, and the work of getting them.
+//!
+//! Each host served with automatic TLS has a task that loads its stored certificate, orders
+//! one over ACME HTTP-01 when none is stored or the stored one is due (a third of its life
+//! left), sleeps until the next renewal, and retries failures with a growing backoff. A failed
+//! order only affects its own host. Hosts with custom certificates are served from their files.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
+    NewOrder, OrderStatus, RetryPolicy,
+};
+use rustls::sign::CertifiedKey;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::certificate::{Certificate, CertificateError};
+use crate::challenge::Challenges;
+use crate::store::CertStore;
+
+pub const LETS_ENCRYPT_PRODUCTION: &str = "https://acme-v02.api.letsencrypt.org/directory";
+pub const LETS_ENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
+
+/// How long a TLS handshake may wait for a certificate that is being obtained.
+const HANDSHAKE_WAIT: Duration = Duration::from_secs(20);
+const FIRST_RETRY: Duration = Duration::from_secs(30);
+const LONGEST_RETRY: Duration = Duration::from_secs(6 * 3600);
+const ORDER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Run-wide ACME settings.
+#[derive(Debug, Clone)]
+pub struct AcmeSettings {
+    /// The directory used unless a service asks for staging.
+    pub directory: String,
+    /// Extra root certificate (PEM) to trust when talking to the ACME server.
+    pub ca_root: Option<PathBuf>,
+    pub email: Option<String>,
+    /// Where certificates are kept unless a service names another place.
+    pub cache: PathBuf,
+}
+
+/// How a host gets its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSource {
+    Acme {
+        directory: String,
+        cache: PathBuf,
+    },
+    Files {
+        certificate: String,
+        private_key: String,
+    },
+}
+
+/// What the status view shows about a host's certificate.
+#[derive(Debug, Clone)]
+pub struct CertificateInfo {
+    pub issuer: Option<String>,
+    pub not_after: Option<SystemTime>,
+    /// `valid`, `pending`, `failed: <reason>` or `custom`.
+    pub state: String,
+}
+
+#[derive(Debug, Clone)]
+enum HostState {
+    Pending,
+    Valid,
+    Failed(String),
+}
+
+struct Host {
+    source: TlsSource,
+    certificate: Option<Arc<Certificate>>,
+    state: watch::Sender<HostState>,
+    stop: CancellationToken,
+}
+
+pub struct Certificates {
+    settings: AcmeSettings,
+    challenges: Arc<Challenges>,
+    hosts: RwLock<HashMap<String, Host>>,
+    accounts: tokio::sync::Mutex<HashMap<String, Account>>,
+}
+
+impl Certificates {
+    pub fn new(settings: AcmeSettings) -> Arc<Self> {
+        Arc::new(Self {
+            settings,
+            challenges: Arc::new(Challenges::default()),
+            hosts: RwLock::new(HashMap::new()),
+            accounts: tokio::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn settings(&self) -> &AcmeSettings {
+        &self.settings
+    }
+
+    /// The answer to an HTTP-01 challenge request path, if it is one.
+    pub fn challenge_answer(&self, path: &str) -> Option<String> {
+        self.challenges.answer(path)
+    }
+
+    /// Checks custom certificate files before a deploy accepts them.
+    pub fn check_files(certificate: &str, private_key: &str) -> Result<(), CertificateError> {
+        Certificate::from_files(certificate, private_key).map(|_| ())
+    }
+
+    /// Makes `wanted` the set of TLS hosts: new ones start getting certificates, ones no
+    /// longer wanted are dropped, changed sources are restarted.
+    pub fn sync(self: &Arc<Self>, wanted: HashMap<String, TlsSource>) {
+        let mut hosts = self.write_hosts();
+        hosts.retain(|name, host| {
+            let keep = wanted.get(name) == Some(&host.source);
+            if !keep {
+                host.stop.cancel();
+            }
+            keep
+        });
+        for (name, source) in wanted {
+            if hosts.contains_key(&name) {
+                continue;
+            }
+            let stop = CancellationToken::new();
+            let (certificate, state) = match &source {
+                TlsSource::Files {
+                    certificate,
+                    private_key,
+                } => match Certificate::from_files(certificate, private_key) {
+                    Ok(loaded) => (Some(Arc::new(loaded)), HostState::Valid),
+                    Err(error) => {
+                        tracing::error!(host = %name, %error, "Custom certificate unusable");
+                        (None, HostState::Failed(error.to_string()))
+                    }
+                },
+                TlsSource::Acme { directory, cache } => {
+                    let stored = CertStore::new(cache, directory).load(&name).map(Arc::new);
+                    let state = if stored.is_some() {
+                        HostState::Valid
+                    } else {
+                        HostState::Pending
+                    };
+                    let this = Arc::clone(self);
+                    let (task_name, task_directory, task_cache) =
+                        (name.clone(), directory.clone(), cache.clone());
+                    let task_stop = stop.clone();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = task_stop.cancelled() => {}
+                            _ = this.keep_certified(&task_name, &task_directory, &task_cache) => {}
+                        }
+                    });
+                    (stored, state)
+                }
+            };
+            hosts.insert(
+                name,
+                Host {
+                    source,
+                    certificate,
+                    state: watch::Sender::new(state),
+                    stop,
+                },
+            );
+        }
+    }
+
+    /// The certificate to present for `server_name`. Waits (bounded) while one is being
+    /// obtained; `None` for hosts we do not serve with TLS, so the handshake fails.
+    pub async fn certificate_for(&self, server_name: &str) -> Option<Arc<CertifiedKey>> {
+        let name = server_name.trim_end_matches('.').to_ascii_lowercase();
+        let mut changes = {
+            let hosts = self.read_hosts();
+            let host = hosts.get(&name)?;
+            if let Some(certificate) = &host.certificate {
+                return Some(Arc::clone(&certificate.certified));
+            }
+            host.state.subscribe()
+        };
+        let waited = tokio::time::timeout(
+            HANDSHAKE_WAIT,
+            changes.wait_for(|s| matches!(s, HostState::Valid)),
+        )
+        .await;
+        if waited.is_err() {
+            tracing::warn!(host = %name, "No certificate in time for a TLS handshake");
+        }
+        let hosts = self.read_hosts();
+        hosts
+            .get(&name)?
+            .certificate
+            .as_ref()
+            .map(|c| Arc::clone(&c.certified))
+    }
+
+    pub fn info(&self, host: &str) -> Option<CertificateInfo> {
+        let hosts = self.read_hosts();
+        let entry = hosts.get(host)?;
+        let state = match (&*entry.state.borrow(), &entry.source) {
+            (HostState::Valid, TlsSource::Files { .. }) => "custom".to_string(),
+            (HostState::Valid, _) => "valid".to_string(),
+            (HostState::Pending, _) => "pending".to_string(),
+            (HostState::Failed(reason), _) => format!("failed: {reason}"),
+        };
+        Some(CertificateInfo {
+            issuer: entry.certificate.as_ref().map(|c| c.issuer.clone()),
+            not_after: entry.certificate.as_ref().map(|c| c.not_after),
+            state,
+        })
+    }
+
+    /// The per-host loop: obtain when missing or due, then sleep until due; back off on failure.
+    async fn keep_certified(&self, host: &str, directory: &str, cache: &Path) {
+        let store = CertStore::new(cache, directory);
+        let mut retry_in = FIRST_RETRY;
+        loop {
+            let current = self
+                .read_hosts()
+                .get(host)
+                .and_then(|h| h.certificate.clone());
+            if let Some(certificate) = current.filter(|c| !c.is_due_for_renewal()) {
+                let wait = certificate
+                    .renew_at()
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                tracing::debug!(
+                    host,
+                    renew_in_secs = wait.as_secs(),
+                    "Certificate valid; renewal scheduled"
+                );
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            tracing::info!(host, directory, "Requesting certificate");
+            match self.order(host, directory, &store).await {
+                Ok(certificate) => {
+                    retry_in = FIRST_RETRY;
+                    if let Err(error) = store.save(host, &certificate) {
+                        tracing::error!(host, %error, "Certificate obtained but not stored; it will be ordered again after a restart");
+                    }
+                    tracing::info!(host, issuer = %certificate.issuer, not_after = %humantime::format_rfc3339_seconds(certificate.not_after), "Certificate obtained");
+                    self.publish(host, Ok(Arc::new(certificate)));
+                }
+                Err(reason) => {
+                    tracing::error!(host, error = %reason, retry_in_secs = retry_in.as_secs(), "Certificate order failed");
+                    self.publish(host, Err(reason));
+                    tokio::time::sleep(retry_in).await;
+                    retry_in = (retry_in * 2).min(LONGEST_RETRY);
+                }
+            }
+        }
+    }
+
+    fn publish(&self, host: &str, outcome: Result<Arc<Certificate>, String>) {
+        let mut hosts = self.write_hosts();
+        let Some(entry) = hosts.get_mut(host) else {
+            return;
+        };
+        match outcome {
+            Ok(certificate) => {
+                entry.certificate = Some(certificate);
+                entry.state.send_replace(HostState::Valid);
+            }
+            // A failed renewal keeps serving the certificate we still have.
+            Err(reason) if entry.certificate.is_none() => {
+                entry.state.send_replace(HostState::Failed(reason));
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// One ACME order for `host`, answered over HTTP-01.
+    async fn order(
+        &self,
+        host: &str,
+        directory: &str,
+        store: &CertStore,
+    ) -> Result<Certificate, String> {
+        let account = self
+            .account(directory, store)
+            .await
+            .map_err(|e| format!("ACME account: {e}"))?;
+        let identifiers = [Identifier::Dns(host.to_string())];
+        let mut order = account
+            .new_order(&NewOrder::new(&identifiers))
+            .await
+            .map_err(|e| format!("new order: {}", describe(&e)))?;
+
+        let mut tokens = Vec::new();
+        let answered = async {
+            let mut authorizations = order.authorizations();
+            while let Some(authorization) = authorizations.next().await {
+                let mut authorization =
+                    authorization.map_err(|e| format!("authorization: {}", describe(&e)))?;
+                if authorization.status == AuthorizationStatus::Valid {
+                    continue;
+                }
+                let mut challenge = authorization
+                    .challenge(ChallengeType::Http01)
+                    .ok_or_else(|| "the ACME server offered no HTTP-01 challenge".to_string())?;
+                self.challenges
+                    .add(&challenge.token, challenge.key_authorization().as_str());
+                tokens.push(challenge.token.clone());
+                challenge
+                    .set_ready()
+                    .await
+                    .map_err(|e| format!("challenge: {}", describe(&e)))?;
+            }
+            let retries = RetryPolicy::new().timeout(ORDER_TIMEOUT);
+            match order
+                .poll_ready(&retries)
+                .await
+                .map_err(|e| format!("validation: {}", describe(&e)))?
+            {
+                OrderStatus::Ready => {}
+                status => {
+                    return Err(format!(
+                        "order {status:?}: {}",
+                        challenge_failure(&mut order).await
+                    ))
+                }
+            }
+            let key_pem = order
+                .finalize()
+                .await
+                .map_err(|e| format!("finalize: {}", describe(&e)))?;
+            let chain_pem = order
+                .poll_certificate(&retries)
+                .await
+                .map_err(|e| format!("certificate: {}", describe(&e)))?;
+            Certificate::from_pem(&chain_pem, &key_pem)
+                .map_err(|e| format!("issued certificate unusable: {e}"))
+        }
+        .await;
+        for token in tokens {
+            self.challenges.remove(&token);
+        }
+        answered
+    }
+
+    async fn account(&self, directory: &str, store: &CertStore) -> Result<Account, String> {
+        let mut accounts = self.accounts.lock().await;
+        if let Some(account) = accounts.get(directory) {
+            return Ok(account.clone());
+        }
+        let builder = || match &self.settings.ca_root {
+            Some(root) => Account::builder_with_root(root),
+            None => Account::builder(),
+        };
+        let account = match store
+            .load_account()
+            .and_then(|text| serde_json::from_str::<AccountCredentials>(&text).ok())
+        {
+            Some(credentials) => builder()
+                .map_err(|e| describe(&e))?
+                .from_credentials(credentials)
+                .await
+                .map_err(|e| describe(&e))?,
+            None => {
+                let contact = self
+                    .settings
+                    .email
+                    .as_ref()
+                    .map(|email| format!("mailto:{email}"));
+                let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
+                let (account, credentials) = builder()
+                    .map_err(|e| describe(&e))?
+                    .create(
+                        &NewAccount {
+                            contact: &contacts,
+                            terms_of_service_agreed: true,
+                            only_return_existing: false,
+                        },
+                        directory.to_string(),
+                        None,
+                    )
+                    .await
+                    .map_err(|e| describe(&e))?;
+                let saved = serde_json::to_string(&credentials).map_err(|e| e.to_string())?;
+                store
+                    .save_account(&saved)
+                    .map_err(|e| format!("cannot store account: {e}"))?;
+                tracing::info!(directory, "ACME account created");
+                account
+            }
+        };
+        accounts.insert(directory.to_string(), account.clone());
+        Ok(account)
+    }
+
+    fn read_hosts(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Host>> {
+        self.hosts.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_hosts(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Host>> {
+        self.hosts.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The ACME server's problem detail when it gave one.
+fn describe(error: &instant_acme::Error) -> String {
+    match error {
+        instant_acme::Error::Api(problem) => {
+            let mut text = problem
+                .detail
+                .clone()
+                .unwrap_or_else(|| problem.to_string());
+            if let Some(kind) = &problem.r#type {
+                text = format!("{text} ({kind})");
+            }
+            text
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Why an order's challenge failed, from its authorizations.
+async fn challenge_failure(order: &mut instant_acme::Order) -> String {
+    let mut authorizations = order.authorizations();
+    while let Some(Ok(mut authorization)) = authorizations.next().await {
+        if let Ok(state) = authorization.refresh().await {
+            for challenge in &state.challenges {
+                if let Some(problem) = &challenge.error {
+                    return problem
+                        .detail
+                        .clone()
+                        .unwrap_or_else(|| problem.to_string());
+                }
+            }
+        }
+    }
+    "no reason given".to_string()
+}
