@@ -56,7 +56,7 @@ pub struct RunArgs {
     /// Port to serve HTTP on [env: HTTP_PORT] [default: 80]
     #[arg(long, value_name = "PORT")]
     pub http_port: Option<u16>,
-    /// Port to serve HTTPS on [env: HTTPS_PORT] [default: 443] (HTTPS serving lands with the TLS work; the port is reserved)
+    /// Port to serve HTTPS on [env: HTTPS_PORT] [default: 443]
     #[arg(long, value_name = "PORT")]
     pub https_port: Option<u16>,
     /// Port for Prometheus metrics, 0 for none [env: METRICS_PORT] [default: 0] (accepted; metrics are not served yet)
@@ -68,6 +68,15 @@ pub struct RunArgs {
     /// Log at debug level [env: DEBUG]
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
     pub debug: Option<bool>,
+    /// ACME directory URL for automatic certificates [env: ACME_DIRECTORY] [default: Let's Encrypt production]
+    #[arg(long, value_name = "URL")]
+    pub acme_directory: Option<String>,
+    /// PEM file with a root certificate to trust when talking to the ACME server (for test servers) [env: ACME_CA_ROOT]
+    #[arg(long, value_name = "PATH")]
+    pub acme_ca_root: Option<std::path::PathBuf>,
+    /// Contact email for the ACME account [env: ACME_EMAIL]
+    #[arg(long, value_name = "EMAIL")]
+    pub acme_email: Option<String>,
     /// Enable HTTP/3 (accepted for compatibility; not supported, ignored)
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
     pub http3: Option<bool>,
@@ -136,7 +145,7 @@ pub struct DeployArgs {
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_value = "true", default_missing_value = "true", value_parser = parse_bool)]
     pub strip_path_prefix: bool,
 
-    /// Serve this service over HTTPS with certificates for its hosts (stored; HTTPS serving lands with the TLS work)
+    /// Serve this service over HTTPS, with automatic certificates for its hosts (ACME HTTP-01)
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub tls: bool,
     /// Use Let's Encrypt's staging environment for certificates

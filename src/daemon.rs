@@ -7,12 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use berth_acme::{AcmeSettings, Certificates, LETS_ENCRYPT_PRODUCTION};
 use berth_control::{paths, Registry, StateFile};
 use berth_proxy::upstream::upstream_client;
 use berth_proxy::{listener, Proxy, RouteTableHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{parse_bool, RunArgs};
+use crate::tls::TlsBridge;
 
 /// How long in-flight requests get to finish after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -27,6 +29,7 @@ pub struct RunOptions {
     pub metrics_port: u16,
     pub bind: Option<IpAddr>,
     pub debug: bool,
+    pub acme: AcmeSettings,
 }
 
 impl RunOptions {
@@ -38,6 +41,21 @@ impl RunOptions {
             bind: match args.bind {
                 Some(address) => Some(address),
                 None => env_value("BIND")?,
+            },
+            acme: AcmeSettings {
+                directory: match args.acme_directory {
+                    Some(url) => url,
+                    None => env_text("ACME_DIRECTORY")
+                        .map(|(_, url)| url)
+                        .unwrap_or_else(|| LETS_ENCRYPT_PRODUCTION.to_string()),
+                },
+                ca_root: args
+                    .acme_ca_root
+                    .or_else(|| env_text("ACME_CA_ROOT").map(|(_, path)| path.into())),
+                email: args
+                    .acme_email
+                    .or_else(|| env_text("ACME_EMAIL").map(|(_, email)| email)),
+                cache: paths::certificates_dir(),
             },
             debug: match args.debug {
                 Some(debug) => debug,
@@ -105,11 +123,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let routes = RouteTableHandle::default();
     let client = upstream_client(UPSTREAM_CONNECT_TIMEOUT);
     let state_file = StateFile::new(paths::state_path());
-    let registry = Arc::new(Registry::new(
-        routes.clone(),
-        client.clone(),
-        state_file.clone(),
-    ));
+    let certificates = Arc::new(TlsBridge(Certificates::new(options.acme.clone())));
+    let registry = Registry::new(routes.clone(), client.clone(), state_file.clone());
+    let registry = Arc::new(registry.with_tls(certificates.clone()));
     let restored = registry
         .restore()
         .with_context(|| format!("cannot restore state from {}", state_file.path().display()))?;
@@ -117,6 +133,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
 
     let http = bind_listener(options.bind, options.http_port)?;
     let http_address = http.local_addr()?;
+    let https = bind_listener(options.bind, options.https_port)?;
+    let https_address = https.local_addr()?;
     let socket_path = paths::socket_path();
     let control = berth_control::api::bind(&socket_path)
         .await
@@ -127,16 +145,26 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             "Metrics are not served by this version; --metrics-port is ignored"
         );
     }
-    tracing::info!(http = %http_address, https_port = options.https_port, socket = %socket_path.display(), "Proxy started");
+    tracing::info!(
+        http = %http_address,
+        https = %https_address,
+        socket = %socket_path.display(),
+        acme_directory = %options.acme.directory,
+        "Proxy started"
+    );
 
     let shutdown = CancellationToken::new();
-    let proxy = Proxy::new(routes, client);
-    let serving = tokio::spawn(listener::serve(
-        http,
+    let proxy = Proxy::new(routes, client).with_tls(certificates.clone(), https_address.port());
+    let serve_http = listener::serve(http, proxy.clone(), None, shutdown.clone(), SHUTDOWN_GRACE);
+    let serve_https = listener::serve(
+        https,
         proxy,
+        Some(certificates),
         shutdown.clone(),
         SHUTDOWN_GRACE,
-    ));
+    );
+    let serving_http = tokio::spawn(serve_http);
+    let serving_https = tokio::spawn(serve_https);
     let api_shutdown = shutdown.clone();
     let api = tokio::spawn(berth_control::api::serve(control, registry, async move {
         api_shutdown.cancelled().await
@@ -145,7 +173,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     wait_for_signal().await?;
     tracing::info!("Shutting down: no new connections; finishing in-flight requests");
     shutdown.cancel();
-    let _ = serving.await;
+    let _ = tokio::join!(serving_http, serving_https);
     let _ = tokio::time::timeout(Duration::from_secs(1), api).await;
     let _ = std::fs::remove_file(&socket_path);
     tracing::info!("Stopped");

@@ -3,10 +3,12 @@
 //! - `cli`: the command line (kamal-proxy's commands and flags).
 //! - `daemon`: `proxy run`, wiring the data plane, control plane and state.
 //! - `commands`: every other command, a thin client of the control API.
+//! - `tls`: wires the certificates crate into the data and control planes.
 
 mod cli;
 mod commands;
 mod daemon;
+mod tls;
 
 use std::process::ExitCode;
 

@@ -194,7 +194,7 @@ fn run_rejects_a_bad_port_from_the_environment_by_name() {
 async fn a_second_daemon_on_the_same_socket_refuses_to_start() {
     let proxy = ProxyProcess::start();
     let output = Command::new(env!("CARGO_BIN_EXE_proxy"))
-        .args(["run", "--bind=127.0.0.1", "--http-port=0"])
+        .args(["run", "--bind=127.0.0.1", "--http-port=0", "--https-port=0"])
         .env("HOME", proxy.home())
         .env("KAMAL_PROXY_SOCKET", proxy.socket())
         .output()

@@ -24,17 +24,30 @@ pub struct ProxyProcess {
     child: Option<Child>,
     home: tempfile::TempDir,
     pub port: u16,
+    pub https_port: u16,
+    extra_args: Vec<String>,
     log_path: PathBuf,
 }
 
 impl ProxyProcess {
     /// Starts the daemon on a free loopback port with a fresh home directory.
     pub fn start() -> Self {
-        let home = tempfile::tempdir().expect("temp home");
-        Self::start_in(home, 0)
+        Self::start_with(&[])
     }
 
-    fn start_in(home: tempfile::TempDir, port: u16) -> Self {
+    /// Starts the daemon with extra `run` flags (ports default to free ones).
+    pub fn start_with(extra_args: &[&str]) -> Self {
+        let home = tempfile::tempdir().expect("temp home");
+        let extra_args = extra_args.iter().map(|a| a.to_string()).collect();
+        Self::start_in(home, 0, 0, extra_args)
+    }
+
+    fn start_in(
+        home: tempfile::TempDir,
+        port: u16,
+        https_port: u16,
+        extra_args: Vec<String>,
+    ) -> Self {
         let log_path = home
             .path()
             .join(format!("proxy-{}.log", Instant::now().elapsed().as_nanos()));
@@ -43,14 +56,12 @@ impl ProxyProcess {
             .append(true)
             .open(&log_path)
             .unwrap();
+        let mut args = vec!["run".to_string(), "--bind".into(), "127.0.0.1".into()];
+        args.extend(["--http-port".to_string(), port.to_string()]);
+        args.extend(["--https-port".to_string(), https_port.to_string()]);
+        args.extend(extra_args.iter().cloned());
         let child = Command::new(env!("CARGO_BIN_EXE_proxy"))
-            .args([
-                "run",
-                "--bind",
-                "127.0.0.1",
-                "--http-port",
-                &port.to_string(),
-            ])
+            .args(&args)
             .envs(env_for(home.path()))
             .env_remove("HTTP_PORT")
             .env_remove("KAMAL_PROXY_HTTP_PORT")
@@ -62,14 +73,16 @@ impl ProxyProcess {
             child: Some(child),
             home,
             port,
+            https_port,
+            extra_args,
             log_path,
         };
-        proxy.port = proxy.wait_until_started();
+        (proxy.port, proxy.https_port) = proxy.wait_until_started();
         proxy
     }
 
-    /// Waits for the "Proxy started" log line and returns the HTTP port it names.
-    fn wait_until_started(&mut self) -> u16 {
+    /// Waits for the "Proxy started" log line and returns the HTTP and HTTPS ports it names.
+    fn wait_until_started(&mut self) -> (u16, u16) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(child) = self.child.as_mut() {
@@ -79,8 +92,15 @@ impl ProxyProcess {
             }
             for line in self.log_lines() {
                 if line["message"] == "Proxy started" {
-                    let address: SocketAddr = line["http"].as_str().unwrap().parse().unwrap();
-                    return address.port();
+                    let port = |key: &str| {
+                        line[key]
+                            .as_str()
+                            .unwrap()
+                            .parse::<SocketAddr>()
+                            .unwrap()
+                            .port()
+                    };
+                    return (port("http"), port("https"));
                 }
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -185,13 +205,13 @@ impl ProxyProcess {
         }
     }
 
-    /// Stops the daemon and starts a new one with the same home (state) and port.
+    /// Stops the daemon and starts a new one with the same home (state), ports and flags.
     pub fn restart(mut self) -> Self {
         let status = self.terminate();
         assert!(status.success(), "proxy exited with {status}");
-        let port = self.port;
         let home = std::mem::replace(&mut self.home, tempfile::tempdir().unwrap());
-        Self::start_in(home, port)
+        let extra_args = std::mem::take(&mut self.extra_args);
+        Self::start_in(home, self.port, self.https_port, extra_args)
     }
 }
 

@@ -18,5 +18,5 @@ pub mod state;
 
 pub use client::{ClientError, ControlClient};
 pub use protocol::{DeployRequest, PauseRequest, StopRequest};
-pub use registry::{Registry, RegistryError};
+pub use registry::{Registry, RegistryError, TlsProvider};
 pub use state::StateFile;

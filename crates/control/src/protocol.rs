@@ -95,6 +95,18 @@ pub struct RouteStatus {
     pub state: String,
     pub tls: bool,
     pub targets: Vec<TargetStatus>,
+    /// For TLS hosts: the certificate served and any order in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CertificateStatus {
+    /// `valid`, `pending`, `custom` or `failed: <reason>`.
+    pub state: String,
+    pub issuer: Option<String>,
+    /// RFC 3339.
+    pub expires: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

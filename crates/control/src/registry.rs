@@ -21,7 +21,8 @@ use futures_util::future::join_all;
 use tokio::time::Instant;
 
 use crate::protocol::{
-    DeployRequest, RouteStatus, ServiceList, ServiceSummary, StatusReport, TargetStatus,
+    CertificateStatus, DeployRequest, RouteStatus, ServiceList, ServiceSummary, StatusReport,
+    TargetStatus,
 };
 use crate::state::{PersistedPause, ServiceState, State, StateError, StateFile};
 
@@ -39,6 +40,16 @@ pub enum RegistryError {
     State(#[from] StateError),
 }
 
+/// What the registry needs from whoever provides certificates (wired in by the binary, so
+/// this crate knows nothing of ACME).
+pub trait TlsProvider: Send + Sync + 'static {
+    /// Refuses TLS settings that cannot work, such as an unreadable certificate file.
+    fn check(&self, config: &ServiceConfig) -> Result<(), String>;
+    /// Told after every change, with every service's settings.
+    fn services_changed(&self, configs: &[&ServiceConfig]);
+    fn certificate_status(&self, host: &str) -> Option<CertificateStatus>;
+}
+
 struct Entry {
     service: Arc<Service>,
     targets: Vec<String>,
@@ -51,6 +62,7 @@ pub struct Registry {
     state_file: StateFile,
     entries: Mutex<BTreeMap<String, Entry>>,
     service_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    tls: Option<Arc<dyn TlsProvider>>,
 }
 
 impl Registry {
@@ -65,7 +77,13 @@ impl Registry {
             state_file,
             entries: Mutex::new(BTreeMap::new()),
             service_locks: Mutex::new(HashMap::new()),
+            tls: None,
         }
+    }
+
+    pub fn with_tls(mut self, tls: Arc<dyn TlsProvider>) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// Loads the state file and serves its services at once; restored targets are taken as
@@ -332,6 +350,10 @@ impl Registry {
                 settings.config.hosts.clone()
             };
             for host in &hosts {
+                let certificate = match &self.tls {
+                    Some(tls) if settings.config.tls.enabled => tls.certificate_status(host),
+                    _ => None,
+                };
                 for path in &settings.config.path_prefixes {
                     routes.push(RouteStatus {
                         host: host.clone(),
@@ -340,6 +362,7 @@ impl Registry {
                         state: entry.service.pause_state().name().to_string(),
                         tls: settings.config.tls.enabled,
                         targets: targets.clone(),
+                        certificate: certificate.clone(),
                     });
                 }
             }

@@ -9,6 +9,7 @@
 //! - [`health`]: the periodic health check of each target.
 //! - [`pipeline`]: the request pipeline: route → admit → pick target → forward → log.
 //! - [`listener`]: listening sockets and the accept loop with graceful shutdown.
+//! - [`tls`]: TLS termination with the certificate chosen by server name.
 //! - `buffer`, `headers`, `tunnel`, `error_page`, `request_log`: the layers the pipeline uses.
 //! - [`GoDuration`] and [`config`]: the service options a deploy sets.
 //!
@@ -28,6 +29,7 @@ mod request_log;
 pub mod route;
 pub mod service;
 pub mod target;
+pub mod tls;
 mod tunnel;
 pub mod upstream;
 
@@ -37,3 +39,4 @@ pub use pipeline::Proxy;
 pub use route::{RouteTable, RouteTableHandle};
 pub use service::{PauseState, Service, ServiceSettings};
 pub use target::{Health, Target};
+pub use tls::CertificateSource;

@@ -1,9 +1,11 @@
 //! Listening sockets and the accept loop. Sockets are created here (with `SO_REUSEADDR`, as
-//! plain file descriptors a later process could inherit) and served with HTTP/1.1 and
-//! HTTP/2 (prior knowledge on plain TCP) until shutdown, then connections finish gracefully.
+//! plain file descriptors a later process could inherit) and served with HTTP/1.1 and HTTP/2
+//! (by ALPN over TLS, by prior knowledge on plain TCP) until shutdown, then connections finish
+//! gracefully.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -14,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::pipeline::{ConnectionInfo, Proxy};
+use crate::tls::{self, CertificateSource};
 
 /// Opens a listening TCP socket.
 pub fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
@@ -34,10 +37,11 @@ pub fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Accepts connections until `shutdown`, then lets open connections finish their current
-/// requests for up to `grace` before returning.
+/// requests for up to `grace` before returning. With `tls`, connections are TLS.
 pub async fn serve(
     listener: TcpListener,
     proxy: Proxy,
+    tls: Option<Arc<dyn CertificateSource>>,
     shutdown: CancellationToken,
     grace: Duration,
 ) {
@@ -49,6 +53,7 @@ pub async fn serve(
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
 
     loop {
@@ -68,17 +73,34 @@ pub async fn serve(
         let info = ConnectionInfo {
             peer,
             local_port,
-            tls: false,
+            tls: tls.is_some(),
         };
         let proxy = proxy.clone();
         let service = service_fn(move |request| {
             let proxy = proxy.clone();
             async move { Ok::<_, Infallible>(proxy.handle(info, request).await) }
         });
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection.into_owned());
+        let (builder, watcher, tls) = (Arc::clone(&builder), graceful.watcher(), tls.clone());
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            let served = match tls {
+                None => {
+                    let connection =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(connection.into_owned()).await
+                }
+                Some(certificates) => match tls::accept(stream, certificates.as_ref()).await {
+                    Ok(stream) => {
+                        let connection =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        watcher.watch(connection.into_owned()).await
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, %peer, "TLS handshake refused");
+                        return;
+                    }
+                },
+            };
+            if let Err(error) = served {
                 tracing::debug!(%error, %peer, "Connection ended with an error");
             }
         });

@@ -19,6 +19,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::body::{self, BoxError, ProxyBody};
 use crate::buffer::{buffer_body, BufferError};
+use crate::config::ServiceConfig;
 use crate::error_page::ErrorPages;
 use crate::headers;
 use crate::request_log::RequestRecord;
@@ -65,16 +66,38 @@ impl ForwardError {
     }
 }
 
+/// Answers ACME HTTP-01 challenges on the plain HTTP listener.
+pub trait ChallengeResponder: Send + Sync + 'static {
+    /// The key authorization for a `/.well-known/acme-challenge/<token>` path we expect.
+    fn answer(&self, path: &str) -> Option<String>;
+}
+
 /// Everything a request needs to find its way; cheap to clone per connection.
 #[derive(Clone)]
 pub struct Proxy {
     routes: RouteTableHandle<Service>,
     client: UpstreamClient,
+    challenges: Option<Arc<dyn ChallengeResponder>>,
+    https_port: u16,
 }
+
+const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 
 impl Proxy {
     pub fn new(routes: RouteTableHandle<Service>, client: UpstreamClient) -> Self {
-        Self { routes, client }
+        Self {
+            routes,
+            client,
+            challenges: None,
+            https_port: 443,
+        }
+    }
+
+    /// Answers ACME challenges before routing, and redirects to HTTPS on `https_port`.
+    pub fn with_tls(mut self, challenges: Arc<dyn ChallengeResponder>, https_port: u16) -> Self {
+        self.challenges = Some(challenges);
+        self.https_port = https_port;
+        self
     }
 
     /// Serves one request. Never fails: every problem becomes an error page.
@@ -85,6 +108,22 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let scheme = if conn.tls { "https" } else { "http" };
         let mut record = RequestRecord::begin(&request, conn.peer, conn.local_port, scheme);
+
+        if !conn.tls && request.uri().path().starts_with(ACME_CHALLENGE_PREFIX) {
+            if let Some(answer) = self
+                .challenges
+                .as_ref()
+                .and_then(|c| c.answer(request.uri().path()))
+            {
+                record.status = 200;
+                record.emit();
+                let mut response = Response::new(body::full(answer));
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                return response;
+            }
+        }
 
         let found = {
             let routes = self.routes.current();
@@ -108,6 +147,12 @@ impl Proxy {
         record.service = service.name().to_string();
         let config = &settings.config;
         record.capture_headers("req_", &config.log_request_headers, request.headers());
+
+        if let Some(location) = redirect_location(config, conn, &request, self.https_port) {
+            record.status = 301;
+            record.emit();
+            return redirect(location);
+        }
 
         match service.admit().await {
             Admission::Proceed => {}
@@ -338,6 +383,59 @@ async fn with_timeout<F: std::future::Future>(
     } else {
         tokio::time::timeout(limit, future).await.ok()
     }
+}
+
+/// Where to send a request that should be on HTTPS or on the canonical host, if anywhere.
+fn redirect_location<B>(
+    config: &ServiceConfig,
+    conn: ConnectionInfo,
+    request: &Request<B>,
+    https_port: u16,
+) -> Option<String> {
+    let host = crate::route::strip_port(request_host(request));
+    let to_https = config.tls.enabled && config.tls.redirect && !conn.tls;
+    let canonical = config
+        .tls
+        .canonical_host
+        .as_deref()
+        .filter(|canonical| !canonical.eq_ignore_ascii_case(host));
+    if !to_https && canonical.is_none() {
+        return None;
+    }
+    let (scheme, port) = if to_https || conn.tls {
+        (
+            "https",
+            if to_https {
+                https_port
+            } else {
+                conn.local_port
+            },
+        )
+    } else {
+        ("http", conn.local_port)
+    };
+    let port = match (scheme, port) {
+        ("https", 443) | ("http", 80) => String::new(),
+        (_, port) => format!(":{port}"),
+    };
+    let path = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    Some(format!(
+        "{scheme}://{}{port}{path}",
+        canonical.unwrap_or(host)
+    ))
+}
+
+fn redirect(location: String) -> Response<ProxyBody> {
+    let mut response = Response::new(body::empty());
+    *response.status_mut() = StatusCode::MOVED_PERMANENTLY;
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
 }
 
 /// The host a request is for: the Host header, or the HTTP/2 `:authority`.

@@ -1,0 +1,83 @@
+//! TLS termination. The ClientHello is read first, so the certificate for its server name can
+//! be looked up (and waited for, when it is being obtained) before the handshake continues;
+//! a name with no certificate ends the handshake, so strangers never see a default
+//! certificate. TLS 1.2 and 1.3 only; ALPN offers `h2` and `http/1.1`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::LazyConfigAcceptor;
+
+/// Where the TLS listener gets certificates from.
+pub trait CertificateSource: Send + Sync + 'static {
+    /// The certificate for `server_name`, or `None` to refuse the handshake.
+    fn certificate_for<'a>(
+        &'a self,
+        server_name: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Option<Arc<CertifiedKey>>> + Send + 'a>>;
+}
+
+/// Longest time a client may take to complete a handshake (certificate wait included).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("TLS handshake failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("no server name (SNI) in the TLS handshake")]
+    NoServerName,
+    #[error("no certificate for {0:?}")]
+    UnknownServerName(String),
+    #[error("TLS handshake timed out")]
+    Timeout,
+}
+
+/// Completes a TLS handshake on `stream` with the certificate for its server name.
+pub async fn accept(
+    stream: TcpStream,
+    certificates: &dyn CertificateSource,
+) -> Result<TlsStream<TcpStream>, HandshakeError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await?;
+        let server_name = start
+            .client_hello()
+            .server_name()
+            .map(str::to_string)
+            .ok_or(HandshakeError::NoServerName)?;
+        let certified = certificates
+            .certificate_for(&server_name)
+            .await
+            .ok_or(HandshakeError::UnknownServerName(server_name))?;
+        Ok(start.into_stream(server_config(certified)).await?)
+    })
+    .await
+    .map_err(|_| HandshakeError::Timeout)?
+}
+
+fn server_config(certified: Arc<CertifiedKey>) -> Arc<ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("ring supports TLS 1.2 and 1.3")
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Chosen(certified)));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// The certificate already chosen for this connection.
+#[derive(Debug)]
+struct Chosen(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Chosen {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(&self.0))
+    }
+}

@@ -1,0 +1,93 @@
+//! Wires the certificates (`berth-acme`) into the data plane (certificates for handshakes,
+//! answers to challenges) and the control plane (checks and status), which know nothing of
+//! each other.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use berth_acme::{Certificates, TlsSource, LETS_ENCRYPT_STAGING};
+use berth_control::protocol::CertificateStatus;
+use berth_control::TlsProvider;
+use berth_proxy::config::ServiceConfig;
+use berth_proxy::pipeline::ChallengeResponder;
+use berth_proxy::CertificateSource;
+use rustls::sign::CertifiedKey;
+
+pub struct TlsBridge(pub Arc<Certificates>);
+
+impl CertificateSource for TlsBridge {
+    fn certificate_for<'a>(
+        &'a self,
+        server_name: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Option<Arc<CertifiedKey>>> + Send + 'a>> {
+        Box::pin(async move {
+            if let Some(found) = self.0.certificate_for(server_name).await {
+                return Some(found);
+            }
+            // A custom wildcard certificate covers one label below its domain.
+            let (_, domain) = server_name.split_once('.')?;
+            self.0.certificate_for(&format!("*.{domain}")).await
+        })
+    }
+}
+
+impl ChallengeResponder for TlsBridge {
+    fn answer(&self, path: &str) -> Option<String> {
+        self.0.challenge_answer(path)
+    }
+}
+
+impl TlsProvider for TlsBridge {
+    fn check(&self, config: &ServiceConfig) -> Result<(), String> {
+        match (&config.tls.certificate_path, &config.tls.private_key_path) {
+            (Some(certificate), Some(key)) => {
+                Certificates::check_files(certificate, key).map_err(|e| e.to_string())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn services_changed(&self, configs: &[&ServiceConfig]) {
+        let settings = self.0.settings();
+        let mut wanted = HashMap::new();
+        for config in configs.iter().filter(|c| c.tls.enabled) {
+            let source = match (&config.tls.certificate_path, &config.tls.private_key_path) {
+                (Some(certificate), Some(private_key)) => TlsSource::Files {
+                    certificate: certificate.clone(),
+                    private_key: private_key.clone(),
+                },
+                _ => TlsSource::Acme {
+                    directory: if config.tls.staging {
+                        LETS_ENCRYPT_STAGING.to_string()
+                    } else {
+                        settings.directory.clone()
+                    },
+                    cache: config
+                        .tls
+                        .acme_cache_path
+                        .as_ref()
+                        .map(PathBuf::from)
+                        .unwrap_or_else(|| settings.cache.clone()),
+                },
+            };
+            for host in &config.hosts {
+                wanted.insert(host.clone(), source.clone());
+            }
+        }
+        self.0.sync(wanted);
+    }
+
+    fn certificate_status(&self, host: &str) -> Option<CertificateStatus> {
+        let info = self.0.info(host)?;
+        Some(CertificateStatus {
+            state: info.state,
+            issuer: info.issuer,
+            expires: info
+                .not_after
+                .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+        })
+    }
+}
