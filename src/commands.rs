@@ -168,6 +168,23 @@ fn print_status(status: &StatusReport, output: &OutputArgs) -> anyhow::Result<()
         ],
         rows,
     );
+    let certificates: Vec<Vec<String>> = status
+        .routes
+        .iter()
+        .filter_map(|route| {
+            let certificate = route.certificate.as_ref()?;
+            Some(vec![
+                route.host.clone(),
+                certificate.state.clone(),
+                certificate.expires.clone().unwrap_or_else(|| "-".into()),
+                certificate.issuer.clone().unwrap_or_else(|| "-".into()),
+            ])
+        })
+        .collect();
+    if !certificates.is_empty() {
+        println!();
+        print_table(&["Host", "Certificate", "Expires", "Issuer"], certificates);
+    }
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod pebble;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader};
@@ -48,16 +49,18 @@ impl ProxyProcess {
         https_port: u16,
         extra_args: Vec<String>,
     ) -> Self {
-        let log_path = home
-            .path()
-            .join(format!("proxy-{}.log", Instant::now().elapsed().as_nanos()));
+        static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let start_number = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log_path = home.path().join(format!("proxy-{start_number}.log"));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
             .unwrap();
         let mut args = vec!["run".to_string(), "--bind".into(), "127.0.0.1".into()];
-        args.extend(["--http-port".to_string(), port.to_string()]);
+        if !extra_args.iter().any(|a| a.starts_with("--http-port")) {
+            args.extend(["--http-port".to_string(), port.to_string()]);
+        }
         args.extend(["--https-port".to_string(), https_port.to_string()]);
         args.extend(extra_args.iter().cloned());
         let child = Command::new(env!("CARGO_BIN_EXE_proxy"))

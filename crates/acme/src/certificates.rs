@@ -169,8 +169,9 @@ impl Certificates {
         }
     }
 
-    /// The certificate to present for `server_name`. Waits (bounded) while one is being
-    /// obtained; `None` for hosts we do not serve with TLS, so the handshake fails.
+    /// The certificate to present for `server_name`. Waits (bounded) while a first one is
+    /// being obtained; `None` for hosts we do not serve with TLS or whose order failed, so the
+    /// handshake fails at once.
     pub async fn certificate_for(&self, server_name: &str) -> Option<Arc<CertifiedKey>> {
         let name = server_name.trim_end_matches('.').to_ascii_lowercase();
         let mut changes = {
@@ -183,7 +184,7 @@ impl Certificates {
         };
         let waited = tokio::time::timeout(
             HANDSHAKE_WAIT,
-            changes.wait_for(|s| matches!(s, HostState::Valid)),
+            changes.wait_for(|s| !matches!(s, HostState::Pending)),
         )
         .await;
         if waited.is_err() {

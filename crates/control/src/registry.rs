@@ -154,6 +154,9 @@ impl Registry {
         }
         let error_pages =
             load_error_pages(&config).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        if let Some(tls) = &self.tls {
+            tls.check(&config).map_err(RegistryError::Invalid)?;
+        }
         let targets: Vec<Arc<Target>> = request
             .targets
             .iter()
@@ -414,6 +417,14 @@ impl Registry {
             );
         }
         self.routes.publish(table);
+        if let Some(tls) = &self.tls {
+            let settings: Vec<_> = entries
+                .values()
+                .map(|entry| entry.service.settings())
+                .collect();
+            let configs: Vec<&ServiceConfig> = settings.iter().map(|s| &s.config).collect();
+            tls.services_changed(&configs);
+        }
     }
 
     fn service_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {

@@ -220,7 +220,7 @@ impl Proxy {
             }
             Err(error) => {
                 let status = error.status();
-                tracing::info!(service = %service.name(), target = %claim.target().address(), %error, "Forwarding failed");
+                tracing::info!(service = %service.name(), address = %claim.target().address(), %error, "Forwarding failed");
                 drop(claim);
                 finish_with_error(record, &settings.error_pages, status, None)
             }

@@ -153,7 +153,7 @@ impl Target {
         };
         let healthy = report.health == Health::Healthy;
         if self.healthy.swap(healthy, Ordering::Relaxed) != healthy {
-            tracing::info!(target = %self.address, healthy, reason = ?report.last_failure, "Target health changed");
+            tracing::info!(address = %self.address, healthy, reason = report.last_failure.as_deref().unwrap_or(""), "Target health changed");
         }
         self.report.send_replace(report);
     }
@@ -197,7 +197,7 @@ impl Target {
             .is_ok();
         let cut = if finished { 0 } else { self.in_flight() };
         if cut > 0 {
-            tracing::warn!(target = %self.address, cut, "Drain timeout reached; cutting requests");
+            tracing::warn!(address = %self.address, cut, "Drain timeout reached; cutting requests");
             self.cut_requests.cancel();
         }
         self.retire();

@@ -1,0 +1,288 @@
+//! A real ACME server for the tests: Debian's `pebble`, with `pebble-challtestsrv` as its DNS
+//! server so every test hostname resolves to 127.0.0.1. Pebble validates HTTP-01 challenges by
+//! connecting to the proxy's HTTP port, so it is started for one proxy port.
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+
+pub struct Pebble {
+    dir: tempfile::TempDir,
+    pebble: Child,
+    dns: Child,
+    acme_port: u16,
+    management_port: u16,
+    dns_management_port: u16,
+    /// The root that signs pebble's own HTTPS listener (made by the test).
+    pub api_ca_pem: String,
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn require(binary: &str) -> PathBuf {
+    let path = PathBuf::from("/usr/bin").join(binary);
+    assert!(
+        path.exists(),
+        "{binary} is missing: the TLS tests need a real ACME server. Install it with `apt-get install pebble` (.ci/run does)."
+    );
+    path
+}
+
+impl Pebble {
+    /// Starts pebble validating HTTP-01 challenges on `http_port` of 127.0.0.1.
+    pub fn start(http_port: u16) -> Self {
+        let pebble_bin = require("pebble");
+        let dns_bin = require("pebble-challtestsrv");
+        let dir = tempfile::tempdir().unwrap();
+
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "berth test API CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let server_key = rcgen::KeyPair::generate().unwrap();
+        let mut server_params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        server_params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        let server = server_params.signed_by(&server_key, &issuer).unwrap();
+        std::fs::write(dir.path().join("api-cert.pem"), server.pem()).unwrap();
+        std::fs::write(dir.path().join("api-key.pem"), server_key.serialize_pem()).unwrap();
+        std::fs::write(dir.path().join("api-ca.pem"), ca.pem()).unwrap();
+
+        let (acme_port, management_port, dns_port, dns_management_port) =
+            (free_port(), free_port(), free_port(), free_port());
+        let config = serde_json::json!({
+            "pebble": {
+                "listenAddress": format!("127.0.0.1:{acme_port}"),
+                "managementListenAddress": format!("127.0.0.1:{management_port}"),
+                "certificate": dir.path().join("api-cert.pem"),
+                "privateKey": dir.path().join("api-key.pem"),
+                "httpPort": http_port,
+                "tlsPort": free_port(),
+                "ocspResponderURL": "",
+                "externalAccountBindingRequired": false
+            }
+        });
+        std::fs::write(dir.path().join("pebble.json"), config.to_string()).unwrap();
+
+        let log = |name: &str| std::fs::File::create(dir.path().join(name)).unwrap();
+        let dns = Command::new(dns_bin)
+            .args(["-dns01", &format!("127.0.0.1:{dns_port}")])
+            .args(["-management", &format!("127.0.0.1:{dns_management_port}")])
+            .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+            .stdout(log("dns.log"))
+            .stderr(Stdio::from(log("dns.err")))
+            .spawn()
+            .expect("start pebble-challtestsrv");
+        let pebble = Command::new(pebble_bin)
+            .args(["-config", dir.path().join("pebble.json").to_str().unwrap()])
+            .args(["-dnsserver", &format!("127.0.0.1:{dns_port}")])
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .stdout(log("pebble.log"))
+            .stderr(Stdio::from(log("pebble.err")))
+            .spawn()
+            .expect("start pebble");
+        let api_ca_pem = ca.pem();
+        let started = Self {
+            dir,
+            pebble,
+            dns,
+            acme_port,
+            management_port,
+            dns_management_port,
+            api_ca_pem,
+        };
+        started.wait_for_port(acme_port);
+        started.wait_for_port(management_port);
+        started.wait_for_port(dns_management_port);
+        started
+    }
+
+    fn wait_for_port(&self, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "pebble did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn directory_url(&self) -> String {
+        format!("https://127.0.0.1:{}/dir", self.acme_port)
+    }
+
+    pub fn api_ca_path(&self) -> PathBuf {
+        self.dir.path().join("api-ca.pem")
+    }
+
+    pub fn log(&self) -> String {
+        let read =
+            |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+        format!(
+            "{}{}{}",
+            read("pebble.log"),
+            read("pebble.err"),
+            read("dns.err")
+        )
+    }
+
+    /// The root that signs the certificates pebble issues (new for every pebble run).
+    pub async fn issuing_root(&self) -> CertificateDer<'static> {
+        let pem = self.management_get("/roots/0").await;
+        let root = rustls_pemfile::certs(&mut pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        root
+    }
+
+    async fn management_get(&self, path: &str) -> String {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut self.api_ca_pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let stream = TcpStream::connect(("127.0.0.1", self.management_port))
+            .await
+            .unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("127.0.0.1").unwrap(), stream)
+            .await
+            .unwrap();
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let request = hyper::Request::get(path)
+            .header("host", "127.0.0.1")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8_lossy(&body).into_owned()
+    }
+
+    /// Makes `host` resolve to `address` for pebble (to send its validation elsewhere).
+    pub async fn resolve(&self, host: &str, address: &str) {
+        let stream = TcpStream::connect(("127.0.0.1", self.dns_management_port))
+            .await
+            .unwrap();
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let body = serde_json::json!({ "host": host, "addresses": [address] }).to_string();
+        let request = hyper::Request::post("/add-a")
+            .header("host", "127.0.0.1")
+            .body(http_body_util::Full::new(Bytes::from(body)))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert!(
+            response.status().is_success(),
+            "challtestsrv refused add-a: {}",
+            response.status()
+        );
+    }
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        for child in [&mut self.pebble, &mut self.dns] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// What an HTTPS request through the proxy saw.
+#[derive(Debug)]
+pub struct HttpsReply {
+    pub status: u16,
+    pub body: String,
+    pub alpn: Option<Vec<u8>>,
+    pub leaf: CertificateDer<'static>,
+}
+
+/// GET over TLS to 127.0.0.1:`port` with SNI and Host `host`, trusting `roots` only.
+pub async fn https_get(
+    port: u16,
+    host: &str,
+    path: &str,
+    roots: &[CertificateDer<'static>],
+) -> Result<HttpsReply, String> {
+    let mut store = rustls::RootCertStore::empty();
+    for root in roots {
+        store.add(root.clone()).map_err(|e| e.to_string())?;
+    }
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let stream = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, stream)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let (_, session) = tls.get_ref();
+    let alpn = session.alpn_protocol().map(|p| p.to_vec());
+    let leaf = session
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .cloned()
+        .ok_or("no certificate")?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let request = hyper::Request::get(path)
+        .header("host", host)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok(HttpsReply {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+        alpn,
+        leaf,
+    })
+}

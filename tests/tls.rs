@@ -1,0 +1,398 @@
+//! TLS end to end against a real ACME server (pebble): certificates obtained over HTTP-01,
+//! served by SNI, reused after a restart, renewed when due, and failures that stay contained.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::pebble::{free_port, https_get, Pebble};
+use common::{get, ProxyProcess, Upstream};
+use rustls::pki_types::CertificateDer;
+
+fn report(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|_| panic!("not a report: {body}"))
+}
+
+/// A proxy whose ACME server is `pebble`, on the HTTP port pebble validates against.
+fn proxy_for(pebble: &Pebble, http_port: u16) -> ProxyProcess {
+    ProxyProcess::start_with(&[
+        &format!("--http-port={http_port}"),
+        &format!("--acme-directory={}", pebble.directory_url()),
+        &format!("--acme-ca-root={}", pebble.api_ca_path().display()),
+        "--acme-email=ops@example.com",
+    ])
+}
+
+async fn wait_for_https(
+    port: u16,
+    host: &str,
+    roots: &[CertificateDer<'static>],
+) -> common::pebble::HttpsReply {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match https_get(port, host, "/", roots).await {
+            Ok(reply) => return reply,
+            Err(error) => {
+                assert!(Instant::now() < deadline, "no HTTPS for {host}: {error}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_service_gets_a_certificate_serves_https_and_reuses_it_after_restart() {
+    let http_port = free_port();
+    let pebble = Pebble::start(http_port);
+    let proxy = proxy_for(&pebble, http_port);
+    let app = Upstream::start("app").await;
+    proxy.deploy("web", &app.target(), &["--host=app.test", "--tls"]);
+
+    // The first HTTPS request waits for the certificate instead of failing.
+    let root = pebble.issuing_root().await;
+    let reply = https_get(
+        proxy.https_port,
+        "app.test",
+        "/",
+        std::slice::from_ref(&root),
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "first HTTPS request failed: {e}\n{}\n{}",
+            proxy.log(),
+            pebble.log()
+        )
+    });
+    assert_eq!(reply.status, 200);
+    let seen = report(&reply.body);
+    assert_eq!(seen["server"], "app");
+    assert_eq!(seen["headers"]["x-forwarded-proto"], "https");
+    assert_eq!(
+        seen["headers"].get("x-forwarded-for").map(|v| v.as_str()),
+        Some(Some("127.0.0.1"))
+    );
+    assert_eq!(reply.alpn.as_deref(), Some(&b"http/1.1"[..]));
+
+    // Plain HTTP is redirected, except the challenge path (issuance proved that).
+    let redirect = get(proxy.address(), "app.test", "/page?x=1").await;
+    assert_eq!(redirect.status, 301);
+    assert_eq!(
+        redirect.headers["location"],
+        format!("https://app.test:{}/page?x=1", proxy.https_port)
+    );
+
+    // A name we hold no certificate for is refused, with no default certificate shown.
+    let refused = https_get(
+        proxy.https_port,
+        "stranger.test",
+        "/",
+        std::slice::from_ref(&root),
+    )
+    .await;
+    assert!(refused.is_err(), "unknown SNI got {refused:?}");
+
+    let status: serde_json::Value = serde_json::from_str(&proxy.ok(&["status", "--json"])).unwrap();
+    let certificate = &status["routes"][0]["certificate"];
+    assert_eq!(certificate["state"], "valid", "{status}");
+    assert!(
+        certificate["issuer"].as_str().unwrap().contains("Pebble"),
+        "{status}"
+    );
+    assert!(certificate["expires"].as_str().is_some());
+    let certs = proxy.home().join(".config/kamal-proxy/certs");
+    let key = walk(&certs)
+        .into_iter()
+        .find(|p| p.ends_with("app.test/key.pem"))
+        .expect("stored key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // After a restart the stored certificate is served; no new order is placed.
+    let proxy = proxy.restart();
+    let again = https_get(proxy.https_port, "app.test", "/", &[root])
+        .await
+        .unwrap();
+    assert_eq!(again.status, 200);
+    assert_eq!(
+        again.leaf, reply.leaf,
+        "a different certificate after restart"
+    );
+    assert!(
+        !proxy
+            .log_lines()
+            .iter()
+            .any(|l| l["message"] == "Requesting certificate"),
+        "a new order was placed after restart:\n{}",
+        proxy.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staging_and_production_hosts_each_get_their_own_certificate_and_service() {
+    let http_port = free_port();
+    let pebble = Pebble::start(http_port);
+    let proxy = proxy_for(&pebble, http_port);
+    let production = Upstream::start("production").await;
+    let staging = Upstream::start("staging").await;
+    proxy.deploy(
+        "app-web",
+        &production.target(),
+        &["--host=app.test", "--tls"],
+    );
+    proxy.deploy(
+        "app-web-staging",
+        &staging.target(),
+        &["--host=staging.app.test", "--tls"],
+    );
+
+    let root = pebble.issuing_root().await;
+    let prod = wait_for_https(proxy.https_port, "app.test", std::slice::from_ref(&root)).await;
+    let stag = wait_for_https(proxy.https_port, "staging.app.test", &[root]).await;
+    assert_eq!(report(&prod.body)["server"], "production");
+    assert_eq!(report(&stag.body)["server"], "staging");
+    assert_ne!(prod.leaf, stag.leaf, "one certificate per host");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_certificate_due_for_renewal_is_renewed() {
+    let http_port = free_port();
+    let pebble = Pebble::start(http_port);
+    let proxy = proxy_for(&pebble, http_port);
+    let app = Upstream::start("app").await;
+
+    // A short-lived certificate already in the store: 3 hours long, 1 hour left, so due.
+    let (old_pem, old_key, old_root) = short_lived_certificate("renew.test");
+    let store = berth_acme::CertStore::new(
+        &proxy.home().join(".config/kamal-proxy/certs"),
+        &pebble.directory_url(),
+    );
+    std::fs::create_dir_all(store.dir().join("renew.test")).unwrap();
+    std::fs::write(store.dir().join("renew.test/cert.pem"), &old_pem).unwrap();
+    std::fs::write(store.dir().join("renew.test/key.pem"), &old_key).unwrap();
+
+    proxy.deploy("web", &app.target(), &["--host=renew.test", "--tls"]);
+    let root = pebble.issuing_root().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let reply = https_get(
+            proxy.https_port,
+            "renew.test",
+            "/",
+            &[root.clone(), old_root.clone()],
+        )
+        .await;
+        if let Ok(reply) = &reply {
+            let renewed = https_get(
+                proxy.https_port,
+                "renew.test",
+                "/",
+                std::slice::from_ref(&root),
+            )
+            .await;
+            if renewed.is_ok() {
+                assert_eq!(reply.status, 200);
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not renewed: {reply:?}\n{}",
+            proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stored = std::fs::read_to_string(store.dir().join("renew.test/cert.pem")).unwrap();
+    assert_ne!(stored, old_pem, "the renewed certificate was stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_certificates_are_served_and_a_bad_file_keeps_the_old_config() {
+    let proxy = ProxyProcess::start();
+    let app = Upstream::start("app").await;
+    let (cert_pem, key_pem, root) = short_lived_certificate("custom.test");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, bad) = (
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+        dir.path().join("bad.pem"),
+    );
+    std::fs::write(&cert, cert_pem).unwrap();
+    std::fs::write(&key, key_pem).unwrap();
+    std::fs::write(&bad, "not a certificate").unwrap();
+    let flag = |name: &str, path: &std::path::Path| format!("--{name}={}", path.display());
+
+    proxy.deploy(
+        "web",
+        &app.target(),
+        &[
+            "--host=custom.test",
+            "--tls",
+            &flag("tls-certificate-path", &cert),
+            &flag("tls-private-key-path", &key),
+        ],
+    );
+    let reply = wait_for_https(proxy.https_port, "custom.test", std::slice::from_ref(&root)).await;
+    assert_eq!(reply.status, 200);
+
+    let output = proxy.cli(&[
+        "deploy",
+        "web",
+        &format!("--target={}", app.target()),
+        "--host=custom.test",
+        "--tls",
+        &flag("tls-certificate-path", &bad),
+        &flag("tls-private-key-path", &key),
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("no certificate found"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let still = https_get(proxy.https_port, "custom.test", "/", &[root])
+        .await
+        .unwrap();
+    assert_eq!(still.leaf, reply.leaf);
+    assert!(proxy.ok(&["list"]).contains("custom.test"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acme_failures_stay_with_their_host() {
+    let http_port = free_port();
+    let pebble = Pebble::start(http_port);
+    let proxy = proxy_for(&pebble, http_port);
+    let app = Upstream::start("app").await;
+    let plain = Upstream::start("plain").await;
+
+    // Pebble is told the rejected host lives elsewhere, so its HTTP-01 validation fails.
+    pebble.resolve("rejected.test", "127.0.0.2").await;
+    proxy.deploy(
+        "rejected",
+        &app.target(),
+        &["--host=rejected.test", "--tls"],
+    );
+    proxy.deploy("good", &app.target(), &["--host=good.test", "--tls"]);
+    proxy.deploy("plain", &plain.target(), &["--host=plain.test"]);
+
+    let root = pebble.issuing_root().await;
+    assert_eq!(
+        wait_for_https(proxy.https_port, "good.test", std::slice::from_ref(&root))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        report(&get(proxy.address(), "plain.test", "/").await.body)["server"],
+        "plain"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let failure = loop {
+        let status: serde_json::Value =
+            serde_json::from_str(&proxy.ok(&["status", "--json"])).unwrap();
+        let route = status["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["host"] == "rejected.test")
+            .cloned()
+            .unwrap();
+        let state = route["certificate"]["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if state.starts_with("failed") {
+            break state;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "order did not fail: {route}\n{}",
+            proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        failure.contains("127.0.0.2")
+            || failure.contains("connection refused")
+            || failure.contains("connect"),
+        "{failure}"
+    );
+    assert!(
+        proxy
+            .log_lines()
+            .iter()
+            .any(|l| l["message"] == "Certificate order failed" && l["host"] == "rejected.test"),
+        "the failure with the server's detail is logged"
+    );
+    assert!(https_get(
+        proxy.https_port,
+        "rejected.test",
+        "/",
+        std::slice::from_ref(&root)
+    )
+    .await
+    .is_err());
+    assert_eq!(
+        https_get(proxy.https_port, "good.test", "/", &[root])
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_acme_server_leaves_plain_http_serving() {
+    let proxy = ProxyProcess::start_with(&["--acme-directory=https://127.0.0.1:1/dir"]);
+    let app = Upstream::start("app").await;
+    proxy.deploy("secure", &app.target(), &["--host=secure.test", "--tls"]);
+    proxy.deploy("plain", &app.target(), &["--host=plain.test"]);
+    assert_eq!(get(proxy.address(), "plain.test", "/").await.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !proxy.ok(&["status"]).contains("failed") {
+        assert!(
+            Instant::now() < deadline,
+            "no failure reported:\n{}",
+            proxy.ok(&["status"])
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(get(proxy.address(), "plain.test", "/").await.status, 200);
+    assert_eq!(get(proxy.address(), "secure.test", "/").await.status, 301);
+}
+
+/// A certificate for `host` from a throwaway CA, 3 hours long with 1 hour left.
+fn short_lived_certificate(host: &str) -> (String, String, CertificateDer<'static>) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "berth test short-lived CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![host.to_string()]).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(2);
+    params.not_after = now + time::Duration::hours(1);
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (cert.pem(), key.serialize_pem(), ca.der().clone())
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(walk(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
+}
