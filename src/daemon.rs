@@ -135,6 +135,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let http_address = http.local_addr()?;
     let https = bind_listener(options.bind, options.https_port)?;
     let https_address = https.local_addr()?;
+    certificates.0.set_local_http(reachable(http_address));
     let socket_path = paths::socket_path();
     let control = berth_control::api::bind(&socket_path)
         .await
@@ -178,6 +179,15 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket_path);
     tracing::info!("Stopped");
     Ok(())
+}
+
+/// The address to reach a listener bound to `address` from this host.
+fn reachable(address: SocketAddr) -> SocketAddr {
+    match address.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], address.port())),
+        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], address.port())),
+        _ => address,
+    }
 }
 
 /// Binds `port` on `bind`, or on every address (IPv6 and IPv4 where the host has IPv6).

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use berth_acme::{Certificates, TlsSource, LETS_ENCRYPT_STAGING};
+use berth_acme::{Certificates, OnDemand, TlsSource, LETS_ENCRYPT_STAGING};
 use berth_control::protocol::CertificateStatus;
 use berth_control::TlsProvider;
 use berth_proxy::config::ServiceConfig;
@@ -53,6 +53,7 @@ impl TlsProvider for TlsBridge {
     fn services_changed(&self, configs: &[&ServiceConfig]) {
         let settings = self.0.settings();
         let mut wanted = HashMap::new();
+        let mut on_demand = None;
         for config in configs.iter().filter(|c| c.tls.enabled) {
             let source = match (&config.tls.certificate_path, &config.tls.private_key_path) {
                 (Some(certificate), Some(private_key)) => TlsSource::Files {
@@ -73,11 +74,20 @@ impl TlsProvider for TlsBridge {
                         .unwrap_or_else(|| settings.cache.clone()),
                 },
             };
+            if let (Some(url), TlsSource::Acme { directory, cache }) =
+                (&config.tls.on_demand_url, &source)
+            {
+                on_demand = Some(OnDemand {
+                    url: url.clone(),
+                    directory: directory.clone(),
+                    cache: cache.clone(),
+                });
+            }
             for host in &config.hosts {
                 wanted.insert(host.clone(), source.clone());
             }
         }
-        self.0.sync(wanted);
+        self.0.sync(wanted, on_demand);
     }
 
     fn certificate_status(&self, host: &str) -> Option<CertificateStatus> {

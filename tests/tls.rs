@@ -74,6 +74,20 @@ async fn tls_service_gets_a_certificate_serves_https_and_reuses_it_after_restart
     );
     assert_eq!(reply.alpn.as_deref(), Some(&b"http/1.1"[..]));
 
+    // HTTP/2 is offered by ALPN.
+    let roots = std::slice::from_ref(&root);
+    let offered: &[&[u8]] = &[b"h2", b"http/1.1"];
+    let h2 =
+        common::pebble::https_get_with_alpn(proxy.https_port, "app.test", "/h2", roots, offered)
+            .await
+            .unwrap();
+    assert_eq!(h2.alpn.as_deref(), Some(&b"h2"[..]));
+    assert_eq!(
+        (h2.status, report(&h2.body)["path"].as_str()),
+        (200, Some("/h2"))
+    );
+    assert_eq!(report(&h2.body)["headers"]["host"], "app.test");
+
     // Plain HTTP is redirected, except the challenge path (issuance proved that).
     let redirect = get(proxy.address(), "app.test", "/page?x=1").await;
     assert_eq!(redirect.status, 301);
@@ -363,6 +377,55 @@ async fn an_unreachable_acme_server_leaves_plain_http_serving() {
     }
     assert_eq!(get(proxy.address(), "plain.test", "/").await.status, 200);
     assert_eq!(get(proxy.address(), "secure.test", "/").await.status, 301);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_demand_tls_issues_only_for_hosts_the_app_allows() {
+    let http_port = free_port();
+    let pebble = Pebble::start(http_port);
+    let proxy = proxy_for(&pebble, http_port);
+    let app = Upstream::start("app").await;
+    proxy.deploy(
+        "tenants",
+        &app.target(),
+        &["--tls", "--tls-on-demand-url=/allow"],
+    );
+
+    let root = pebble.issuing_root().await;
+    let allowed = https_get(
+        proxy.https_port,
+        "yes.tenant.test",
+        "/",
+        std::slice::from_ref(&root),
+    )
+    .await;
+    let allowed = allowed.unwrap_or_else(|e| panic!("allowed host refused: {e}\n{}", proxy.log()));
+    assert_eq!(report(&allowed.body)["server"], "app");
+    let denied = https_get(
+        proxy.https_port,
+        "no.tenant.test",
+        "/",
+        std::slice::from_ref(&root),
+    )
+    .await;
+    assert!(
+        denied.is_err(),
+        "a host the app denied got a certificate: {denied:?}"
+    );
+
+    let output = proxy.cli(&[
+        "deploy",
+        "bad",
+        &format!("--target={}", app.target()),
+        "--tls",
+        "--host=x.test",
+        "--tls-on-demand-url=/allow",
+    ]);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "on-demand with hosts is refused"
+    );
 }
 
 /// A certificate for `host` from a throwaway CA, 3 hours long with 1 hour left.

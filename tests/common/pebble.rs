@@ -237,6 +237,17 @@ pub async fn https_get(
     path: &str,
     roots: &[CertificateDer<'static>],
 ) -> Result<HttpsReply, String> {
+    https_get_with_alpn(port, host, path, roots, &[b"http/1.1"]).await
+}
+
+/// Like `https_get`, offering the given ALPN protocols and speaking HTTP/2 if `h2` is chosen.
+pub async fn https_get_with_alpn(
+    port: u16,
+    host: &str,
+    path: &str,
+    roots: &[CertificateDer<'static>],
+    offered: &[&[u8]],
+) -> Result<HttpsReply, String> {
     let mut store = rustls::RootCertStore::empty();
     for root in roots {
         store.add(root.clone()).map_err(|e| e.to_string())?;
@@ -244,7 +255,7 @@ pub async fn https_get(
     let mut config = rustls::ClientConfig::builder()
         .with_root_certificates(store)
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = offered.iter().map(|p| p.to_vec()).collect();
     let stream = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port)))
         .await
         .map_err(|e| e.to_string())?;
@@ -260,18 +271,35 @@ pub async fn https_get(
         .and_then(|c| c.first())
         .cloned()
         .ok_or("no certificate")?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+    let response = if alpn.as_deref() == Some(&b"h2"[..]) {
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(tls),
+        )
         .await
         .map_err(|e| e.to_string())?;
-    tokio::spawn(connection);
-    let request = hyper::Request::get(path)
-        .header("host", host)
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        let request = hyper::Request::get(format!("https://{host}{path}"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?
+    } else {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        let request = hyper::Request::get(path)
+            .header("host", host)
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?
+    };
     let status = response.status().as_u16();
     let body = response
         .into_body()

@@ -4,6 +4,7 @@
 //! - `GET /slow?ms=N`: answers after N milliseconds.
 //! - `GET /ws`: a WebSocket echo.
 //! - `POST /echo`: answers the request body.
+//! - `GET /allow?host=H`: 200 when H starts with `yes`, else 403 (on-demand TLS checks).
 //! - anything else: a JSON report of what arrived (server name, method, path, query, headers).
 
 use std::convert::Infallible;
@@ -117,6 +118,11 @@ async fn answer(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Bod
             respond(StatusCode::OK, &format!("{} slow", shared.name))
         }
         "/ws" => websocket(request).await,
+        // The on-demand TLS permission check: only hosts starting with "yes" may have one.
+        "/allow" => match request.uri().query().and_then(|q| q.strip_prefix("host=")) {
+            Some(host) if host.starts_with("yes") => respond(StatusCode::OK, "allowed"),
+            _ => respond(StatusCode::FORBIDDEN, "denied"),
+        },
         "/echo" => {
             let content_length = request.headers().get("content-length").cloned();
             let chunked = request.headers().contains_key("transfer-encoding");

@@ -56,6 +56,24 @@ pub enum TlsSource {
     },
 }
 
+/// On-demand TLS: hosts not named by any service may get a certificate when `url` answers
+/// 200 to `?host=<name>` within two seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnDemand {
+    /// An absolute URL, or a path asked of the proxy's own HTTP listener (and so routed to
+    /// the on-demand service like any request for that host).
+    pub url: String,
+    pub directory: String,
+    pub cache: PathBuf,
+}
+
+const ON_DEMAND_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+type CheckClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Empty<bytes::Bytes>,
+>;
+
 /// What the status view shows about a host's certificate.
 #[derive(Debug, Clone)]
 pub struct CertificateInfo {
@@ -74,6 +92,8 @@ enum HostState {
 
 struct Host {
     source: TlsSource,
+    /// Admitted by the on-demand check rather than named by a service.
+    on_demand: bool,
     certificate: Option<Arc<Certificate>>,
     state: watch::Sender<HostState>,
     stop: CancellationToken,
@@ -84,6 +104,10 @@ pub struct Certificates {
     challenges: Arc<Challenges>,
     hosts: RwLock<HashMap<String, Host>>,
     accounts: tokio::sync::Mutex<HashMap<String, Account>>,
+    on_demand: RwLock<Option<OnDemand>>,
+    /// Where a path-only on-demand URL is asked (the proxy's own HTTP listener).
+    local_http: RwLock<Option<std::net::SocketAddr>>,
+    check_client: Option<CheckClient>,
 }
 
 impl Certificates {
@@ -93,7 +117,15 @@ impl Certificates {
             challenges: Arc::new(Challenges::default()),
             hosts: RwLock::new(HashMap::new()),
             accounts: tokio::sync::Mutex::new(HashMap::new()),
+            on_demand: RwLock::new(None),
+            local_http: RwLock::new(None),
+            check_client: check_client(),
         })
+    }
+
+    /// Tells where the proxy's HTTP listener is, for path-only on-demand URLs.
+    pub fn set_local_http(&self, address: std::net::SocketAddr) {
+        *self.local_http.write().unwrap_or_else(|e| e.into_inner()) = Some(address);
     }
 
     pub fn settings(&self) -> &AcmeSettings {
@@ -112,18 +144,38 @@ impl Certificates {
 
     /// Makes `wanted` the set of TLS hosts: new ones start getting certificates, ones no
     /// longer wanted are dropped, changed sources are restarted.
-    pub fn sync(self: &Arc<Self>, wanted: HashMap<String, TlsSource>) {
+    pub fn sync(self: &Arc<Self>, wanted: HashMap<String, TlsSource>, on_demand: Option<OnDemand>) {
+        let policy_kept = {
+            let mut current = self.on_demand.write().unwrap_or_else(|e| e.into_inner());
+            let kept = *current == on_demand;
+            *current = on_demand;
+            kept
+        };
         let mut hosts = self.write_hosts();
         hosts.retain(|name, host| {
-            let keep = wanted.get(name) == Some(&host.source);
+            let keep = wanted.get(name) == Some(&host.source)
+                || (host.on_demand && policy_kept && !wanted.contains_key(name));
             if !keep {
                 host.stop.cancel();
             }
             keep
         });
         for (name, source) in wanted {
+            self.admit(&mut hosts, name, source, false);
+        }
+    }
+
+    /// Starts serving `name` from `source` unless it is already served.
+    fn admit(
+        self: &Arc<Self>,
+        hosts: &mut HashMap<String, Host>,
+        name: String,
+        source: TlsSource,
+        on_demand: bool,
+    ) {
+        {
             if hosts.contains_key(&name) {
-                continue;
+                return;
             }
             let stop = CancellationToken::new();
             let (certificate, state) = match &source {
@@ -161,6 +213,7 @@ impl Certificates {
                 name,
                 Host {
                     source,
+                    on_demand,
                     certificate,
                     state: watch::Sender::new(state),
                     stop,
@@ -172,8 +225,11 @@ impl Certificates {
     /// The certificate to present for `server_name`. Waits (bounded) while a first one is
     /// being obtained; `None` for hosts we do not serve with TLS or whose order failed, so the
     /// handshake fails at once.
-    pub async fn certificate_for(&self, server_name: &str) -> Option<Arc<CertifiedKey>> {
+    pub async fn certificate_for(self: &Arc<Self>, server_name: &str) -> Option<Arc<CertifiedKey>> {
         let name = server_name.trim_end_matches('.').to_ascii_lowercase();
+        if !self.read_hosts().contains_key(&name) {
+            self.admit_on_demand(&name).await?;
+        }
         let mut changes = {
             let hosts = self.read_hosts();
             let host = hosts.get(&name)?;
@@ -196,6 +252,76 @@ impl Certificates {
             .certificate
             .as_ref()
             .map(|c| Arc::clone(&c.certified))
+    }
+
+    /// Asks the on-demand URL whether `name` may have a certificate; admits it if so.
+    async fn admit_on_demand(self: &Arc<Self>, name: &str) -> Option<()> {
+        let policy = self
+            .on_demand
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        let plausible = !name.is_empty()
+            && name.len() <= 253
+            && name.contains('.')
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if !plausible {
+            return None;
+        }
+        let allowed = self.on_demand_allows(&policy.url, name).await;
+        tracing::info!(host = name, allowed, "On-demand TLS check");
+        if !allowed {
+            return None;
+        }
+        let source = TlsSource::Acme {
+            directory: policy.directory,
+            cache: policy.cache,
+        };
+        let mut hosts = self.write_hosts();
+        self.admit(&mut hosts, name.to_string(), source, true);
+        Some(())
+    }
+
+    async fn on_demand_allows(&self, url: &str, host: &str) -> bool {
+        let Some(client) = &self.check_client else {
+            return false;
+        };
+        let separator = if url.contains('?') { '&' } else { '?' };
+        let (target, host_header) = if url.starts_with('/') {
+            let Some(local) = *self.local_http.read().unwrap_or_else(|e| e.into_inner()) else {
+                return false;
+            };
+            (
+                format!("http://{local}{url}{separator}host={host}"),
+                Some(host),
+            )
+        } else {
+            (format!("{url}{separator}host={host}"), None)
+        };
+        let Ok(uri) = target.parse::<hyper::Uri>() else {
+            tracing::warn!(url, "Invalid on-demand TLS URL");
+            return false;
+        };
+        let mut request = hyper::Request::get(uri);
+        if let Some(host_header) = host_header {
+            request = request.header(hyper::header::HOST, host_header);
+        }
+        let Ok(request) = request.body(http_body_util::Empty::new()) else {
+            return false;
+        };
+        match tokio::time::timeout(ON_DEMAND_CHECK_TIMEOUT, client.request(request)).await {
+            Ok(Ok(response)) => response.status() == hyper::StatusCode::OK,
+            Ok(Err(error)) => {
+                tracing::warn!(url, %error, "On-demand TLS check failed");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(url, "On-demand TLS check timed out");
+                false
+            }
+        }
     }
 
     pub fn info(&self, host: &str) -> Option<CertificateInfo> {
@@ -400,6 +526,20 @@ impl Certificates {
     fn write_hosts(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Host>> {
         self.hosts.write().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+fn check_client() -> Option<CheckClient> {
+    let connector = match hyper_rustls::HttpsConnectorBuilder::new().try_with_platform_verifier() {
+        Ok(builder) => builder.https_or_http().enable_http1().build(),
+        Err(error) => {
+            tracing::warn!(%error, "No TLS roots for on-demand TLS checks; only path URLs will work");
+            return None;
+        }
+    };
+    Some(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(connector),
+    )
 }
 
 /// The ACME server's problem detail when it gave one.

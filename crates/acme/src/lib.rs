@@ -16,7 +16,7 @@ mod store;
 
 pub use certificate::{Certificate, CertificateError};
 pub use certificates::{
-    AcmeSettings, CertificateInfo, Certificates, TlsSource, LETS_ENCRYPT_PRODUCTION,
+    AcmeSettings, CertificateInfo, Certificates, OnDemand, TlsSource, LETS_ENCRYPT_PRODUCTION,
     LETS_ENCRYPT_STAGING,
 };
 pub use challenge::CHALLENGE_PATH_PREFIX;

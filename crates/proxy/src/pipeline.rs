@@ -393,7 +393,11 @@ fn redirect_location<B>(
     https_port: u16,
 ) -> Option<String> {
     let host = crate::route::strip_port(request_host(request));
-    let to_https = config.tls.enabled && config.tls.redirect && !conn.tls;
+    // The on-demand TLS check for a path is asked over plain HTTP and must be answered there.
+    let is_on_demand_check = config.tls.on_demand_url.as_deref().is_some_and(|url| {
+        url.starts_with('/') && request.uri().path() == url.split('?').next().unwrap_or(url)
+    });
+    let to_https = config.tls.enabled && config.tls.redirect && !conn.tls && !is_on_demand_check;
     let canonical = config
         .tls
         .canonical_host
