@@ -161,3 +161,28 @@ async fn a_host_taken_by_another_service_is_refused() {
         "second"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_hosts_redirect_to_the_canonical_host() {
+    let proxy = ProxyProcess::start();
+    let app = Upstream::start("app").await;
+    proxy.deploy(
+        "web",
+        &app.target(),
+        &[
+            "--host=example.com",
+            "--host=www.example.com",
+            "--canonical-host=example.com",
+        ],
+    );
+    let reply = get(proxy.address(), "www.example.com", "/a?b=1").await;
+    assert_eq!(reply.status, 301);
+    assert_eq!(
+        reply.headers["location"],
+        format!("http://example.com:{}/a?b=1", proxy.port)
+    );
+    assert_eq!(
+        server_of(&get(proxy.address(), "example.com", "/").await.body),
+        "app"
+    );
+}
