@@ -77,6 +77,12 @@ pub struct RunArgs {
     /// Contact email for the ACME account [env: ACME_EMAIL]
     #[arg(long, value_name = "EMAIL")]
     pub acme_email: Option<String>,
+    /// Take over from the proxy running on the same control socket without dropping a request
+    #[arg(long)]
+    pub upgrade: bool,
+    /// How long the old process drains after handing over [default: 30s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub upgrade_drain_timeout: Option<GoDuration>,
     /// Enable HTTP/3 (accepted for compatibility; not supported, ignored)
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
     pub http3: Option<bool>,

@@ -2,6 +2,7 @@
 //! down gracefully on SIGTERM/SIGINT.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsFd;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +15,11 @@ use berth_proxy::{listener, Proxy, RouteTableHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{parse_bool, RunArgs};
+use crate::handover;
 use crate::tls::TlsBridge;
 
+/// How long the old process drains after handing over, unless told otherwise.
+const UPGRADE_DRAIN: Duration = Duration::from_secs(30);
 /// How long in-flight requests get to finish after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long connecting to a target may take before the request fails with 502.
@@ -30,6 +34,8 @@ pub struct RunOptions {
     pub bind: Option<IpAddr>,
     pub debug: bool,
     pub acme: AcmeSettings,
+    pub upgrade: bool,
+    pub upgrade_drain_timeout: Duration,
 }
 
 impl RunOptions {
@@ -42,6 +48,11 @@ impl RunOptions {
                 Some(address) => Some(address),
                 None => env_value("BIND")?,
             },
+            upgrade: args.upgrade,
+            upgrade_drain_timeout: args
+                .upgrade_drain_timeout
+                .map(|d| d.get())
+                .unwrap_or(UPGRADE_DRAIN),
             acme: AcmeSettings {
                 directory: match args.acme_directory {
                     Some(url) => url,
@@ -123,62 +134,151 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let routes = RouteTableHandle::default();
     let client = upstream_client(UPSTREAM_CONNECT_TIMEOUT);
     let state_file = StateFile::new(paths::state_path());
+    let socket_path = paths::socket_path();
     let certificates = Arc::new(TlsBridge(Certificates::new(options.acme.clone())));
     let registry = Registry::new(routes.clone(), client.clone(), state_file.clone());
     let registry = Arc::new(registry.with_tls(certificates.clone()));
+
+    // Taking over: the old process has frozen changes before it sent its sockets, so the
+    // state file read below is final.
+    let taken_over = if options.upgrade {
+        let taken = tokio::task::spawn_blocking({
+            let socket_path = socket_path.clone();
+            move || handover::take_over(&socket_path)
+        })
+        .await??;
+        Some(taken)
+    } else {
+        None
+    };
     let restored = registry
         .restore()
         .with_context(|| format!("cannot restore state from {}", state_file.path().display()))?;
     tracing::info!(path = %state_file.path().display(), services = restored, "Restored state");
 
-    let http = bind_listener(options.bind, options.http_port)?;
+    let (http, https, taken_over) = match taken_over {
+        Some(taken) => {
+            taken.http.set_nonblocking(true)?;
+            taken.https.set_nonblocking(true)?;
+            let http = tokio::net::TcpListener::from_std(taken.http.try_clone()?)?;
+            let https = tokio::net::TcpListener::from_std(taken.https.try_clone()?)?;
+            (http, https, Some(taken))
+        }
+        None => (
+            bind_listener(options.bind, options.http_port)?,
+            bind_listener(options.bind, options.https_port)?,
+            None,
+        ),
+    };
     let http_address = http.local_addr()?;
-    let https = bind_listener(options.bind, options.https_port)?;
     let https_address = https.local_addr()?;
     certificates.0.set_local_http(reachable(http_address));
-    let socket_path = paths::socket_path();
-    let control = berth_control::api::bind(&socket_path)
-        .await
-        .with_context(|| format!("cannot open the control socket {}", socket_path.display()))?;
+    let listeners = handover::Listeners {
+        http: http.as_fd().try_clone_to_owned()?,
+        https: https.as_fd().try_clone_to_owned()?,
+    };
+    let control = if taken_over.is_some() {
+        berth_control::api::bind_replacing(&socket_path).await
+    } else {
+        berth_control::api::bind(&socket_path).await
+    }
+    .with_context(|| format!("cannot open the control socket {}", socket_path.display()))?;
+    let handover_socket = handover::listen(&socket_path)?;
     if options.metrics_port != 0 {
         tracing::warn!(
             port = options.metrics_port,
             "Metrics are not served by this version; --metrics-port is ignored"
         );
     }
+
+    let proxy = Proxy::new(routes, client).with_tls(certificates.clone(), https_address.port());
+    let drain = proxy.drain().clone();
+    tokio::spawn(listener::serve(http, proxy.clone(), None));
+    tokio::spawn(listener::serve(https, proxy, Some(certificates)));
+    let api_stop = CancellationToken::new();
+    let api = tokio::spawn(berth_control::api::serve(control, registry.clone(), {
+        let api_stop = api_stop.clone();
+        async move { api_stop.cancelled().await }
+    }));
     tracing::info!(
         http = %http_address,
         https = %https_address,
         socket = %socket_path.display(),
         acme_directory = %options.acme.directory,
+        upgrade = options.upgrade,
         "Proxy started"
     );
+    if let Some(taken) = taken_over {
+        taken.ready()?;
+        handover::notify_systemd(&format!("MAINPID={}\nREADY=1", std::process::id()));
+    } else {
+        handover::notify_systemd("READY=1");
+    }
 
-    let shutdown = CancellationToken::new();
-    let proxy = Proxy::new(routes, client).with_tls(certificates.clone(), https_address.port());
-    let serve_http = listener::serve(http, proxy.clone(), None, shutdown.clone(), SHUTDOWN_GRACE);
-    let serve_https = listener::serve(
-        https,
-        proxy,
-        Some(certificates),
-        shutdown.clone(),
-        SHUTDOWN_GRACE,
-    );
-    let serving_http = tokio::spawn(serve_http);
-    let serving_https = tokio::spawn(serve_https);
-    let api_shutdown = shutdown.clone();
-    let api = tokio::spawn(berth_control::api::serve(control, registry, async move {
-        api_shutdown.cancelled().await
-    }));
+    let (handed_over_tx, mut handed_over) = tokio::sync::mpsc::channel::<()>(1);
+    // A plain thread, not `spawn_blocking`: it blocks in accept for the life of the process,
+    // and the runtime would wait for a blocking task at exit.
+    {
+        let registry = registry.clone();
+        let runtime = tokio::runtime::Handle::current();
+        std::thread::spawn(move || {
+            let addresses = (http_address, https_address);
+            offer_handovers(
+                runtime,
+                handover_socket,
+                listeners,
+                registry,
+                addresses,
+                handed_over_tx,
+            )
+        });
+    }
 
-    wait_for_signal().await?;
-    tracing::info!("Shutting down: no new connections; finishing in-flight requests");
-    shutdown.cancel();
-    let _ = tokio::join!(serving_http, serving_https);
+    let grace = tokio::select! {
+        signal = wait_for_signal() => {
+            signal?;
+            tracing::info!("Shutting down: no new connections; finishing in-flight requests");
+            let _ = std::fs::remove_file(&socket_path);
+            let _ = std::fs::remove_file(handover::socket_path(&socket_path));
+            SHUTDOWN_GRACE
+        }
+        _ = handed_over.recv() => {
+            tracing::info!(drain_timeout_ms = options.upgrade_drain_timeout.as_millis() as u64, "Handed over to the new process; draining");
+            options.upgrade_drain_timeout
+        }
+    };
+
+    let finished = drain.finish(grace).await;
+    api_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), api).await;
-    let _ = std::fs::remove_file(&socket_path);
-    tracing::info!("Stopped");
+    tracing::info!(finished_in_time = finished, "Stopped");
     Ok(())
+}
+
+/// Serves handover requests (blocking: run on its own thread) until one succeeds.
+fn offer_handovers(
+    runtime: tokio::runtime::Handle,
+    socket: std::os::unix::net::UnixListener,
+    listeners: handover::Listeners,
+    registry: Arc<Registry>,
+    (http, https): (SocketAddr, SocketAddr),
+    handed_over: tokio::sync::mpsc::Sender<()>,
+) {
+    for stream in socket.incoming() {
+        let Ok(stream) = stream else { continue };
+        tracing::info!("A new process asks to take over; finishing changes under way");
+        runtime.block_on(registry.freeze());
+        match handover::hand_over(stream, &listeners, http, https) {
+            Ok(()) => {
+                let _ = handed_over.blocking_send(());
+                return;
+            }
+            Err(error) => {
+                tracing::error!(%error, "Handover failed; this process keeps serving");
+                runtime.block_on(registry.thaw());
+            }
+        }
+    }
 }
 
 /// The address to reach a listener bound to `address` from this host.
@@ -206,13 +306,21 @@ fn bind_listener(bind: Option<IpAddr>, port: u16) -> anyhow::Result<tokio::net::
     }
 }
 
+/// Waits for SIGTERM or SIGINT. SIGUSR2 (what `systemctl reload` sends) starts a new process
+/// that takes over from this one.
 async fn wait_for_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
+    let mut upgrade = signal(SignalKind::user_defined2()).context("cannot watch SIGUSR2")?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
+            _ = upgrade.recv() => match handover::spawn_successor() {
+                Ok(pid) => tracing::info!(pid, "SIGUSR2: started a new process to take over"),
+                Err(error) => tracing::error!(%error, "SIGUSR2: cannot start a new process"),
+            },
+        }
     }
-    Ok(())
 }

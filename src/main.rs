@@ -4,10 +4,12 @@
 //! - `daemon`: `proxy run`, wiring the data plane, control plane and state.
 //! - `commands`: every other command, a thin client of the control API.
 //! - `tls`: wires the certificates crate into the data and control planes.
+//! - `handover`: passing the listeners to a new process (upgrades without a gap).
 
 mod cli;
 mod commands;
 mod daemon;
+mod handover;
 mod tls;
 
 use std::process::ExitCode;

@@ -120,6 +120,7 @@ async fn swap_under_keep_alive_load_drops_no_request() {
     }
 
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let slow_started = Instant::now();
     let mut slow = Vec::new();
     for _ in 0..4 {
         let address = proxy.address();
@@ -154,8 +155,10 @@ async fn swap_under_keep_alive_load_drops_no_request() {
     for request in slow {
         let (reply, finished_at) = request.await.unwrap();
         assert_eq!((reply.status, reply.body.as_str()), (200, "blue slow"));
+        assert!(finished_at >= slow_started + Duration::from_millis(1900));
+        // The deploy must have waited for the 2 s requests: it cannot return sooner.
         assert!(
-            finished_at <= deployed_at,
+            deployed_at >= slow_started + Duration::from_millis(1900),
             "deploy returned before the old target drained"
         );
     }

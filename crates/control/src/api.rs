@@ -50,6 +50,12 @@ pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    bind_replacing(path).await
+}
+
+/// Binds the control socket in place of a running daemon's (a handover): connections made
+/// from now on reach this process.
+pub async fn bind_replacing(path: &Path) -> std::io::Result<UnixListener> {
     // Bound under a temporary name and renamed once owner-only, so no one can connect in
     // between with wider permissions.
     let staging = path.with_extension(format!("sock.{}", std::process::id()));
@@ -91,6 +97,7 @@ impl From<RegistryError> for ApiFailure {
             RegistryError::Invalid(_) => StatusCode::BAD_REQUEST,
             RegistryError::ServiceNotFound => StatusCode::NOT_FOUND,
             RegistryError::HostConflict => StatusCode::CONFLICT,
+            RegistryError::Upgrading => StatusCode::SERVICE_UNAVAILABLE,
             RegistryError::Unhealthy { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             RegistryError::State(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -179,7 +186,7 @@ async fn resume(
     State(registry): State<Arc<Registry>>,
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult {
-    registry.resume(&name)?;
+    registry.resume(&name).await?;
     done()
 }
 

@@ -24,7 +24,14 @@ pub enum ClientError {
     Api(String),
     #[error("unexpected answer from the proxy: {0}")]
     Protocol(String),
+    /// The daemon is handing over to a new process; the call is retried until the new one
+    /// answers.
+    #[error("{0}")]
+    Upgrading(String),
 }
+
+/// How long a command keeps retrying while the proxy hands over to a new process.
+const HANDOVER_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct ControlClient {
@@ -100,6 +107,24 @@ impl ControlClient {
         path: &str,
         body: Option<&B>,
     ) -> Result<T, ClientError> {
+        let deadline = std::time::Instant::now() + HANDOVER_RETRY;
+        loop {
+            match self.call_once(method.clone(), path, body).await {
+                Err(ClientError::Upgrading(_)) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                Err(ClientError::Upgrading(message)) => return Err(ClientError::Api(message)),
+                outcome => return outcome,
+            }
+        }
+    }
+
+    async fn call_once<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|source| ClientError::Connect {
@@ -139,6 +164,9 @@ impl ControlClient {
             let message = serde_json::from_slice::<ApiError>(&bytes)
                 .map(|e| e.error)
                 .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                return Err(ClientError::Upgrading(message));
+            }
             return Err(ClientError::Api(message));
         }
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))

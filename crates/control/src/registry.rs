@@ -34,6 +34,8 @@ pub enum RegistryError {
     ServiceNotFound,
     #[error("host settings conflict with another service")]
     HostConflict,
+    #[error("the proxy is handing over to a new process; try again")]
+    Upgrading,
     #[error("target failed to become healthy within configured timeout ({target}: {reason})")]
     Unhealthy { target: String, reason: String },
     #[error(transparent)]
@@ -63,6 +65,8 @@ pub struct Registry {
     entries: Mutex<BTreeMap<String, Entry>>,
     service_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     tls: Option<Arc<dyn TlsProvider>>,
+    /// Held shared by every change and exclusively by a handover; `true` once frozen.
+    changes: tokio::sync::RwLock<bool>,
 }
 
 impl Registry {
@@ -78,7 +82,28 @@ impl Registry {
             entries: Mutex::new(BTreeMap::new()),
             service_locks: Mutex::new(HashMap::new()),
             tls: None,
+            changes: tokio::sync::RwLock::new(false),
         }
+    }
+
+    /// Stops changes for a handover: waits for changes under way (a deploy finishes), then
+    /// refuses new ones with [`RegistryError::Upgrading`] until [`Registry::thaw`].
+    pub async fn freeze(&self) {
+        *self.changes.write().await = true;
+    }
+
+    /// Accepts changes again (after a handover that did not happen).
+    pub async fn thaw(&self) {
+        *self.changes.write().await = false;
+    }
+
+    /// Admits one change unless a handover froze the registry.
+    async fn admit_change(&self) -> Result<tokio::sync::RwLockReadGuard<'_, bool>, RegistryError> {
+        let guard = self.changes.read().await;
+        if *guard {
+            return Err(RegistryError::Upgrading);
+        }
+        Ok(guard)
     }
 
     pub fn with_tls(mut self, tls: Arc<dyn TlsProvider>) -> Self {
@@ -145,6 +170,7 @@ impl Registry {
     /// the service's targets, then drains the old ones. The old targets keep serving if the
     /// new ones never become healthy.
     pub async fn deploy(&self, name: &str, request: DeployRequest) -> Result<(), RegistryError> {
+        let _admitted = self.admit_change().await?;
         validate_service_name(name)?;
         let config = normalize_config(request.config)?;
         if request.targets.is_empty() {
@@ -241,6 +267,7 @@ impl Registry {
 
     /// Takes a service out of routing and forgets it; its targets drain in the background.
     pub async fn remove(&self, name: &str) -> Result<(), RegistryError> {
+        let _admitted = self.admit_change().await?;
         let lock = self.service_lock(name);
         let _changing = lock.lock().await;
         let removed = {
@@ -274,6 +301,7 @@ impl Registry {
         drain_timeout: Duration,
         message: Option<String>,
     ) -> Result<(), RegistryError> {
+        let _admitted = self.admit_change().await?;
         let service = self.set_pause(
             name,
             PersistedPause::Stopped {
@@ -292,6 +320,7 @@ impl Registry {
         drain_timeout: Duration,
         max_pause: Duration,
     ) -> Result<(), RegistryError> {
+        let _admitted = self.admit_change().await?;
         let persisted = PersistedPause::Paused {
             max_pause: berth_proxy::GoDuration(max_pause),
         };
@@ -303,7 +332,8 @@ impl Registry {
         Ok(())
     }
 
-    pub fn resume(&self, name: &str) -> Result<(), RegistryError> {
+    pub async fn resume(&self, name: &str) -> Result<(), RegistryError> {
+        let _admitted = self.admit_change().await?;
         self.set_pause(name, PersistedPause::Running, PauseState::Running)?;
         Ok(())
     }

@@ -8,7 +8,9 @@
 //! - [`target`]: one upstream address with its health, in-flight count and drain signals.
 //! - [`health`]: the periodic health check of each target.
 //! - [`pipeline`]: the request pipeline: route → admit → pick target → forward → log.
-//! - [`listener`]: listening sockets and the accept loop with graceful shutdown.
+//! - [`listener`]: listening sockets and the accept loop.
+//! - [`drain`]: the process-wide drain (shutdown or handover): stop accepting, turn clients
+//!   away gently, wait for open work up to a deadline.
 //! - [`tls`]: TLS termination with the certificate chosen by server name.
 //! - `buffer`, `headers`, `tunnel`, `error_page`, `request_log`: the layers the pipeline uses.
 //! - [`GoDuration`] and [`config`]: the service options a deploy sets.
@@ -19,6 +21,7 @@
 pub mod body;
 mod buffer;
 pub mod config;
+pub mod drain;
 mod duration;
 mod error_page;
 mod headers;
@@ -33,6 +36,7 @@ pub mod tls;
 mod tunnel;
 pub mod upstream;
 
+pub use drain::Drain;
 pub use duration::{DurationError, GoDuration};
 pub use error_page::{ErrorPages, ErrorPagesError};
 pub use pipeline::Proxy;

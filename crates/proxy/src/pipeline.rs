@@ -20,6 +20,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use crate::body::{self, BoxError, ProxyBody};
 use crate::buffer::{buffer_body, BufferError};
 use crate::config::ServiceConfig;
+use crate::drain::Drain;
 use crate::error_page::ErrorPages;
 use crate::headers;
 use crate::request_log::RequestRecord;
@@ -79,6 +80,7 @@ pub struct Proxy {
     client: UpstreamClient,
     challenges: Option<Arc<dyn ChallengeResponder>>,
     https_port: u16,
+    drain: Drain,
 }
 
 const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
@@ -90,7 +92,13 @@ impl Proxy {
             client,
             challenges: None,
             https_port: 443,
+            drain: Drain::new(),
         }
+    }
+
+    /// The drain of the process this proxy serves in.
+    pub fn drain(&self) -> &Drain {
+        &self.drain
     }
 
     /// Answers ACME challenges before routing, and redirects to HTTPS on `https_port`.
@@ -100,8 +108,25 @@ impl Proxy {
         self
     }
 
-    /// Serves one request. Never fails: every problem becomes an error page.
+    /// Serves one request. Never fails: every problem becomes an error page. While the process
+    /// drains, HTTP/1 responses say `Connection: close` so the client moves to the new process.
     pub async fn handle(
+        &self,
+        conn: ConnectionInfo,
+        request: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let http1 = request.version() < Version::HTTP_2;
+        let mut response = self.route_and_forward(conn, request).await;
+        if http1 && self.drain.is_started() && response.status() != StatusCode::SWITCHING_PROTOCOLS
+        {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+
+    async fn route_and_forward(
         &self,
         conn: ConnectionInfo,
         request: Request<Incoming>,
@@ -331,6 +356,7 @@ impl Proxy {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
                 tunnel::spawn(
+                    &self.drain,
                     client_upgrade,
                     upstream_upgrade,
                     target.close_upgrades().clone(),

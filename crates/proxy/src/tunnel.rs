@@ -5,9 +5,13 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
-/// Joins the client's and the target's upgraded connections in a background task.
-pub fn spawn(client: OnUpgrade, upstream: OnUpgrade, close: CancellationToken) {
-    tokio::spawn(async move {
+use crate::drain::Drain;
+
+/// Joins the client's and the target's upgraded connections in a task the process drain
+/// waits for (until its deadline).
+pub fn spawn(drain: &Drain, client: OnUpgrade, upstream: OnUpgrade, close: CancellationToken) {
+    let deadline = drain.deadline().clone();
+    drain.track(async move {
         let (client, upstream) = match tokio::try_join!(client, upstream) {
             Ok(pair) => pair,
             Err(error) => {
@@ -23,8 +27,11 @@ pub fn spawn(client: OnUpgrade, upstream: OnUpgrade, close: CancellationToken) {
                     tracing::debug!(%error, "Upgraded connection ended with an error");
                 }
             }
-            _ = close.cancelled() => {
+                        _ = close.cancelled() => {
                 tracing::debug!("Closing upgraded connection: target is draining");
+            }
+            _ = deadline.cancelled() => {
+                tracing::debug!("Closing upgraded connection: process drain time is up");
             }
         }
     });

@@ -1,0 +1,90 @@
+//! The process-wide drain, used when this process shuts down or hands its listeners to a
+//! newer one: stop accepting, tell clients to go elsewhere without cutting them off, wait for
+//! open work up to a deadline, then close what is left.
+//!
+//! "Tell clients" is per protocol: an HTTP/1.1 connection gets `Connection: close` on its next
+//! response (so a keep-alive client is not cut off while it sends a request), an HTTP/2
+//! connection gets GOAWAY, and upgraded connections (WebSockets) run until the deadline.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+#[derive(Clone, Default)]
+pub struct Drain {
+    started: CancellationToken,
+    deadline: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Drain {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Stops accepting and starts turning clients away gently.
+    pub fn start(&self) {
+        self.started.cancel();
+    }
+
+    pub fn is_started(&self) -> bool {
+        self.started.is_cancelled()
+    }
+
+    pub fn started(&self) -> &CancellationToken {
+        &self.started
+    }
+
+    /// Fires when the drain time is up: whatever is still open gets closed.
+    pub fn deadline(&self) -> &CancellationToken {
+        &self.deadline
+    }
+
+    /// Runs `work` (a connection or a tunnel) as something the drain waits for.
+    pub fn track<F>(&self, work: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(work);
+    }
+
+    /// Waits for tracked work to end, up to `grace`; then closes the rest and waits briefly
+    /// for it to go. Returns whether everything finished within `grace`.
+    pub async fn finish(&self, grace: Duration) -> bool {
+        self.start();
+        self.tasks.close();
+        let finished = tokio::time::timeout(grace, self.tasks.wait()).await.is_ok();
+        if !finished {
+            tracing::warn!(
+                open = self.tasks.len(),
+                "Drain time is up; closing remaining connections"
+            );
+            self.deadline.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.tasks.wait()).await;
+        }
+        finished
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn finish_waits_for_tracked_work() {
+        let drain = Drain::new();
+        drain.track(async { tokio::time::sleep(Duration::from_millis(50)).await });
+        assert!(drain.finish(Duration::from_secs(5)).await);
+        assert!(!drain.deadline().is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn work_past_the_grace_period_is_told_to_close() {
+        let drain = Drain::new();
+        let deadline = drain.deadline().clone();
+        drain.track(async move { deadline.cancelled().await });
+        assert!(!drain.finish(Duration::from_millis(20)).await);
+        assert!(drain.deadline().is_cancelled());
+    }
+}
