@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod load;
 pub mod pebble;
 pub mod upstream;
 
@@ -23,7 +24,7 @@ pub use upstream::Upstream;
 /// A running `proxy run`, killed when dropped.
 pub struct ProxyProcess {
     child: Option<Child>,
-    home: tempfile::TempDir,
+    home: std::sync::Arc<tempfile::TempDir>,
     pub port: u16,
     pub https_port: u16,
     extra_args: Vec<String>,
@@ -38,13 +39,13 @@ impl ProxyProcess {
 
     /// Starts the daemon with extra `run` flags (ports default to free ones).
     pub fn start_with(extra_args: &[&str]) -> Self {
-        let home = tempfile::tempdir().expect("temp home");
+        let home = std::sync::Arc::new(tempfile::tempdir().expect("temp home"));
         let extra_args = extra_args.iter().map(|a| a.to_string()).collect();
         Self::start_in(home, 0, 0, extra_args)
     }
 
     fn start_in(
-        home: tempfile::TempDir,
+        home: std::sync::Arc<tempfile::TempDir>,
         port: u16,
         https_port: u16,
         extra_args: Vec<String>,
@@ -212,9 +213,35 @@ impl ProxyProcess {
     pub fn restart(mut self) -> Self {
         let status = self.terminate();
         assert!(status.success(), "proxy exited with {status}");
-        let home = std::mem::replace(&mut self.home, tempfile::tempdir().unwrap());
         let extra_args = std::mem::take(&mut self.extra_args);
-        Self::start_in(home, self.port, self.https_port, extra_args)
+        Self::start_in(self.home.clone(), self.port, self.https_port, extra_args)
+    }
+
+    /// Starts `proxy run --upgrade` with the same home, socket and flags: the new process
+    /// takes over from this one, which then drains and exits by itself.
+    pub fn upgrade(&self) -> Self {
+        let mut extra_args = self.extra_args.clone();
+        extra_args.push("--upgrade".to_string());
+        let successor = Self::start_in(self.home.clone(), self.port, self.https_port, extra_args);
+        let mut successor = successor;
+        successor.extra_args.retain(|a| a != "--upgrade");
+        successor
+    }
+
+    /// Waits for this process to exit by itself, up to `limit`.
+    pub fn wait_for_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("proxy running");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("proxy did not exit within {limit:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -262,8 +289,14 @@ impl Connection {
         Ok(Self { sender })
     }
 
+    /// Sends a request. An error starting with `not sent` means the connection was already
+    /// closed by the server (after `Connection: close`): the request never left, and a client
+    /// simply reconnects.
     pub async fn send(&mut self, request: Request<Full<Bytes>>) -> Result<Reply, String> {
-        self.sender.ready().await.map_err(|e| e.to_string())?;
+        self.sender
+            .ready()
+            .await
+            .map_err(|e| format!("not sent: {e}"))?;
         let response = self
             .sender
             .send_request(request)

@@ -101,6 +101,7 @@ impl Registry {
     async fn admit_change(&self) -> Result<tokio::sync::RwLockReadGuard<'_, bool>, RegistryError> {
         let guard = self.changes.read().await;
         if *guard {
+            tracing::info!("Change refused: handing over to a new process");
             return Err(RegistryError::Upgrading);
         }
         Ok(guard)

@@ -1,0 +1,80 @@
+//! Keep-alive load for zero-downtime tests: N clients, each on its own connection, sending
+//! requests back to back and recording every failure. A connection the server closed after
+//! `Connection: close` is reopened, as any HTTP client does; that is not a failure.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::Connection;
+
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    failures: Arc<Mutex<Vec<String>>>,
+    served: Arc<AtomicUsize>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    /// Starts `clients` clients sending `GET path` with `Host: host` to `address`.
+    pub fn start(address: SocketAddr, host: &str, path: &str, clients: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let served = Arc::new(AtomicUsize::new(0));
+        let clients = (0..clients)
+            .map(|_| {
+                let (stop, failures, served) = (stop.clone(), failures.clone(), served.clone());
+                let (host, path) = (host.to_string(), path.to_string());
+                tokio::spawn(async move {
+                    let mut connection: Option<Connection> = None;
+                    while !stop.load(Ordering::Relaxed) {
+                        let open = match connection.as_mut() {
+                            Some(open) => open,
+                            None => match Connection::open(address).await {
+                                Ok(opened) => connection.insert(opened),
+                                Err(error) => {
+                                    failures.lock().unwrap().push(format!("connect: {error}"));
+                                    continue;
+                                }
+                            },
+                        };
+                        match open.get(&host, &path).await {
+                            Ok(reply) if reply.status == 200 => {
+                                served.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(reply) => failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("status {}", reply.status)),
+                            Err(error) if error.starts_with("not sent") => connection = None,
+                            Err(error) => {
+                                failures.lock().unwrap().push(error);
+                                connection = None;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            failures,
+            served,
+            clients,
+        }
+    }
+
+    pub fn served(&self) -> usize {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// Stops the clients; returns how many requests succeeded and every failure.
+    pub async fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for client in self.clients {
+            client.await.unwrap();
+        }
+        let failures = self.failures.lock().unwrap().clone();
+        (self.served.load(Ordering::Relaxed), failures)
+    }
+}
