@@ -205,7 +205,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         https = %https_address,
         socket = %socket_path.display(),
         acme_directory = %options.acme.directory,
-        upgrade = options.upgrade,
+                upgrade = options.upgrade,
+        pid = std::process::id(),
         "Proxy started"
     );
     if let Some(taken) = taken_over {

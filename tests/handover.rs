@@ -234,3 +234,45 @@ async fn a_deploy_under_way_finishes_first_and_one_issued_during_the_handover_re
         .body
         .contains("\"other\""));
 }
+
+/// What `systemctl reload` does (ExecReload sends SIGUSR2): the running process starts the
+/// binary at its path with `--upgrade`, which takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_starts_a_successor_that_takes_over() {
+    let mut old = ProxyProcess::start_with(&[DRAIN]);
+    let app = Upstream::start("app").await;
+    old.deploy("web", &app.target(), &["--host=app.test"]);
+    let load = Load::start(old.address(), "app.test", "/", 8);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let old_pid = old.pid();
+    std::process::Command::new("kill")
+        .args(["-USR2", &old_pid.to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::block_in_place(|| old.wait_for_exit(Duration::from_secs(20)));
+    assert!(
+        status.success(),
+        "old process exited with {status}:\n{}",
+        old.log()
+    );
+
+    let successor_pid = old
+        .log_lines()
+        .iter()
+        .filter(|l| l["message"] == "Proxy started" && l["upgrade"] == true)
+        .filter_map(|l| l["pid"].as_u64())
+        .next()
+        .unwrap_or_else(|| panic!("no successor started:\n{}", old.log()));
+    let (served, failures) = load.finish().await;
+    let list = old.cli(&["list"]);
+    let reply = get(old.address(), "app.test", "/").await;
+    std::process::Command::new("kill")
+        .args(["-TERM", &successor_pid.to_string()])
+        .status()
+        .unwrap();
+
+    assert_no_failures(served, &failures);
+    assert!(list.status.success() && String::from_utf8_lossy(&list.stdout).contains("web"));
+    assert_eq!(reply.status, 200);
+}

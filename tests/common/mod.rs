@@ -112,6 +112,10 @@ impl ProxyProcess {
         panic!("proxy did not start:\n{}", self.log());
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("proxy running").id()
+    }
+
     pub fn home(&self) -> &Path {
         self.home.path()
     }
