@@ -128,3 +128,34 @@ async fn sigterm_finishes_in_flight_requests_then_exits_0() {
         "still accepting after exit"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_file_it_cannot_read_is_set_aside_and_the_daemon_starts() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path().join(".config/kamal-proxy");
+    std::fs::create_dir_all(&dir).unwrap();
+    // What kamal-proxy itself leaves behind: a JSON list of its own service objects.
+    std::fs::write(
+        dir.join("kamal-proxy.state"),
+        r#"[{"name":"app-web","active_target":"10.0.0.5:80"}]"#,
+    )
+    .unwrap();
+    let proxy = ProxyProcess::start_in_home(home);
+    assert!(
+        proxy.ok(&["list"]).lines().count() == 1,
+        "started with no services"
+    );
+    let aside: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("kamal-proxy.state.unreadable-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "the old file is kept");
+    let app = Upstream::start("app").await;
+    proxy.deploy("app-web", &app.target(), &[]);
+    assert_eq!(get(proxy.address(), "app.test", "/").await.status, 200);
+}

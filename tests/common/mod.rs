@@ -37,6 +37,11 @@ impl ProxyProcess {
         Self::start_with(&[])
     }
 
+    /// Starts the daemon in a home directory the test prepared.
+    pub fn start_in_home(home: tempfile::TempDir) -> Self {
+        Self::start_in(std::sync::Arc::new(home), 0, 0, Vec::new())
+    }
+
     /// Starts the daemon with extra `run` flags (ports default to free ones).
     pub fn start_with(extra_args: &[&str]) -> Self {
         let home = std::sync::Arc::new(tempfile::tempdir().expect("temp home"));

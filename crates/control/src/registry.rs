@@ -114,8 +114,25 @@ impl Registry {
 
     /// Loads the state file and serves its services at once; restored targets are taken as
     /// healthy, then health-checked.
+    ///
+    /// A state file this version cannot read (kamal-proxy's own, when switching over with the
+    /// same volume) is set aside intact and the daemon starts empty: the next deploy of each
+    /// service brings it back, instead of a daemon that cannot start at all.
     pub fn restore(&self) -> Result<usize, StateError> {
-        let state = self.state_file.load()?;
+        let state = match self.state_file.load() {
+            Err(StateError::Parse { path, source }) => {
+                let aside = self
+                    .state_file
+                    .set_aside()
+                    .map_err(|source| StateError::Read {
+                        path: path.clone(),
+                        source,
+                    })?;
+                tracing::error!(path = %path.display(), set_aside = %aside.display(), error = %source, "State file unreadable; starting with no services");
+                State::default()
+            }
+            other => other?,
+        };
         let mut entries = self.lock_entries();
         for saved in state.services {
             let error_pages = load_error_pages(&saved.config).unwrap_or_else(|error| {

@@ -91,6 +91,20 @@ impl StateFile {
         })
     }
 
+    /// Moves an unreadable state file aside (kept, for an operator to inspect) so the daemon
+    /// can start; returns where it went.
+    pub fn set_aside(&self) -> std::io::Result<PathBuf> {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        let mut aside = self.path.as_os_str().to_owned();
+        aside.push(format!(".unreadable-{stamp}"));
+        let aside = PathBuf::from(aside);
+        std::fs::rename(&self.path, &aside)?;
+        Ok(aside)
+    }
+
     /// Replaces the saved state atomically.
     pub fn save(&self, state: &State) -> Result<(), StateError> {
         let wrap = |source| StateError::Write {
@@ -141,6 +155,20 @@ mod tests {
         assert_eq!(file.load().unwrap(), sample());
         let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("sub")).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temporary files are left behind");
+    }
+
+    #[test]
+    fn an_unreadable_file_is_set_aside_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = StateFile::new(dir.path().join("kamal-proxy.state"));
+        std::fs::write(file.path(), b"[{\"name\":\"from kamal-proxy\"}]").unwrap();
+        assert!(file.load().is_err());
+        let aside = file.set_aside().unwrap();
+        assert_eq!(
+            std::fs::read(&aside).unwrap(),
+            b"[{\"name\":\"from kamal-proxy\"}]"
+        );
+        assert_eq!(file.load().unwrap(), State::default());
     }
 
     #[test]
