@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Instant, SystemTime};
 
 use http::{header, HeaderMap, Method, Version};
-use serde_json::{Map, Value};
+use serde::Serialize;
 
 /// Everything known about one request, logged once when it ends.
 pub struct RequestRecord {
@@ -100,54 +100,113 @@ impl RequestRecord {
         if std::mem::replace(&mut self.emitted, true) {
             return;
         }
-        let take = std::mem::take::<String>;
-        let mut line = Map::new();
-        let now = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
-        line.insert("timestamp".into(), now.into());
-        line.insert("level".into(), "INFO".into());
-        line.insert("message".into(), "Request".into());
-        line.insert("host".into(), take(&mut self.host).into());
-        line.insert("port".into(), self.port.into());
-        line.insert("path".into(), take(&mut self.path).into());
-        line.insert("request_id".into(), take(&mut self.request_id).into());
-        line.insert("status".into(), self.status.into());
-        line.insert("service".into(), take(&mut self.service).into());
-        line.insert("target".into(), take(&mut self.target).into());
-        let nanos = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        line.insert("duration".into(), nanos.into());
-        line.insert("method".into(), self.method.as_str().into());
-        line.insert(
-            "req_content_length".into(),
-            self.req_content_length.unwrap_or(0).into(),
-        );
-        line.insert(
-            "req_content_type".into(),
-            take(&mut self.req_content_type).into(),
-        );
-        line.insert(
-            "resp_content_length".into(),
-            self.resp_content_length.unwrap_or(0).into(),
-        );
-        line.insert(
-            "resp_content_type".into(),
-            take(&mut self.resp_content_type).into(),
-        );
-        line.insert("client_addr".into(), take(&mut self.client_addr).into());
-        line.insert("client_port".into(), self.peer.port().into());
-        line.insert("remote_addr".into(), self.peer.ip().to_string().into());
-        line.insert("user_agent".into(), take(&mut self.user_agent).into());
-        line.insert("proto".into(), format!("{:?}", self.proto).into());
-        line.insert("scheme".into(), self.scheme.into());
-        line.insert("query".into(), take(&mut self.query).into());
-        for (key, value) in std::mem::take(&mut self.extra) {
-            line.insert(key, value.into());
-        }
-        let Ok(mut bytes) = serde_json::to_vec(&Value::Object(line)) else {
-            return;
+        let line = Line {
+            timestamp: Timestamp(SystemTime::now()),
+            level: "INFO",
+            message: "Request",
+            host: &self.host,
+            port: self.port,
+            path: &self.path,
+            request_id: &self.request_id,
+            status: self.status,
+            service: &self.service,
+            target: &self.target,
+            duration: u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            method: self.method.as_str(),
+            req_content_length: self.req_content_length.unwrap_or(0),
+            req_content_type: &self.req_content_type,
+            resp_content_length: self.resp_content_length.unwrap_or(0),
+            resp_content_type: &self.resp_content_type,
+            client_addr: &self.client_addr,
+            client_port: self.peer.port(),
+            remote_addr: PeerIp(self.peer),
+            user_agent: &self.user_agent,
+            proto: proto_name(self.proto),
+            scheme: self.scheme,
+            query: &self.query,
+            extra: Extra(&self.extra),
         };
-        bytes.push(b'\n');
-        // A failed write to stdout (closed pipe) must not disturb the request.
-        let _ = std::io::stdout().lock().write_all(&bytes);
+        LINE.with(|buffer| {
+            let mut buffer = buffer.borrow_mut();
+            buffer.clear();
+            if serde_json::to_writer(&mut *buffer, &line).is_err() {
+                return;
+            }
+            buffer.push(b'\n');
+            // A failed write to stdout (closed pipe) must not disturb the request.
+            let _ = std::io::stdout().lock().write_all(&buffer);
+        });
+    }
+}
+
+thread_local! {
+    /// Each worker thread formats its log lines in one reused buffer.
+    static LINE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(1024));
+}
+
+/// One request log line, borrowed from the record: no per-field allocation.
+#[derive(Serialize)]
+struct Line<'a> {
+    timestamp: Timestamp,
+    level: &'static str,
+    message: &'static str,
+    host: &'a str,
+    port: u16,
+    path: &'a str,
+    request_id: &'a str,
+    status: u16,
+    service: &'a str,
+    target: &'a str,
+    duration: u64,
+    method: &'a str,
+    req_content_length: u64,
+    req_content_type: &'a str,
+    resp_content_length: u64,
+    resp_content_type: &'a str,
+    client_addr: &'a str,
+    client_port: u16,
+    remote_addr: PeerIp,
+    user_agent: &'a str,
+    proto: &'static str,
+    scheme: &'static str,
+    query: &'a str,
+    #[serde(flatten)]
+    extra: Extra<'a>,
+}
+
+struct Timestamp(SystemTime);
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&humantime::format_rfc3339_micros(self.0))
+    }
+}
+
+struct PeerIp(SocketAddr);
+
+impl Serialize for PeerIp {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&self.0.ip())
+    }
+}
+
+/// The `req_<header>`/`resp_<header>` fields, as extra keys of the line.
+struct Extra<'a>(&'a [(String, String)]);
+
+impl Serialize for Extra<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(key, value)| (key, value)))
+    }
+}
+
+fn proto_name(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP",
     }
 }
 

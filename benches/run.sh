@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# Load benchmark: the upstream direct, Berth unbuffered, Berth with Kamal's buffering, and
+# nginx as an equivalent keep-alive reverse proxy, with the same load generator and settings.
+# Prints requests/s, p50 and p99 latency and the ratios to the direct run and to nginx, then
+# memory and deploy figures. Loopback only. Needs: wrk, nginx (apt-get install wrk nginx-light).
+#
+#   benches/run.sh                # 10 s per run
+#   DURATION=30s benches/run.sh   # longer runs, steadier figures
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10s}
+CONNECTIONS=${CONNECTIONS:-64}
+UPSTREAM_PORT=18081 NGINX_PROXY_PORT=18082 BERTH_PORT=18083 BERTH_TLS_PORT=18443
+# The proxy under test gets CPU 0 and one worker; wrk and the upstream share CPU 1.
+SUT_CPU=0 LOAD_CPU=1
+
+for tool in wrk nginx taskset python3; do
+  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install wrk nginx-light" >&2; exit 1; }
+done
+cargo build --release -q
+PROXY=$PWD/target/release/proxy
+
+WORK=$(mktemp -d)
+chmod 755 "$WORK"
+PIDS=()
+cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+# --- the upstream: nginx serving fixed bodies ---------------------------------------------
+mkdir -p "$WORK/www"
+head -c 1024 /dev/zero | tr '\0' 'a' > "$WORK/www/1k"
+head -c 102400 /dev/zero | tr '\0' 'b' > "$WORK/www/100k"
+echo ok > "$WORK/www/up"
+common="daemon off; pid PIDFILE; error_log stderr error; events { worker_connections 20000; }"
+[ "$(id -u)" = 0 ] && common="user root; $common"
+cat > "$WORK/upstream.conf" <<CONF
+${common//PIDFILE/$WORK/upstream.pid}
+worker_processes 1;
+http {
+  access_log off; keepalive_requests 1000000; client_body_temp_path $WORK/body;
+  server {
+    listen 127.0.0.1:$UPSTREAM_PORT reuseport;
+    root $WORK/www;
+    location = /post { client_max_body_size 10m; client_body_buffer_size 1m; return 200 "ok\n"; }
+  }
+}
+CONF
+taskset -c $LOAD_CPU nginx -c "$WORK/upstream.conf" -e stderr & PIDS+=($!)
+
+# --- nginx as the reference reverse proxy ---------------------------------------------------
+cat > "$WORK/nginx-proxy.conf" <<CONF
+${common//PIDFILE/$WORK/proxy.pid}
+worker_processes 1;
+http {
+    # Logs every request, as Berth does (both to /dev/null here).
+  access_log /dev/null combined; keepalive_requests 1000000; client_body_temp_path $WORK/body2; proxy_temp_path $WORK/proxy_temp;
+  upstream app { server 127.0.0.1:$UPSTREAM_PORT; keepalive 64; }
+  server {
+    listen 127.0.0.1:$NGINX_PROXY_PORT;
+    client_max_body_size 10m;
+    location / {
+      proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+    }
+  }
+}
+CONF
+taskset -c $SUT_CPU nginx -c "$WORK/nginx-proxy.conf" -e stderr & PIDS+=($!)
+
+# --- Berth ----------------------------------------------------------------------------------
+export HOME=$WORK/home KAMAL_PROXY_SOCKET=$WORK/proxy.sock
+mkdir -p "$HOME"
+TOKIO_WORKER_THREADS=1 taskset -c $SUT_CPU "$PROXY" run --bind 127.0.0.1 --http-port $BERTH_PORT \
+  --https-port $BERTH_TLS_PORT > /dev/null 2>&1 & PIDS+=($!)
+BERTH_PID=$!
+for _ in $(seq 100); do [ -S "$KAMAL_PROXY_SOCKET" ] && break; sleep 0.05; done
+until curl -sf "http://127.0.0.1:$UPSTREAM_PORT/up" >/dev/null; do sleep 0.05; done
+rss_kb() { awk '/VmRSS/ { print $2 }' "/proc/$1/status"; }
+RSS_START=$(rss_kb $BERTH_PID)
+
+"$PROXY" deploy plain --target 127.0.0.1:$UPSTREAM_PORT --host plain.bench --health-check-interval=100ms
+"$PROXY" deploy buffered --target 127.0.0.1:$UPSTREAM_PORT --host buffered.bench --health-check-interval=100ms \
+  --buffer-requests --buffer-responses
+
+cat > "$WORK/post.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = string.rep("x", 102400)
+wrk.headers["Content-Type"] = "application/octet-stream"
+LUA
+
+# run NAME PORT HOST PATH [SCRIPT] -> "rps p50_ms p99_ms"
+run() {
+  local port=$2 host=$3 path=$4 script=${5:-}
+  local args=(-t1 -c"$CONNECTIONS" -d"$DURATION" --latency -H "Host: $host")
+  [ -n "$script" ] && args+=(-s "$script")
+  taskset -c $LOAD_CPU wrk "${args[@]}" "http://127.0.0.1:$port$path" > "$WORK/wrk.out" 2>&1
+  python3 - "$WORK/wrk.out" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+def ms(label):
+    m = re.search(r"^\s*%s%%\s+([\d.]+)(us|ms|s)\s*$" % label, text, re.M)
+    if not m: return float("nan")
+    value, unit = float(m.group(1)), m.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+socket_errors = re.search(r"Socket errors: (.*)", text)
+if errors or socket_errors:
+    print("errors in run:", errors.group(0) if errors else "", socket_errors.group(0) if socket_errors else "", file=sys.stderr)
+print(rps.group(1) if rps else "nan", ms("50"), ms("99"))
+PY
+}
+
+report() {
+  local title=$1 path=$2 script=${3:-}
+  local direct plain buffered nginx
+  direct=$(run direct $UPSTREAM_PORT up.bench "$path" "$script")
+  plain=$(run berth $BERTH_PORT plain.bench "$path" "$script")
+  buffered=$(run berth-buffered $BERTH_PORT buffered.bench "$path" "$script")
+  nginx=$(run nginx $NGINX_PROXY_PORT up.bench "$path" "$script")
+  python3 - "$title" "$direct" "$plain" "$buffered" "$nginx" <<'PY'
+import sys
+title, *runs = sys.argv[1:]
+names = ["direct to upstream", "berth (unbuffered)", "berth (buffered, Kamal's default)", "nginx"]
+rows = [tuple(map(float, r.split())) for r in runs]
+direct, nginx = rows[0], rows[3]
+print(f"\n### {title}\n")
+print("| run | req/s | p50 ms | p99 ms | req/s vs direct | req/s vs nginx | p99 vs nginx |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+for name, (rps, p50, p99) in zip(names, rows):
+    print(f"| {name} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {rps/direct[0]:.2f} | {rps/nginx[0]:.2f} | {p99/nginx[2]:.2f} |")
+PY
+}
+
+echo "# Load benchmark ($(date -u +%Y-%m-%d), $(nproc) cores, wrk -t1 -c$CONNECTIONS -d$DURATION; proxies pinned to CPU $SUT_CPU with one worker, wrk and upstream on CPU $LOAD_CPU)"
+report "GET, 1 KB response" /1k
+report "GET, 100 KB response" /100k
+report "POST, 100 KB body" /post "$WORK/post.lua"
+
+# --- memory ---------------------------------------------------------------------------------
+for i in $(seq 1 98); do
+  "$PROXY" deploy "svc$i" --target 127.0.0.1:$UPSTREAM_PORT --host "svc$i.bench" --health-check-interval=1s >/dev/null
+done
+sleep 2
+RSS_100=$(rss_kb $BERTH_PID)
+python3 - $BERTH_PORT 10000 "$WORK/idle.ready" <<'PY' &
+import socket, sys, time, resource
+port, count, ready = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+resource.setrlimit(resource.RLIMIT_NOFILE, (count + 100, count + 100))
+conns = []
+for i in range(count):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"GET /up HTTP/1.1\r\nHost: plain.bench\r\n\r\n")
+    conns.append(s)
+for s in conns:
+    s.recv(4096)
+open(ready, "w").close()
+time.sleep(600)
+PY
+IDLE_PID=$!; PIDS+=($IDLE_PID)
+for _ in $(seq 600); do [ -f "$WORK/idle.ready" ] && break; sleep 0.1; done
+sleep 1
+RSS_10K=$(rss_kb $BERTH_PID)
+kill $IDLE_PID
+echo
+echo "### Memory (resident)"
+echo
+echo "| state | RSS |"
+echo "|---|---:|"
+echo "| started, no services | $((RSS_START)) KiB |"
+echo "| idle, 100 services deployed | $((RSS_100)) KiB |"
+echo "| with 10,000 idle keep-alive connections | $((RSS_10K)) KiB |"
+echo "| per idle keep-alive connection | $(( (RSS_10K - RSS_100) * 1024 / 10000 )) bytes |"
+
+# --- deploy cost ----------------------------------------------------------------------------
+start=$(date +%s%N)
+"$PROXY" deploy plain --target 127.0.0.1:$UPSTREAM_PORT --host plain.bench --health-check-interval=100ms --drain-timeout=5s
+end=$(date +%s%N)
+echo
+echo "### Deploy"
+echo
+echo "Time from \`deploy\` to traffic on the new target (100 ms health check interval, idle old target): $(( (end - start) / 1000000 )) ms"
+echo
+echo "Route lookup with 10 vs 10,000 hosts: \`cargo bench -p berth-proxy --bench route_lookup\`."
