@@ -93,9 +93,16 @@ fn deploy_request(args: DeployArgs) -> DeployRequest {
     }
 }
 
-fn print_list(list: &ServiceList, output: &OutputArgs) -> anyhow::Result<()> {
+/// Prints `value` as JSON when asked; returns whether it did.
+fn printed_as_json<T: serde::Serialize>(value: &T, output: &OutputArgs) -> anyhow::Result<bool> {
     if output.json {
-        println!("{}", serde_json::to_string_pretty(list)?);
+        println!("{}", serde_json::to_string_pretty(value)?);
+    }
+    Ok(output.json)
+}
+
+fn print_list(list: &ServiceList, output: &OutputArgs) -> anyhow::Result<()> {
+    if printed_as_json(list, output)? {
         return Ok(());
     }
     let rows = list
@@ -108,7 +115,7 @@ fn print_list(list: &ServiceList, output: &OutputArgs) -> anyhow::Result<()> {
                 join_or(&s.path_prefixes, "/"),
                 s.targets.join(","),
                 s.state.clone(),
-                if s.tls { "yes" } else { "no" }.to_string(),
+                yes_no(s.tls),
             ]
         })
         .collect();
@@ -117,41 +124,40 @@ fn print_list(list: &ServiceList, output: &OutputArgs) -> anyhow::Result<()> {
 }
 
 fn print_status(status: &StatusReport, output: &OutputArgs) -> anyhow::Result<()> {
-    if output.json {
-        println!("{}", serde_json::to_string_pretty(status)?);
+    if printed_as_json(status, output)? {
         return Ok(());
     }
     let mut rows = Vec::new();
     for route in &status.routes {
-        let tls = if route.tls { "yes" } else { "no" }.to_string();
-        if route.targets.is_empty() {
-            rows.push(vec![
-                route.host.clone(),
-                route.path.clone(),
-                route.service.clone(),
-                route.state.clone(),
-                tls.clone(),
-                "-".into(),
-                "-".into(),
-                "0".into(),
-                String::new(),
-            ]);
-        }
-        for target in &route.targets {
-            rows.push(vec![
-                route.host.clone(),
-                route.path.clone(),
-                route.service.clone(),
-                route.state.clone(),
-                tls.clone(),
-                target.address.clone(),
-                serde_json::to_value(target.health)?
-                    .as_str()
-                    .unwrap_or("unknown")
-                    .to_string(),
-                target.in_flight.to_string(),
-                target.last_failure.clone().unwrap_or_default(),
-            ]);
+        let route_cells = [
+            route.host.clone(),
+            route.path.clone(),
+            route.service.clone(),
+            route.state.clone(),
+            yes_no(route.tls),
+        ];
+        let target_cells: Vec<[String; 4]> = if route.targets.is_empty() {
+            vec![["-".into(), "-".into(), "0".into(), String::new()]]
+        } else {
+            route
+                .targets
+                .iter()
+                .map(|target| {
+                    let health = serde_json::to_value(target.health)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_else(|| "unknown".into());
+                    [
+                        target.address.clone(),
+                        health,
+                        target.in_flight.to_string(),
+                        target.last_failure.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect()
+        };
+        for cells in target_cells {
+            rows.push(route_cells.iter().cloned().chain(cells).collect());
         }
     }
     print_table(
@@ -186,6 +192,10 @@ fn print_status(status: &StatusReport, output: &OutputArgs) -> anyhow::Result<()
         print_table(&["Host", "Certificate", "Expires", "Issuer"], certificates);
     }
     Ok(())
+}
+
+fn yes_no(flag: bool) -> String {
+    if flag { "yes" } else { "no" }.to_string()
 }
 
 fn join_or(items: &[String], empty: &str) -> String {

@@ -311,24 +311,29 @@ impl Connection {
             .send_request(request)
             .await
             .map_err(|e| e.to_string())?;
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok(Reply {
-            status,
-            headers,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        })
+        read_reply(response).await
     }
 
     pub async fn get(&mut self, host: &str, path: &str) -> Result<Reply, String> {
         self.send(request("GET", host, path, Bytes::new())).await
     }
+}
+
+/// Reads a whole response into a `Reply`.
+pub async fn read_reply(response: hyper::Response<hyper::body::Incoming>) -> Result<Reply, String> {
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok(Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
 }
 
 pub fn request(

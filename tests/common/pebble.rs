@@ -300,16 +300,10 @@ pub async fn https_get_with_alpn(
             .await
             .map_err(|e| e.to_string())?
     };
-    let status = response.status().as_u16();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
+    let reply = super::read_reply(response).await?;
     Ok(HttpsReply {
-        status,
-        body: String::from_utf8_lossy(&body).into_owned(),
+        status: reply.status,
+        body: reply.body,
         alpn,
         leaf,
     })
