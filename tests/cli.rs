@@ -210,3 +210,52 @@ async fn a_second_daemon_on_the_same_socket_refuses_to_start() {
         "the first daemon still answers"
     );
 }
+
+/// The container image ships the binary also as `kamal-proxy`, which Kamal calls through
+/// `docker exec kamal-proxy kamal-proxy ...`: the same binary must answer to that name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_works_when_called_as_kamal_proxy() {
+    let proxy = ProxyProcess::start();
+    let app = Upstream::start("app").await;
+    let bin = tempfile::tempdir().unwrap();
+    let kamal_proxy = bin.path().join("kamal-proxy");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_proxy"), &kamal_proxy).unwrap();
+    let run = |args: &[&str]| {
+        tokio::task::block_in_place(|| {
+            Command::new(&kamal_proxy)
+                .args(args)
+                .env("HOME", proxy.home())
+                .env("KAMAL_PROXY_SOCKET", proxy.socket())
+                .output()
+                .unwrap()
+        })
+    };
+    let target = format!("--target={}", app.target());
+    let deployed = run(&[
+        "deploy",
+        "myapp-web",
+        &target,
+        "--host=myapp.test",
+        "--deploy-timeout=30s",
+        "--drain-timeout=30s",
+        "--buffer-requests",
+        "--buffer-responses",
+        "--log-request-header=Cache-Control",
+        "--health-check-interval=100ms",
+    ]);
+    assert!(deployed.status.success(), "{}", stderr(&deployed));
+    assert_eq!(get(proxy.address(), "myapp.test", "/").await.status, 200);
+    let listed = run(&["list"]);
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("myapp-web"));
+    let dockerfile =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+    for line in [
+        "ln -s proxy /usr/local/bin/kamal-proxy",
+        "USER kamal-proxy",
+        "ENV HOME=/home/kamal-proxy",
+        "VOLUME /home/kamal-proxy/.config/kamal-proxy",
+        "setcap cap_net_bind_service=+ep",
+    ] {
+        assert!(dockerfile.contains(line), "Dockerfile lacks {line}");
+    }
+}

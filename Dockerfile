@@ -1,0 +1,32 @@
+# Berth as a drop-in kamal-proxy image.
+#
+#   docker build -t registry.example.com/berth/kamal-proxy:v0.9.2 .
+#
+# Kamal runs it as `kamal-proxy run` and drives it with `docker exec kamal-proxy kamal-proxy ...`;
+# tag it v0.9.2 or higher (Kamal refuses older proxy versions).
+
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bin proxy
+
+FROM debian:bookworm-slim
+# ca-certificates: to talk to Let's Encrypt. libcap2-bin: setcap, so a non-root user can bind 80/443.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates libcap2-bin \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/proxy /usr/local/bin/proxy
+RUN ln -s proxy /usr/local/bin/kamal-proxy \
+ && setcap cap_net_bind_service=+ep /usr/local/bin/proxy \
+ && useradd --create-home --home-dir /home/kamal-proxy --shell /usr/sbin/nologin kamal-proxy \
+ && mkdir -p /home/kamal-proxy/.config/kamal-proxy \
+ && chown -R kamal-proxy:kamal-proxy /home/kamal-proxy
+USER kamal-proxy
+ENV HOME=/home/kamal-proxy
+WORKDIR /home/kamal-proxy
+VOLUME /home/kamal-proxy/.config/kamal-proxy
+EXPOSE 80 443
+LABEL org.opencontainers.image.title="kamal-proxy" \
+      org.opencontainers.image.description="Berth: a kamal-proxy compatible reverse proxy" \
+      org.opencontainers.image.version="v0.9.2"
+CMD ["kamal-proxy", "run"]
