@@ -77,6 +77,9 @@ pub struct RunArgs {
     /// Contact email for the ACME account [env: ACME_EMAIL]
     #[arg(long, value_name = "EMAIL")]
     pub acme_email: Option<String>,
+    /// Read run options from this TOML file (flags and environment take precedence); see proxy.toml.example
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<std::path::PathBuf>,
     /// Take over from the proxy running on the same control socket without dropping a request
     #[arg(long)]
     pub upgrade: bool,

@@ -15,6 +15,7 @@ use berth_proxy::{listener, Proxy, RouteTableHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{parse_bool, RunArgs};
+use crate::config_file::RunFile;
 use crate::handover;
 use crate::tls::TlsBridge;
 
@@ -36,49 +37,59 @@ pub struct RunOptions {
     pub acme: AcmeSettings,
     pub upgrade: bool,
     pub upgrade_drain_timeout: Duration,
+    pub http3: bool,
 }
 
 impl RunOptions {
+    /// Merges flags, then the environment, then the `--config` file, then the defaults.
     pub fn resolve(args: RunArgs) -> anyhow::Result<Self> {
+        let file = match &args.config {
+            Some(path) => RunFile::load(path)?,
+            None => RunFile::default(),
+        };
+        let debug = match (args.debug, env_text("DEBUG")) {
+            (Some(debug), _) => debug,
+            (None, Some((name, text))) => {
+                parse_bool(&text).map_err(|e| anyhow::anyhow!("{name}: {e}"))?
+            }
+            (None, None) => file.debug.unwrap_or(false),
+        };
         Ok(Self {
-            http_port: flag_or_env(args.http_port, "HTTP_PORT", 80)?,
-            https_port: flag_or_env(args.https_port, "HTTPS_PORT", 443)?,
-            metrics_port: flag_or_env(args.metrics_port, "METRICS_PORT", 0)?,
-            bind: match args.bind {
-                Some(address) => Some(address),
-                None => env_value("BIND")?,
-            },
+            http_port: layered(args.http_port, "HTTP_PORT", file.http_port)?.unwrap_or(80),
+            https_port: layered(args.https_port, "HTTPS_PORT", file.https_port)?.unwrap_or(443),
+            metrics_port: layered(args.metrics_port, "METRICS_PORT", file.metrics_port)?
+                .unwrap_or(0),
+            bind: layered(args.bind, "BIND", file.bind)?,
+            debug,
             upgrade: args.upgrade,
-            upgrade_drain_timeout: args
-                .upgrade_drain_timeout
-                .map(|d| d.get())
-                .unwrap_or(UPGRADE_DRAIN),
+            http3: args.http3.or(file.http3).unwrap_or(false),
+            upgrade_drain_timeout: layered(
+                args.upgrade_drain_timeout,
+                "UPGRADE_DRAIN_TIMEOUT",
+                file.upgrade_drain_timeout,
+            )?
+            .map(|d| d.get())
+            .unwrap_or(UPGRADE_DRAIN),
             acme: AcmeSettings {
-                directory: match args.acme_directory {
-                    Some(url) => url,
-                    None => env_text("ACME_DIRECTORY")
-                        .map(|(_, url)| url)
-                        .unwrap_or_else(|| LETS_ENCRYPT_PRODUCTION.to_string()),
-                },
-                ca_root: args
-                    .acme_ca_root
-                    .or_else(|| env_text("ACME_CA_ROOT").map(|(_, path)| path.into())),
-                email: args
-                    .acme_email
-                    .or_else(|| env_text("ACME_EMAIL").map(|(_, email)| email)),
+                directory: layered(args.acme_directory, "ACME_DIRECTORY", file.acme_directory)?
+                    .unwrap_or_else(|| LETS_ENCRYPT_PRODUCTION.to_string()),
+                ca_root: layered(args.acme_ca_root, "ACME_CA_ROOT", file.acme_ca_root)?,
+                email: layered(args.acme_email, "ACME_EMAIL", file.acme_email)?,
                 cache: paths::certificates_dir(),
-            },
-            debug: match args.debug {
-                Some(debug) => debug,
-                None => env_text("DEBUG")
-                    .map(|(name, text)| {
-                        parse_bool(&text).map_err(|e| anyhow::anyhow!("{name}: {e}"))
-                    })
-                    .transpose()?
-                    .unwrap_or(false),
             },
         })
     }
+}
+
+/// The flag if given, else the environment (`KAMAL_PROXY_<NAME>`, then `<NAME>`), else the file.
+fn layered<T: FromStr>(flag: Option<T>, name: &str, file: Option<T>) -> anyhow::Result<Option<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    if flag.is_some() {
+        return Ok(flag);
+    }
+    Ok(env_value(name)?.or(file))
 }
 
 /// `KAMAL_PROXY_<NAME>` first, then `<NAME>`; returns which one was set.
@@ -103,16 +114,6 @@ where
             .parse()
             .map(Some)
             .map_err(|e| anyhow::anyhow!("invalid value {text:?} for {key}: {e}")),
-    }
-}
-
-fn flag_or_env<T: FromStr>(flag: Option<T>, name: &str, default: T) -> anyhow::Result<T>
-where
-    T::Err: std::fmt::Display,
-{
-    match flag {
-        Some(value) => Ok(value),
-        None => Ok(env_value(name)?.unwrap_or(default)),
     }
 }
 
@@ -184,6 +185,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     .with_context(|| format!("cannot open the control socket {}", socket_path.display()))?;
     let handover_socket = handover::listen(&socket_path)?;
+    if options.http3 {
+        tracing::warn!("HTTP/3 is not supported; --http3 is ignored");
+    }
     if options.metrics_port != 0 {
         tracing::warn!(
             port = options.metrics_port,

@@ -2,12 +2,14 @@
 //!
 //! - `cli`: the command line (kamal-proxy's commands and flags).
 //! - `daemon`: `proxy run`, wiring the data plane, control plane and state.
+//! - `config_file`: run options from a TOML file.
 //! - `commands`: every other command, a thin client of the control API.
 //! - `tls`: wires the certificates crate into the data and control planes.
 //! - `handover`: passing the listeners to a new process (upgrades without a gap).
 
 mod cli;
 mod commands;
+mod config_file;
 mod daemon;
 mod handover;
 mod tls;

@@ -259,3 +259,100 @@ async fn the_binary_works_when_called_as_kamal_proxy() {
         assert!(dockerfile.contains(line), "Dockerfile lacks {line}");
     }
 }
+
+/// Starts `proxy run` with `args` and `env`, returns the HTTP port it reports, and stops it.
+fn started_http_port(
+    home: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Result<u16, String> {
+    let log = home.join(format!("run-{}.log", args.len() + env.len()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_proxy"))
+        .arg("run")
+        .args(args)
+        .env("HOME", home)
+        .env("KAMAL_PROXY_SOCKET", home.join("p.sock"))
+        .env_remove("HTTP_PORT")
+        .env_remove("KAMAL_PROXY_HTTP_PORT")
+        .envs(env.iter().copied())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(home.join("run.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let outcome = loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            break Err(std::fs::read_to_string(home.join("run.err")).unwrap_or_default());
+        }
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let started = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| l["message"] == "Proxy started");
+        if let Some(line) = started {
+            break Ok(line["http"]
+                .as_str()
+                .unwrap()
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .port());
+        }
+        if std::time::Instant::now() > deadline {
+            break Err("did not start".into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    outcome
+}
+
+#[test]
+fn run_options_come_from_flags_then_environment_then_the_config_file() {
+    let home = tempfile::tempdir().unwrap();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (from_file, from_env, from_flag) = (free(), free(), free());
+    let config = home.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!("bind = \"127.0.0.1\"\nhttp_port = {from_file}\nhttps_port = 0\n"),
+    )
+    .unwrap();
+    let config_flag = format!("--config={}", config.display());
+    let env_port = from_env.to_string();
+    let flag_port = format!("--http-port={from_flag}");
+
+    assert_eq!(
+        started_http_port(home.path(), &[&config_flag], &[]),
+        Ok(from_file)
+    );
+    assert_eq!(
+        started_http_port(home.path(), &[&config_flag], &[("HTTP_PORT", &env_port)]),
+        Ok(from_env)
+    );
+    assert_eq!(
+        started_http_port(
+            home.path(),
+            &[&config_flag, &flag_port],
+            &[("KAMAL_PROXY_HTTP_PORT", &env_port)]
+        ),
+        Ok(from_flag)
+    );
+
+    std::fs::write(
+        &config,
+        "bind = \"127.0.0.1\"\nhttps_port = 0\nhttp_prot = 80\n",
+    )
+    .unwrap();
+    let error = started_http_port(home.path(), &[&config_flag], &[]).unwrap_err();
+    assert!(
+        error.starts_with("Error: ") && error.contains("http_prot") && error.contains("line 3"),
+        "{error}"
+    );
+}
