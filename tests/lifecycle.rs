@@ -159,3 +159,36 @@ async fn a_state_file_it_cannot_read_is_set_aside_and_the_daemon_starts() {
     proxy.deploy("app-web", &app.target(), &[]);
     assert_eq!(get(proxy.address(), "app.test", "/").await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_error_pages_replace_the_built_in_ones() {
+    let proxy = ProxyProcess::start();
+    let app = Upstream::start("app").await;
+    let pages = tempfile::tempdir().unwrap();
+    std::fs::write(
+        pages.path().join("503.html"),
+        "<h1>Acme is down</h1><p>{{ .Message }}</p>",
+    )
+    .unwrap();
+    let flag = format!("--error-pages={}", pages.path().display());
+    proxy.deploy("web", &app.target(), &[&flag]);
+    proxy.ok(&["stop", "web", "--message=Back at 5 <pm>"]);
+    let reply = get(proxy.address(), "app.test", "/").await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(
+        reply.body,
+        "<h1>Acme is down</h1><p>Back at 5 &lt;pm&gt;</p>"
+    );
+
+    let output = proxy.cli(&[
+        "deploy",
+        "web",
+        &format!("--target={}", app.target()),
+        "--error-pages=/nonexistent/pages",
+    ]);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "a missing error page directory fails the deploy"
+    );
+}
