@@ -77,6 +77,21 @@ pub struct RunArgs {
     /// Contact email for the ACME account [env: ACME_EMAIL]
     #[arg(long, value_name = "EMAIL")]
     pub acme_email: Option<String>,
+    /// Time a client has to send a request head; also how long an idle keep-alive connection is kept [env: HEADER_READ_TIMEOUT] [default: 30s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub header_read_timeout: Option<GoDuration>,
+    /// Largest request head in bytes, at least 8192; larger ones get 431 [env: MAX_HEADER_SIZE] [default: 65536]
+    #[arg(long, value_name = "BYTES")]
+    pub max_header_size: Option<usize>,
+    /// Most header fields in a request; more get 431 [env: MAX_HEADERS] [default: 100]
+    #[arg(long, value_name = "COUNT")]
+    pub max_headers: Option<usize>,
+    /// Most open client connections; beyond it new ones wait until one closes [env: MAX_CONNECTIONS] [default: 16384]
+    #[arg(long, value_name = "COUNT")]
+    pub max_connections: Option<usize>,
+    /// Longest time to connect to a target before answering 502 [env: TARGET_CONNECT_TIMEOUT] [default: 5s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub target_connect_timeout: Option<GoDuration>,
     /// Read run options from this TOML file (flags and environment take precedence); see proxy.toml.example
     #[arg(long, value_name = "PATH")]
     pub config: Option<std::path::PathBuf>,

@@ -23,6 +23,11 @@ pub struct RunFile {
     pub acme_ca_root: Option<PathBuf>,
     pub acme_email: Option<String>,
     pub upgrade_drain_timeout: Option<GoDuration>,
+    pub header_read_timeout: Option<GoDuration>,
+    pub max_header_size: Option<usize>,
+    pub max_headers: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub target_connect_timeout: Option<GoDuration>,
 }
 
 impl RunFile {

@@ -10,8 +10,9 @@ use std::time::Duration;
 use anyhow::Context;
 use berth_acme::{AcmeSettings, Certificates, LETS_ENCRYPT_PRODUCTION};
 use berth_control::{paths, Registry, StateFile};
+use berth_proxy::listener::{self, ServerLimits};
 use berth_proxy::upstream::upstream_client;
-use berth_proxy::{listener, Proxy, RouteTableHandle};
+use berth_proxy::{Proxy, RouteTableHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{parse_bool, RunArgs};
@@ -23,7 +24,7 @@ use crate::tls::TlsBridge;
 const UPGRADE_DRAIN: Duration = Duration::from_secs(30);
 /// How long in-flight requests get to finish after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// How long connecting to a target may take before the request fails with 502.
+/// How long connecting to a target may take before the request fails with 502, by default.
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The run options after flags, environment and defaults are merged.
@@ -38,6 +39,8 @@ pub struct RunOptions {
     pub upgrade: bool,
     pub upgrade_drain_timeout: Duration,
     pub http3: bool,
+    pub limits: ServerLimits,
+    pub target_connect_timeout: Duration,
 }
 
 impl RunOptions {
@@ -63,6 +66,45 @@ impl RunOptions {
             debug,
             upgrade: args.upgrade,
             http3: args.http3.or(file.http3).unwrap_or(false),
+            limits: ServerLimits::new(
+                layered(
+                    args.header_read_timeout,
+                    "HEADER_READ_TIMEOUT",
+                    file.header_read_timeout,
+                )?
+                .map(|d| d.get())
+                .unwrap_or(listener::DEFAULT_HEADER_READ_TIMEOUT),
+                match layered(
+                    args.max_header_size,
+                    "MAX_HEADER_SIZE",
+                    file.max_header_size,
+                )? {
+                    Some(bytes) if bytes < listener::MIN_MAX_HEADER_BYTES => {
+                        anyhow::bail!(
+                            "--max-header-size must be at least {} bytes, not {bytes}",
+                            listener::MIN_MAX_HEADER_BYTES
+                        )
+                    }
+                    bytes => bytes.unwrap_or(listener::DEFAULT_MAX_HEADER_BYTES),
+                },
+                layered(args.max_headers, "MAX_HEADERS", file.max_headers)?
+                    .unwrap_or(listener::DEFAULT_MAX_HEADERS),
+                match layered(
+                    args.max_connections,
+                    "MAX_CONNECTIONS",
+                    file.max_connections,
+                )? {
+                    Some(0) => anyhow::bail!("--max-connections must be at least 1"),
+                    count => count.unwrap_or(listener::DEFAULT_MAX_CONNECTIONS),
+                },
+            ),
+            target_connect_timeout: layered(
+                args.target_connect_timeout,
+                "TARGET_CONNECT_TIMEOUT",
+                file.target_connect_timeout,
+            )?
+            .map(|d| d.get())
+            .unwrap_or(UPSTREAM_CONNECT_TIMEOUT),
             upgrade_drain_timeout: layered(
                 args.upgrade_drain_timeout,
                 "UPGRADE_DRAIN_TIMEOUT",
@@ -133,7 +175,7 @@ pub fn init_logging(debug: bool) {
 
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let routes = RouteTableHandle::default();
-    let client = upstream_client(UPSTREAM_CONNECT_TIMEOUT);
+    let client = upstream_client(options.target_connect_timeout);
     let state_file = StateFile::new(paths::state_path());
     let socket_path = paths::socket_path();
     let certificates = Arc::new(TlsBridge(Certificates::new(options.acme.clone())));
@@ -197,8 +239,18 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
 
     let proxy = Proxy::new(routes, client).with_tls(certificates.clone(), https_address.port());
     let drain = proxy.drain().clone();
-    tokio::spawn(listener::serve(http, proxy.clone(), None));
-    tokio::spawn(listener::serve(https, proxy, Some(certificates)));
+    tokio::spawn(listener::serve(
+        http,
+        proxy.clone(),
+        None,
+        options.limits.clone(),
+    ));
+    tokio::spawn(listener::serve(
+        https,
+        proxy,
+        Some(certificates),
+        options.limits.clone(),
+    ));
     let api_stop = CancellationToken::new();
     let api = tokio::spawn(berth_control::api::serve(control, registry.clone(), {
         let api_stop = api_stop.clone();

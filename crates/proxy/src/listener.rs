@@ -32,20 +32,75 @@ pub fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// How long a client may take to send a request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Limits that keep slow, idle or hostile clients from using up the proxy.
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    /// Time a client has to send a request head. hyper also applies it while a keep-alive
+    /// connection waits for its next request, so it is the idle timeout too.
+    pub header_read_timeout: Duration,
+    /// Largest request head, in bytes (at least 8 KiB); larger ones get 431.
+    pub max_header_bytes: usize,
+    /// Most header fields in a request; more get 431.
+    pub max_headers: usize,
+    /// Open client connections at most, over all listeners sharing these limits. Beyond it new
+    /// connections wait in the kernel's backlog until one closes; open ones keep being served.
+    pub connections: Arc<tokio::sync::Semaphore>,
+}
+
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+pub const MIN_MAX_HEADER_BYTES: usize = 8 * 1024;
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+
+impl ServerLimits {
+    pub fn new(
+        header_read_timeout: Duration,
+        max_header_bytes: usize,
+        max_headers: usize,
+        max_connections: usize,
+    ) -> Self {
+        Self {
+            header_read_timeout,
+            max_header_bytes: max_header_bytes.max(MIN_MAX_HEADER_BYTES),
+            max_headers,
+            connections: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+        }
+    }
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self::new(
+            DEFAULT_HEADER_READ_TIMEOUT,
+            DEFAULT_MAX_HEADER_BYTES,
+            DEFAULT_MAX_HEADERS,
+            DEFAULT_MAX_CONNECTIONS,
+        )
+    }
+}
 
 /// Accepts connections until the proxy's drain starts. Connections keep being served (and
 /// tracked by the drain) after this returns. With `tls`, connections are TLS.
-pub async fn serve(listener: TcpListener, proxy: Proxy, tls: Option<Arc<dyn CertificateSource>>) {
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Proxy,
+    tls: Option<Arc<dyn CertificateSource>>,
+    limits: ServerLimits,
+) {
     let local_port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .max_headers(limits.max_headers)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
     let drain = proxy.drain().clone();
 
@@ -62,6 +117,16 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, tls: Option<Arc<dyn Cert
                 }
             },
         };
+        // At the cap, this connection waits (unread) for a slot, and so does accepting more on
+        // this listener. The permit is taken after accept, not before: a permit held by an
+        // idle listener's accept would starve clients waiting on the other listener.
+        let permit = tokio::select! {
+            _ = drain.started().cancelled() => break,
+            permit = Arc::clone(&limits.connections).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
         let _ = stream.set_nodelay(true);
         let info = ConnectionInfo {
             peer,
@@ -69,11 +134,17 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, tls: Option<Arc<dyn Cert
             tls: tls.is_some(),
         };
         let (builder, proxy, tls) = (Arc::clone(&builder), proxy.clone(), tls.clone());
+        let first_request_timeout = limits.header_read_timeout;
         drain.clone().track(async move {
+            let _permit = permit;
             match tls {
-                None => serve_connection(&builder, stream, info, proxy).await,
+                None => {
+                    serve_connection(&builder, stream, info, proxy, first_request_timeout).await
+                }
                 Some(certificates) => match tls::accept(stream, certificates.as_ref()).await {
-                    Ok(stream) => serve_connection(&builder, stream, info, proxy).await,
+                    Ok(stream) => {
+                        serve_connection(&builder, stream, info, proxy, first_request_timeout).await
+                    }
                     Err(error) => tracing::debug!(%error, %peer, "TLS handshake refused"),
                 },
             }
@@ -87,13 +158,17 @@ async fn serve_connection<S>(
     stream: S,
     info: ConnectionInfo,
     proxy: Proxy,
+    first_request_timeout: Duration,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let drain = proxy.drain().clone();
     let speaks_h2 = Arc::new(AtomicBool::new(false));
     let seen_h2 = Arc::clone(&speaks_h2);
+    let got_request = Arc::new(AtomicBool::new(false));
+    let seen_request = Arc::clone(&got_request);
     let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+        seen_request.store(true, Ordering::Relaxed);
         if request.version() == hyper::Version::HTTP_2 {
             seen_h2.store(true, Ordering::Relaxed);
         }
@@ -103,9 +178,21 @@ async fn serve_connection<S>(
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(connection);
 
-    let outcome = tokio::select! {
-        outcome = connection.as_mut() => Some(outcome),
-        _ = drain.started().cancelled() => None,
+    // hyper's header timer starts only once it knows the protocol, which takes the client's
+    // first bytes: a client that never sends any would be held forever without this.
+    let first_request_deadline = tokio::time::sleep(first_request_timeout);
+    tokio::pin!(first_request_deadline);
+    let outcome = loop {
+        tokio::select! {
+            outcome = connection.as_mut() => break Some(outcome),
+            _ = drain.started().cancelled() => break None,
+            _ = &mut first_request_deadline, if !got_request.load(Ordering::Relaxed) => {
+                if !got_request.load(Ordering::Relaxed) {
+                    tracing::debug!(peer = %info.peer, "No request in time; closing the connection");
+                    return;
+                }
+            }
+        }
     };
     let outcome = match outcome {
         Some(outcome) => outcome,

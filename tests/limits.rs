@@ -1,0 +1,135 @@
+//! Limits on by default: slow and idle clients are cut off, oversized heads refused, and a
+//! cap on connections that makes new clients wait without hurting open ones.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{get, Connection, ProxyProcess, Upstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn raw(address: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer)).await;
+    let length = read.ok().and_then(Result::ok).unwrap_or(0);
+    String::from_utf8_lossy(&answer[..length]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_slow_and_idle_clients_do_not_keep_a_new_one_waiting() {
+    let proxy = ProxyProcess::start_with(&["--header-read-timeout=2s"]);
+    let app = Upstream::start("app").await;
+    proxy.deploy("web", &app.target(), &[]);
+
+    let mut slow = Vec::new();
+    for i in 0..300 {
+        let mut stream = TcpStream::connect(proxy.address()).await.unwrap();
+        if i % 2 == 0 {
+            // Slowloris: a request head that never ends.
+            stream
+                .write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Slow: ")
+                .await
+                .unwrap();
+        }
+        slow.push(stream);
+    }
+    let reply = tokio::time::timeout(
+        Duration::from_secs(5),
+        get(proxy.address(), "app.test", "/"),
+    )
+    .await;
+    assert_eq!(reply.expect("a new client was kept waiting").status, 200);
+
+    // After the header read timeout the proxy has closed them all.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for stream in slow.iter_mut().step_by(15) {
+        let mut byte = [0u8; 512];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte)).await;
+        match read {
+            Ok(Ok(_)) | Ok(Err(_)) => {} // EOF, a 408, or a reset: closed by the proxy
+            Err(_) => panic!("a slow or idle connection was still open after the timeout"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_heads_and_too_many_headers_get_431() {
+    let proxy = ProxyProcess::start_with(&["--max-header-size=8192", "--max-headers=50"]);
+    let app = Upstream::start("app").await;
+    proxy.deploy("web", &app.target(), &[]);
+
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: app.test\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    assert!(raw(proxy.address(), big.as_bytes())
+        .await
+        .starts_with("HTTP/1.1 431"));
+    let many: String = (0..80).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let request = format!("GET / HTTP/1.1\r\nHost: app.test\r\n{many}\r\n");
+    assert!(raw(proxy.address(), request.as_bytes())
+        .await
+        .starts_with("HTTP/1.1 431"));
+    assert_eq!(app.requests(), 0, "nothing reached the app");
+    assert_eq!(get(proxy.address(), "app.test", "/").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_max_connections_new_clients_wait_and_open_ones_keep_being_served() {
+    let proxy = ProxyProcess::start_with(&["--max-connections=3"]);
+    let app = Upstream::start("app").await;
+    proxy.deploy("web", &app.target(), &[]);
+
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut connection = Connection::open(proxy.address()).await.unwrap();
+        assert_eq!(connection.get("app.test", "/").await.unwrap().status, 200);
+        open.push(connection);
+    }
+    let address = proxy.address();
+    let waiting = tokio::spawn(async move { get(address, "app.test", "/").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a fourth connection was answered beyond the cap"
+    );
+    for connection in open.iter_mut() {
+        assert_eq!(
+            connection.get("app.test", "/").await.unwrap().status,
+            200,
+            "open ones keep being served"
+        );
+    }
+    drop(open.pop());
+    let reply = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("still waiting after a slot freed");
+    assert_eq!(reply.unwrap().status, 200);
+}
+
+#[test]
+fn limits_that_cannot_work_are_refused_by_name() {
+    let home = tempfile::tempdir().unwrap();
+    for (flag, named) in [
+        ("--max-header-size=100", "--max-header-size"),
+        ("--max-connections=0", "--max-connections"),
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_proxy"))
+            .args([
+                "run",
+                "--http-port=0",
+                "--https-port=0",
+                "--bind=127.0.0.1",
+                flag,
+            ])
+            .env("HOME", home.path())
+            .env("KAMAL_PROXY_SOCKET", home.path().join("p.sock"))
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&output.stderr).contains(named));
+    }
+}
