@@ -209,6 +209,11 @@ async fn a_second_daemon_on_the_same_socket_refuses_to_start() {
         proxy.ok(&["list"]).starts_with("Service"),
         "the first daemon still answers"
     );
+    use std::os::unix::fs::PermissionsExt;
+    for socket in [proxy.socket(), proxy.home().join("proxy.sock.upgrade")] {
+        let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} is not owner-only", socket.display());
+    }
 }
 
 /// The container image ships the binary also as `kamal-proxy`, which Kamal calls through
