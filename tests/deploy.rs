@@ -2,10 +2,10 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::load::Load;
 use common::{get, Connection, ProxyProcess, Upstream};
 
 fn server_of(body: &str) -> String {
@@ -90,34 +90,7 @@ async fn swap_under_keep_alive_load_drops_no_request() {
     let green = Upstream::start("green").await;
     proxy.deploy("web", &blue.target(), &["--host=app.test"]);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
-    let served = Arc::new(AtomicUsize::new(0));
-    let mut clients = Vec::new();
-    for _ in 0..32 {
-        let (stop, failures, served) = (stop.clone(), failures.clone(), served.clone());
-        let address = proxy.address();
-        clients.push(tokio::spawn(async move {
-            let mut connection = Connection::open(address).await.expect("connect");
-            while !stop.load(Ordering::Relaxed) {
-                match connection.get("app.test", "/").await {
-                    Ok(reply) if reply.status == 200 => served.fetch_add(1, Ordering::Relaxed),
-                    Ok(reply) => {
-                        failures
-                            .lock()
-                            .unwrap()
-                            .push(format!("status {}", reply.status));
-                        0
-                    }
-                    Err(error) => {
-                        failures.lock().unwrap().push(error);
-                        connection = Connection::open(address).await.expect("reconnect");
-                        0
-                    }
-                };
-            }
-        }));
-    }
+    let load = Load::start(proxy.address(), "app.test", "/", 32);
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     let slow_started = Instant::now();
@@ -165,19 +138,16 @@ async fn swap_under_keep_alive_load_drops_no_request() {
 
     let blue_after_deploy = blue.requests();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    for client in clients {
-        client.await.unwrap();
-    }
-
-    let failures = failures.lock().unwrap();
+    let result = load.finish().await;
+    let failures = &result.failures;
     assert!(
         failures.is_empty(),
         "{} failed requests: {:?}",
         failures.len(),
         &failures[..failures.len().min(5)]
     );
-    assert!(served.load(Ordering::Relaxed) > 100, "load was applied");
+    assert_eq!(result.reconnects, 0, "a deploy closed client connections");
+    assert!(result.served > 100, "load was applied");
     assert_eq!(
         blue.requests(),
         blue_after_deploy,

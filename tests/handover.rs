@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::load::Load;
+use common::load::{Load, LoadResult};
 use common::{get, ProxyProcess, Upstream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
@@ -91,7 +91,9 @@ async fn handover_under_load_drops_no_request() {
 
     let served_before_end = load.served();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (served, failures) = load.finish().await;
+    let LoadResult {
+        served, failures, ..
+    } = load.finish().await;
     assert_no_failures(served, &failures);
     assert!(served > served_before_end, "the new process serves");
 
@@ -136,7 +138,9 @@ async fn three_handovers_in_a_row_under_load() {
         current = next;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (served, failures) = load.finish().await;
+    let LoadResult {
+        served, failures, ..
+    } = load.finish().await;
     assert_no_failures(served, &failures);
 }
 
@@ -264,7 +268,9 @@ async fn sigusr2_starts_a_successor_that_takes_over() {
         .filter_map(|l| l["pid"].as_u64())
         .next()
         .unwrap_or_else(|| panic!("no successor started:\n{}", old.log()));
-    let (served, failures) = load.finish().await;
+    let LoadResult {
+        served, failures, ..
+    } = load.finish().await;
     let list = old.cli(&["list"]);
     let reply = get(old.address(), "app.test", "/").await;
     std::process::Command::new("kill")

@@ -8,10 +8,19 @@ use std::sync::{Arc, Mutex};
 
 use super::Connection;
 
+/// What a load run saw.
+pub struct LoadResult {
+    pub served: usize,
+    pub failures: Vec<String>,
+    /// Connections reopened after the server closed them (`Connection: close`).
+    pub reconnects: usize,
+}
+
 pub struct Load {
     stop: Arc<AtomicBool>,
     failures: Arc<Mutex<Vec<String>>>,
     served: Arc<AtomicUsize>,
+    reconnects: Arc<AtomicUsize>,
     clients: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -21,9 +30,11 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let failures = Arc::new(Mutex::new(Vec::new()));
         let served = Arc::new(AtomicUsize::new(0));
+        let reconnects = Arc::new(AtomicUsize::new(0));
         let clients = (0..clients)
             .map(|_| {
                 let (stop, failures, served) = (stop.clone(), failures.clone(), served.clone());
+                let reconnects = reconnects.clone();
                 let (host, path) = (host.to_string(), path.to_string());
                 tokio::spawn(async move {
                     let mut connection: Option<Connection> = None;
@@ -46,7 +57,10 @@ impl Load {
                                 .lock()
                                 .unwrap()
                                 .push(format!("status {}", reply.status)),
-                            Err(error) if error.starts_with("not sent") => connection = None,
+                            Err(error) if error.starts_with("not sent") => {
+                                reconnects.fetch_add(1, Ordering::Relaxed);
+                                connection = None;
+                            }
                             Err(error) => {
                                 failures.lock().unwrap().push(error);
                                 connection = None;
@@ -60,6 +74,7 @@ impl Load {
             stop,
             failures,
             served,
+            reconnects,
             clients,
         }
     }
@@ -68,13 +83,16 @@ impl Load {
         self.served.load(Ordering::Relaxed)
     }
 
-    /// Stops the clients; returns how many requests succeeded and every failure.
-    pub async fn finish(self) -> (usize, Vec<String>) {
+    /// Stops the clients and reports what they saw.
+    pub async fn finish(self) -> LoadResult {
         self.stop.store(true, Ordering::Relaxed);
         for client in self.clients {
             client.await.unwrap();
         }
-        let failures = self.failures.lock().unwrap().clone();
-        (self.served.load(Ordering::Relaxed), failures)
+        LoadResult {
+            served: self.served.load(Ordering::Relaxed),
+            failures: self.failures.lock().unwrap().clone(),
+            reconnects: self.reconnects.load(Ordering::Relaxed),
+        }
     }
 }
