@@ -59,7 +59,7 @@ pub struct RunArgs {
     /// Port to serve HTTPS on [env: HTTPS_PORT] [default: 443]
     #[arg(long, value_name = "PORT")]
     pub https_port: Option<u16>,
-    /// Port for Prometheus metrics, 0 for none [env: METRICS_PORT] [default: 0] (accepted; metrics are not served yet)
+    /// Port for Prometheus metrics, 0 for none [env: METRICS_PORT] [default: 0]
     #[arg(long, value_name = "PORT")]
     pub metrics_port: Option<u16>,
     /// Address to listen on [env: BIND] [default: all addresses]
@@ -262,7 +262,7 @@ pub struct DeployArgs {
     /// Header to take the client IP from instead of the connection's address
     #[arg(long, value_name = "NAME")]
     pub client_ip_header: Option<String>,
-    /// Path to leave out of metrics (repeatable; stored until metrics land)
+    /// Path to leave out of metrics (repeatable): requests whose path, after prefix stripping, equals it are not counted
     #[arg(
         long = "exclude-metrics-path",
         value_name = "PATH",

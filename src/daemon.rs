@@ -12,12 +12,13 @@ use berth_acme::{AcmeSettings, Certificates, LETS_ENCRYPT_PRODUCTION};
 use berth_control::{paths, Registry, StateFile};
 use berth_proxy::listener::{self, ServerLimits};
 use berth_proxy::upstream::upstream_client;
-use berth_proxy::{Proxy, RouteTableHandle};
+use berth_proxy::{Metrics, Proxy, RouteTableHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{parse_bool, RunArgs};
 use crate::config_file::RunFile;
 use crate::handover;
+use crate::metrics_server;
 use crate::tls::TlsBridge;
 
 /// How long the old process drains after handing over, unless told otherwise.
@@ -179,8 +180,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let state_file = StateFile::new(paths::state_path());
     let socket_path = paths::socket_path();
     let certificates = Arc::new(TlsBridge(Certificates::new(options.acme.clone())));
-    let registry = Registry::new(routes.clone(), client.clone(), state_file.clone());
-    let registry = Arc::new(registry.with_tls(certificates.clone()));
+    let metrics = (options.metrics_port != 0).then(|| Arc::new(Metrics::new()));
+    let mut registry = Registry::new(routes.clone(), client.clone(), state_file.clone())
+        .with_tls(certificates.clone());
+    if let Some(metrics) = &metrics {
+        registry = registry.with_metrics(Arc::clone(metrics));
+    }
+    let registry = Arc::new(registry);
 
     // Taking over: the old process has frozen changes before it sent its sockets, so the
     // state file read below is final.
@@ -230,14 +236,15 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     if options.http3 {
         tracing::warn!("HTTP/3 is not supported; --http3 is ignored");
     }
-    if options.metrics_port != 0 {
-        tracing::warn!(
-            port = options.metrics_port,
-            "Metrics are not served by this version; --metrics-port is ignored"
-        );
-    }
+    let metrics_listener = match &metrics {
+        Some(_) => Some(metrics_server::bind(options.bind, options.metrics_port)?),
+        None => None,
+    };
 
-    let proxy = Proxy::new(routes, client).with_tls(certificates.clone(), https_address.port());
+    let mut proxy = Proxy::new(routes, client).with_tls(certificates.clone(), https_address.port());
+    if let Some(metrics) = &metrics {
+        proxy = proxy.with_metrics(Arc::clone(metrics));
+    }
     let drain = proxy.drain().clone();
     tokio::spawn(listener::serve(
         http,
@@ -248,7 +255,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     tokio::spawn(listener::serve(
         https,
         proxy,
-        Some(certificates),
+        Some(certificates.clone()),
         options.limits.clone(),
     ));
     let api_stop = CancellationToken::new();
@@ -256,6 +263,17 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         let api_stop = api_stop.clone();
         async move { api_stop.cancelled().await }
     }));
+    let metrics_stop = CancellationToken::new();
+    if let (Some(listener), Some(metrics)) = (metrics_listener, metrics) {
+        tracing::info!(address = %listener.local_addr()?, "Serving metrics at /metrics");
+        tokio::spawn(metrics_server::serve(
+            listener,
+            metrics,
+            registry.clone(),
+            certificates.clone(),
+            metrics_stop.clone().cancelled_owned(),
+        ));
+    }
     tracing::info!(
         http = %http_address,
         https = %https_address,
@@ -307,6 +325,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
 
     let finished = drain.finish(grace).await;
     api_stop.cancel();
+    metrics_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), api).await;
     tracing::info!(finished_in_time = finished, "Stopped");
     Ok(())

@@ -5,6 +5,7 @@
 //! - `config_file`: run options from a TOML file.
 //! - `commands`: every other command, a thin client of the control API.
 //! - `tls`: wires the certificates crate into the data and control planes.
+//! - `metrics_server`: the Prometheus endpoint on `--metrics-port`.
 //! - `handover`: passing the listeners to a new process (upgrades without a gap).
 
 mod cli;
@@ -12,6 +13,7 @@ mod commands;
 mod config_file;
 mod daemon;
 mod handover;
+mod metrics_server;
 mod tls;
 
 use std::process::ExitCode;

@@ -5,6 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::certs::short_lived_certificate;
 use common::pebble::{free_port, https_get, Pebble};
 use common::{get, ProxyProcess, Upstream};
 use rustls::pki_types::CertificateDer;
@@ -426,25 +427,6 @@ async fn on_demand_tls_issues_only_for_hosts_the_app_allows() {
         Some(1),
         "on-demand with hosts is refused"
     );
-}
-
-/// A certificate for `host` from a throwaway CA, 3 hours long with 1 hour left.
-fn short_lived_certificate(host: &str) -> (String, String, CertificateDer<'static>) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "berth test short-lived CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(vec![host.to_string()]).unwrap();
-    let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::hours(2);
-    params.not_after = now + time::Duration::hours(1);
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    (cert.pem(), key.serialize_pem(), ca.der().clone())
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

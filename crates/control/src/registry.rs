@@ -15,7 +15,7 @@ use berth_proxy::config::{
 use berth_proxy::health::spawn_health_check;
 use berth_proxy::upstream::UpstreamClient;
 use berth_proxy::{
-    ErrorPages, PauseState, RouteTable, RouteTableHandle, Service, ServiceSettings, Target,
+    ErrorPages, Metrics, PauseState, RouteTable, RouteTableHandle, Service, ServiceSettings, Target,
 };
 use futures_util::future::join_all;
 use tokio::time::Instant;
@@ -65,6 +65,7 @@ pub struct Registry {
     entries: Mutex<BTreeMap<String, Entry>>,
     service_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     tls: Option<Arc<dyn TlsProvider>>,
+    metrics: Option<Arc<Metrics>>,
     /// Held shared by every change and exclusively by a handover; `true` once frozen.
     changes: tokio::sync::RwLock<bool>,
 }
@@ -82,6 +83,7 @@ impl Registry {
             entries: Mutex::new(BTreeMap::new()),
             service_locks: Mutex::new(HashMap::new()),
             tls: None,
+            metrics: None,
             changes: tokio::sync::RwLock::new(false),
         }
     }
@@ -105,6 +107,12 @@ impl Registry {
             return Err(RegistryError::Upgrading);
         }
         Ok(guard)
+    }
+
+    /// Counts deploys and their durations into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub fn with_tls(mut self, tls: Arc<dyn TlsProvider>) -> Self {
@@ -188,6 +196,22 @@ impl Registry {
     /// the service's targets, then drains the old ones. The old targets keep serving if the
     /// new ones never become healthy.
     pub async fn deploy(&self, name: &str, request: DeployRequest) -> Result<(), RegistryError> {
+        let started = std::time::Instant::now();
+        let result = self.deploy_unobserved(name, request).await;
+        if let Some(metrics) = &self.metrics {
+            // A deploy refused for a handover was never tried; the client retries it.
+            if !matches!(result, Err(RegistryError::Upgrading)) {
+                metrics.observe_deploy(name, result.is_ok(), started.elapsed());
+            }
+        }
+        result
+    }
+
+    async fn deploy_unobserved(
+        &self,
+        name: &str,
+        request: DeployRequest,
+    ) -> Result<(), RegistryError> {
         let _admitted = self.admit_change().await?;
         validate_service_name(name)?;
         let config = normalize_config(request.config)?;

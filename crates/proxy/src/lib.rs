@@ -11,6 +11,7 @@
 //! - [`listener`]: listening sockets and the accept loop.
 //! - [`drain`]: the process-wide drain (shutdown or handover): stop accepting, turn clients
 //!   away gently, wait for open work up to a deadline.
+//! - [`metrics`]: Prometheus counters and histograms, and the gauges filled in at scrape.
 //! - [`tls`]: TLS termination with the certificate chosen by server name.
 //! - `buffer`, `headers`, `tunnel`, `error_page`, `request_log`: the layers the pipeline uses.
 //! - [`GoDuration`] and [`config`]: the service options a deploy sets.
@@ -27,6 +28,7 @@ mod error_page;
 mod headers;
 pub mod health;
 pub mod listener;
+pub mod metrics;
 pub mod pipeline;
 mod request_log;
 pub mod route;
@@ -39,6 +41,7 @@ pub mod upstream;
 pub use drain::Drain;
 pub use duration::{DurationError, GoDuration};
 pub use error_page::{ErrorPages, ErrorPagesError};
+pub use metrics::Metrics;
 pub use pipeline::Proxy;
 pub use route::{RouteTable, RouteTableHandle};
 pub use service::{PauseState, Service, ServiceSettings};

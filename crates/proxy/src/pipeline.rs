@@ -23,6 +23,7 @@ use crate::config::ServiceConfig;
 use crate::drain::Drain;
 use crate::error_page::ErrorPages;
 use crate::headers;
+use crate::metrics::Metrics;
 use crate::request_log::RequestRecord;
 use crate::route::{strip_prefix, RouteTableHandle};
 use crate::service::{Admission, Service, ServiceSettings};
@@ -81,6 +82,7 @@ pub struct Proxy {
     challenges: Option<Arc<dyn ChallengeResponder>>,
     https_port: u16,
     drain: Drain,
+    metrics: Option<Arc<Metrics>>,
 }
 
 const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
@@ -93,12 +95,19 @@ impl Proxy {
             challenges: None,
             https_port: 443,
             drain: Drain::new(),
+            metrics: None,
         }
     }
 
     /// The drain of the process this proxy serves in.
     pub fn drain(&self) -> &Drain {
         &self.drain
+    }
+
+    /// Counts requests and upstream response times into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Answers ACME challenges before routing, and redirects to HTTPS on `https_port`.
@@ -171,6 +180,15 @@ impl Proxy {
         let settings = service.settings();
         record.service = service.name().to_string();
         let config = &settings.config;
+        if let Some(metrics) = &self.metrics {
+            let excluded = config
+                .exclude_metrics_path
+                .iter()
+                .any(|path| path == path_and_query.path());
+            if !excluded {
+                record.metrics = Some(Arc::clone(metrics));
+            }
+        }
         record.capture_headers("req_", &config.log_request_headers, request.headers());
 
         if let Some(location) = redirect_location(config, conn, &request, self.https_port) {
@@ -337,6 +355,7 @@ impl Proxy {
             })
         };
 
+        let sent_at = std::time::Instant::now();
         let sent = self.client.request(Request::from_parts(parts, outgoing));
         let timeout = config.target_timeout.get();
         let response = tokio::select! {
@@ -351,6 +370,9 @@ impl Proxy {
             Some(Err(error)) => return Err(ForwardError::Unreachable(describe_error(&error))),
             Some(Ok(response)) => response,
         };
+        if let Some(metrics) = &record.metrics {
+            metrics.observe_upstream(&record.service, target.address(), sent_at.elapsed());
+        }
 
         if let Some(client_upgrade) = client_upgrade {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {

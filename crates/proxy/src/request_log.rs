@@ -6,10 +6,13 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use http::{header, HeaderMap, Method, Version};
 use serde::Serialize;
+
+use crate::metrics::Metrics;
 
 /// Everything known about one request, logged once when it ends.
 pub struct RequestRecord {
@@ -33,6 +36,8 @@ pub struct RequestRecord {
     pub resp_content_length: Option<u64>,
     pub resp_content_type: String,
     pub extra: Vec<(String, String)>,
+    /// Where the request is counted once logged; `None` for unrouted or excluded paths.
+    pub metrics: Option<Arc<Metrics>>,
     emitted: bool,
 }
 
@@ -81,6 +86,7 @@ impl RequestRecord {
             resp_content_length: None,
             resp_content_type: String::new(),
             extra: Vec::new(),
+            metrics: None,
             emitted: false,
         }
     }
@@ -100,6 +106,7 @@ impl RequestRecord {
         if std::mem::replace(&mut self.emitted, true) {
             return;
         }
+        let elapsed = self.started.elapsed();
         let line = Line {
             timestamp: Timestamp(SystemTime::now()),
             level: "INFO",
@@ -111,7 +118,7 @@ impl RequestRecord {
             status: self.status,
             service: &self.service,
             target: &self.target,
-            duration: u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            duration: u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
             method: self.method.as_str(),
             req_content_length: self.req_content_length.unwrap_or(0),
             req_content_type: &self.req_content_type,
@@ -136,6 +143,10 @@ impl RequestRecord {
             // A failed write to stdout (closed pipe) must not disturb the request.
             let _ = std::io::stdout().lock().write_all(&buffer);
         });
+        if let Some(metrics) = self.metrics.take() {
+            let service = std::mem::take(&mut self.service);
+            metrics.observe_request(service, &self.method, self.status, elapsed);
+        }
     }
 }
 

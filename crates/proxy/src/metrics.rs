@@ -1,0 +1,357 @@
+//! Prometheus metrics: kamal-proxy's three request metrics under their names and labels, and
+//! Berth's own (upstream response time, target health and load, deploys, certificate expiry).
+//!
+//! Counters and histograms are updated as requests and deploys happen. Gauges that describe
+//! the current state (health, in-flight counts, certificate expiry) are filled in when
+//! scraped, from a [`StateSample`] the caller provides, so the request path pays nothing for
+//! them and they can never drift from the state they describe.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::Method;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The content type of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Go's `prometheus.DefBuckets`, which kamal-proxy's request histogram uses.
+const REQUEST_BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Deploys wait on health checks and drains: seconds to minutes.
+const DEPLOY_BUCKETS: [f64; 10] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    service: String,
+    method: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetLabels {
+    service: String,
+    target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeployLabels {
+    service: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostLabels {
+    host: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn request_histogram() -> Histogram {
+    Histogram::new(REQUEST_BUCKETS)
+}
+
+fn deploy_histogram() -> Histogram {
+    Histogram::new(DEPLOY_BUCKETS)
+}
+
+/// The state gauges describe, read by the caller at scrape time.
+#[derive(Debug, Default)]
+pub struct StateSample {
+    pub services: Vec<ServiceSample>,
+    /// Host and the certificate's expiry as Unix seconds.
+    pub certificate_expiry: Vec<(String, i64)>,
+}
+
+#[derive(Debug)]
+pub struct ServiceSample {
+    pub name: String,
+    pub targets: Vec<TargetSample>,
+}
+
+#[derive(Debug)]
+pub struct TargetSample {
+    pub address: String,
+    pub healthy: bool,
+    pub in_flight: usize,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: HistogramFamily<RequestLabels>,
+    in_flight: Family<ServiceLabels, Gauge>,
+    upstream_duration: HistogramFamily<TargetLabels>,
+    target_healthy: Family<TargetLabels, Gauge>,
+    target_in_flight: Family<TargetLabels, Gauge>,
+    deploys: Family<DeployLabels, Counter>,
+    deploy_duration: HistogramFamily<ServiceLabels>,
+    certificate_expiry: Family<HostLabels, Gauge>,
+    /// One scrape at a time: a scrape clears and refills the state gauges.
+    scrape: Mutex<()>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::default();
+        let request_duration: HistogramFamily<RequestLabels> =
+            Family::new_with_constructor(request_histogram);
+        let in_flight = Family::default();
+        let upstream_duration: HistogramFamily<TargetLabels> =
+            Family::new_with_constructor(request_histogram);
+        let target_healthy = Family::default();
+        let target_in_flight = Family::default();
+        let deploys = Family::default();
+        let deploy_duration: HistogramFamily<ServiceLabels> =
+            Family::new_with_constructor(deploy_histogram);
+        let certificate_expiry = Family::default();
+
+        let kamal = registry.sub_registry_with_prefix("kamal_proxy");
+        kamal.register(
+            "http_requests",
+            "HTTP requests processed, labeled by service, status code and method.",
+            requests.clone(),
+        );
+        kamal.register(
+            "http_request_duration_seconds",
+            "Duration of HTTP requests, labeled by service, status code and method.",
+            request_duration.clone(),
+        );
+        kamal.register(
+            "http_in_flight_requests",
+            "Number of in-flight HTTP requests, labeled by service.",
+            in_flight.clone(),
+        );
+        let berth = registry.sub_registry_with_prefix("berth");
+        berth.register(
+            "upstream_response_duration_seconds",
+            "Time from sending a request to a target to its response head.",
+            upstream_duration.clone(),
+        );
+        berth.register(
+            "target_healthy",
+            "1 when the target's last health check passed, else 0.",
+            target_healthy.clone(),
+        );
+        berth.register(
+            "target_in_flight_requests",
+            "Requests in flight on each target.",
+            target_in_flight.clone(),
+        );
+        berth.register(
+            "deploys",
+            "Deploys finished, by service and result (success or failure).",
+            deploys.clone(),
+        );
+        berth.register(
+            "deploy_duration_seconds",
+            "Time from a deploy's start to the old targets drained, for successful deploys.",
+            deploy_duration.clone(),
+        );
+        berth.register(
+            "certificate_expiry_timestamp_seconds",
+            "When each host's TLS certificate expires, as Unix time.",
+            certificate_expiry.clone(),
+        );
+
+        Self {
+            registry,
+            requests,
+            request_duration,
+            in_flight,
+            upstream_duration,
+            target_healthy,
+            target_in_flight,
+            deploys,
+            deploy_duration,
+            certificate_expiry,
+            scrape: Mutex::new(()),
+        }
+    }
+
+    /// Counts one finished request. Takes the service name by value: the caller is done with it.
+    pub fn observe_request(
+        &self,
+        service: String,
+        method: &Method,
+        status: u16,
+        duration: Duration,
+    ) {
+        let labels = RequestLabels {
+            service,
+            method: normalize_method(method),
+            status,
+        };
+        self.request_duration
+            .get_or_create(&labels)
+            .observe(duration.as_secs_f64());
+        self.requests.get_or_create(&labels).inc();
+    }
+
+    /// Records how long a target took to send its response head.
+    pub fn observe_upstream(&self, service: &str, target: &str, duration: Duration) {
+        let labels = TargetLabels {
+            service: service.to_string(),
+            target: target.to_string(),
+        };
+        self.upstream_duration
+            .get_or_create(&labels)
+            .observe(duration.as_secs_f64());
+    }
+
+    /// Counts a finished deploy; a successful one also records how long it took.
+    pub fn observe_deploy(&self, service: &str, succeeded: bool, duration: Duration) {
+        let result = if succeeded { "success" } else { "failure" };
+        self.deploys
+            .get_or_create(&DeployLabels {
+                service: service.to_string(),
+                result,
+            })
+            .inc();
+        if succeeded {
+            self.deploy_duration
+                .get_or_create(&ServiceLabels {
+                    service: service.to_string(),
+                })
+                .observe(duration.as_secs_f64());
+        }
+    }
+
+    /// The Prometheus text for a scrape, with the state gauges set from `sample`.
+    pub fn encode(&self, sample: &StateSample) -> String {
+        let _one_scrape = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        self.in_flight.clear();
+        self.target_healthy.clear();
+        self.target_in_flight.clear();
+        self.certificate_expiry.clear();
+        for service in &sample.services {
+            let total: usize = service.targets.iter().map(|t| t.in_flight).sum();
+            self.in_flight
+                .get_or_create(&ServiceLabels {
+                    service: service.name.clone(),
+                })
+                .set(gauge_value(total));
+            for target in &service.targets {
+                let labels = TargetLabels {
+                    service: service.name.clone(),
+                    target: target.address.clone(),
+                };
+                self.target_healthy
+                    .get_or_create(&labels)
+                    .set(i64::from(target.healthy));
+                self.target_in_flight
+                    .get_or_create(&labels)
+                    .set(gauge_value(target.in_flight));
+            }
+        }
+        for (host, expiry) in &sample.certificate_expiry {
+            self.certificate_expiry
+                .get_or_create(&HostLabels { host: host.clone() })
+                .set(*expiry);
+        }
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+fn gauge_value(count: usize) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
+
+/// Methods outside the standard set share one label value, so a scanner sending made-up
+/// methods cannot grow the label space without bound.
+fn normalize_method(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::CONNECT => "CONNECT",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}
+
+/// Shared by everything that records into the same metrics.
+pub type SharedMetrics = Arc<Metrics>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_metrics_use_kamal_proxy_names_and_labels() {
+        let metrics = Metrics::new();
+        metrics.observe_request("app".into(), &Method::GET, 200, Duration::from_millis(3));
+        metrics.observe_request(
+            "app".into(),
+            &Method::from_bytes(b"BREW").unwrap(),
+            404,
+            Duration::from_millis(3),
+        );
+        let text = metrics.encode(&StateSample::default());
+        assert!(text.contains(
+            r#"kamal_proxy_http_requests_total{service="app",method="GET",status="200"} 1"#
+        ));
+        assert!(text.contains(r#"method="OTHER",status="404"} 1"#));
+        assert!(text.contains(
+            r#"kamal_proxy_http_request_duration_seconds_bucket{le="0.005",service="app",method="GET",status="200"} 1"#
+        ));
+    }
+
+    #[test]
+    fn state_gauges_follow_the_latest_sample() {
+        let metrics = Metrics::new();
+        let sample = StateSample {
+            services: vec![ServiceSample {
+                name: "app".into(),
+                targets: vec![TargetSample {
+                    address: "a:1".into(),
+                    healthy: true,
+                    in_flight: 2,
+                }],
+            }],
+            certificate_expiry: vec![("example.com".into(), 1_900_000_000)],
+        };
+        let text = metrics.encode(&sample);
+        assert!(text.contains(r#"kamal_proxy_http_in_flight_requests{service="app"} 2"#));
+        assert!(text.contains(r#"berth_target_healthy{service="app",target="a:1"} 1"#));
+        assert!(text.contains(
+            r#"berth_certificate_expiry_timestamp_seconds{host="example.com"} 1900000000"#
+        ));
+        let text = metrics.encode(&StateSample::default());
+        assert!(
+            !text.contains(r#"target="a:1""#),
+            "a removed target must vanish"
+        );
+    }
+}

@@ -1,0 +1,129 @@
+//! The Prometheus endpoint (`--metrics-port`): `GET /metrics` on its own listener.
+//!
+//! Counters come from the data and control planes as they work; the state gauges (target
+//! health, in-flight requests, certificate expiry) are read from the registry and the
+//! certificates at each scrape.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use berth_control::Registry;
+use berth_proxy::metrics::{ServiceSample, StateSample, TargetSample, CONTENT_TYPE};
+use berth_proxy::Health;
+use berth_proxy::Metrics;
+use tokio::net::TcpListener;
+
+use crate::tls::TlsBridge;
+
+#[derive(Clone)]
+struct Sources {
+    metrics: Arc<Metrics>,
+    registry: Arc<Registry>,
+    certificates: Arc<TlsBridge>,
+}
+
+/// Binds the metrics port with `SO_REUSEPORT`, so a process taking over in a handover can
+/// bind it while the old one still holds it.
+pub fn bind(bind: Option<IpAddr>, port: u16) -> anyhow::Result<TcpListener> {
+    let address = SocketAddr::new(bind.unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED)), port);
+    let listen = |address: SocketAddr| -> std::io::Result<TcpListener> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(address),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        if address.is_ipv6() {
+            socket.set_only_v6(false)?;
+        }
+        socket.bind(&address.into())?;
+        socket.listen(128)?;
+        socket.set_nonblocking(true)?;
+        TcpListener::from_std(socket.into())
+    };
+    match listen(address) {
+        Ok(listener) => Ok(listener),
+        // No IPv6 on this host: every IPv4 address instead.
+        Err(_) if bind.is_none() => {
+            let address = SocketAddr::from(([0, 0, 0, 0], port));
+            listen(address).with_context(|| format!("cannot listen for metrics on {address}"))
+        }
+        Err(error) => Err(error).with_context(|| format!("cannot listen for metrics on {address}")),
+    }
+}
+
+/// Serves `/metrics` until `stop` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    registry: Arc<Registry>,
+    certificates: Arc<TlsBridge>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let sources = Sources {
+        metrics,
+        registry,
+        certificates,
+    };
+    let app = Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(sources);
+    if let Err(error) = axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await
+    {
+        tracing::error!(%error, "Metrics endpoint failed");
+    }
+}
+
+async fn scrape(State(sources): State<Sources>) -> impl IntoResponse {
+    let sample = sample_state(&sources.registry, &sources.certificates);
+    let text = sources.metrics.encode(&sample);
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], text)
+}
+
+fn sample_state(registry: &Registry, certificates: &TlsBridge) -> StateSample {
+    let status = registry.status();
+    let mut services = BTreeMap::new();
+    let mut certificate_expiry = BTreeMap::new();
+    for route in &status.routes {
+        services.entry(route.service.clone()).or_insert_with(|| {
+            route
+                .targets
+                .iter()
+                .map(|target| TargetSample {
+                    address: target.address.clone(),
+                    healthy: target.health == Health::Healthy,
+                    in_flight: target.in_flight,
+                })
+                .collect::<Vec<_>>()
+        });
+        if route.tls {
+            let expiry = certificates
+                .0
+                .info(&route.host)
+                .and_then(|info| info.not_after)
+                .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
+                .and_then(|since| i64::try_from(since.as_secs()).ok());
+            if let Some(expiry) = expiry {
+                certificate_expiry.insert(route.host.clone(), expiry);
+            }
+        }
+    }
+    StateSample {
+        services: services
+            .into_iter()
+            .map(|(name, targets)| ServiceSample { name, targets })
+            .collect(),
+        certificate_expiry: certificate_expiry.into_iter().collect(),
+    }
+}

@@ -1,0 +1,22 @@
+//! Certificates made on the spot for tests that bring their own (`--tls-certificate-path`).
+
+use rustls::pki_types::CertificateDer;
+
+/// A certificate for `host` from a throwaway CA, 3 hours long with 1 hour left.
+pub fn short_lived_certificate(host: &str) -> (String, String, CertificateDer<'static>) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "berth test short-lived CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![host.to_string()]).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(2);
+    params.not_after = now + time::Duration::hours(1);
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (cert.pem(), key.serialize_pem(), ca.der().clone())
+}
