@@ -47,6 +47,52 @@ pub enum Command {
     Pause(PauseArgs),
     /// Resume a paused or stopped service
     Resume(ServiceArg),
+    /// Canary rollouts: extra targets that get a share of a service's traffic
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Deploy the rollout targets of an existing service (health-gated; no traffic until `rollout set`)
+    Deploy(RolloutDeployArgs),
+    /// Set the traffic split: a percentage of `kamal-rollout` cookie values, and cookie values that always go to the rollout
+    Set(RolloutSetArgs),
+    /// Stop the rollout: all traffic back to the main targets; the rollout targets drain
+    Stop(ServiceArg),
+}
+
+#[derive(Debug, Args)]
+pub struct RolloutDeployArgs {
+    /// Service name
+    pub service: String,
+    /// Rollout target host:port (repeatable, or comma-separated)
+    #[arg(
+        long = "target",
+        value_name = "HOST:PORT",
+        required = true,
+        value_delimiter = ','
+    )]
+    pub targets: Vec<String>,
+    /// Maximum time to wait for the rollout targets to become healthy
+    #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_DEPLOY_TIMEOUT, value_parser = parse_duration)]
+    pub deploy_timeout: GoDuration,
+    /// Maximum time to let requests on replaced rollout targets finish
+    #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_DRAIN_TIMEOUT, value_parser = parse_duration)]
+    pub drain_timeout: GoDuration,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("split").required(true).multiple(true).args(["percent", "allowlist"])))]
+pub struct RolloutSetArgs {
+    /// Service name
+    pub service: String,
+    /// Percentage (0-100) of `kamal-rollout` cookie values sent to the rollout targets
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub percent: Option<u32>,
+    /// `kamal-rollout` cookie values always sent to the rollout targets (comma-separated)
+    #[arg(long = "list", value_name = "VALUES", value_delimiter = ',')]
+    pub allowlist: Vec<String>,
 }
 
 /// Options of `run`. Each may also come from the environment as `KAMAL_PROXY_<NAME>` or

@@ -2,11 +2,14 @@
 
 use std::io::IsTerminal;
 
-use berth_control::protocol::{ServiceList, StatusReport};
-use berth_control::{paths, ControlClient, DeployRequest, PauseRequest, StopRequest};
+use berth_control::protocol::{ServiceList, StatusReport, TargetStatus};
+use berth_control::{
+    paths, ControlClient, DeployRequest, PauseRequest, RolloutDeployRequest, RolloutSetRequest,
+    StopRequest,
+};
 use berth_proxy::config::{BufferConfig, HealthCheckConfig, ServiceConfig, TlsConfig};
 
-use crate::cli::{Command, DeployArgs, OutputArgs};
+use crate::cli::{Command, DeployArgs, OutputArgs, RolloutCommand};
 
 pub async fn run(command: Command) -> anyhow::Result<()> {
     let client = ControlClient::new(paths::socket_path());
@@ -32,6 +35,22 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             client.pause(&args.service, &request).await?;
         }
         Command::Resume(args) => client.resume(&args.service).await?,
+        Command::Rollout(RolloutCommand::Deploy(args)) => {
+            let request = RolloutDeployRequest {
+                targets: args.targets,
+                deploy_timeout: args.deploy_timeout,
+                drain_timeout: args.drain_timeout,
+            };
+            client.rollout_deploy(&args.service, &request).await?;
+        }
+        Command::Rollout(RolloutCommand::Set(args)) => {
+            let request = RolloutSetRequest {
+                percent: args.percent.unwrap_or(0),
+                allowlist: args.allowlist,
+            };
+            client.rollout_set(&args.service, &request).await?;
+        }
+        Command::Rollout(RolloutCommand::Stop(args)) => client.rollout_stop(&args.service).await?,
         Command::List(output) => print_list(&client.list().await?, &output)?,
         Command::Status(output) => print_status(&client.status().await?, &output)?,
     }
@@ -136,26 +155,37 @@ fn print_status(status: &StatusReport, output: &OutputArgs) -> anyhow::Result<()
             route.state.clone(),
             yes_no(route.tls),
         ];
-        let target_cells: Vec<[String; 4]> = if route.targets.is_empty() {
+        let target_row = |target: &TargetStatus, label: &str| {
+            let health = serde_json::to_value(target.health)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_else(|| "unknown".into());
+            [
+                format!("{}{label}", target.address),
+                health,
+                target.in_flight.to_string(),
+                target.last_failure.clone().unwrap_or_default(),
+            ]
+        };
+        let mut target_cells: Vec<[String; 4]> = if route.targets.is_empty() {
             vec![["-".into(), "-".into(), "0".into(), String::new()]]
         } else {
-            route
-                .targets
-                .iter()
-                .map(|target| {
-                    let health = serde_json::to_value(target.health)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_else(|| "unknown".into());
-                    [
-                        target.address.clone(),
-                        health,
-                        target.in_flight.to_string(),
-                        target.last_failure.clone().unwrap_or_default(),
-                    ]
-                })
-                .collect()
+            route.targets.iter().map(|t| target_row(t, "")).collect()
         };
+        if let Some(rollout) = &route.rollout {
+            let label = match &rollout.split {
+                Some(split) if split.allowlist.is_empty() => {
+                    format!(" (rollout {}%)", split.percent)
+                }
+                Some(split) => format!(
+                    " (rollout {}% + {})",
+                    split.percent,
+                    split.allowlist.join(",")
+                ),
+                None => " (rollout, no traffic)".to_string(),
+            };
+            target_cells.extend(rollout.targets.iter().map(|t| target_row(t, &label)));
+        }
         for cells in target_cells {
             rows.push(route_cells.iter().cloned().chain(cells).collect());
         }

@@ -97,9 +97,11 @@ fn sample_state(registry: &Registry, certificates: &TlsBridge) -> StateSample {
     let mut certificate_expiry = BTreeMap::new();
     for route in &status.routes {
         services.entry(route.service.clone()).or_insert_with(|| {
+            let rollout_targets = route.rollout.iter().flat_map(|r| r.targets.iter());
             route
                 .targets
                 .iter()
+                .chain(rollout_targets)
                 .map(|target| TargetSample {
                     address: target.address.clone(),
                     healthy: target.health == Health::Healthy,

@@ -9,11 +9,13 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use tokio::net::UnixListener;
 
-use crate::protocol::{ApiError, DeployRequest, PauseRequest, StopRequest};
+use crate::protocol::{
+    ApiError, DeployRequest, PauseRequest, RolloutDeployRequest, RolloutSetRequest, StopRequest,
+};
 use crate::registry::{Registry, RegistryError};
 
 /// Request bodies over this size are refused: no deploy needs more.
@@ -28,6 +30,11 @@ pub fn router(registry: Arc<Registry>) -> Router {
         .route("/v1/services/{name}/stop", post(stop))
         .route("/v1/services/{name}/pause", post(pause))
         .route("/v1/services/{name}/resume", post(resume))
+        .route(
+            "/v1/services/{name}/rollout",
+            post(rollout_deploy).delete(rollout_stop),
+        )
+        .route("/v1/services/{name}/rollout/split", put(rollout_set))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(registry)
 }
@@ -187,6 +194,34 @@ async fn resume(
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult {
     registry.resume(&name).await?;
+    done()
+}
+
+async fn rollout_deploy(
+    State(registry): State<Arc<Registry>>,
+    UrlPath(name): UrlPath<String>,
+    body: Result<Json<RolloutDeployRequest>, JsonRejection>,
+) -> ApiResult {
+    let Json(request) = body?;
+    detached(async move { registry.rollout_deploy(&name, request).await }).await?;
+    done()
+}
+
+async fn rollout_set(
+    State(registry): State<Arc<Registry>>,
+    UrlPath(name): UrlPath<String>,
+    body: Result<Json<RolloutSetRequest>, JsonRejection>,
+) -> ApiResult {
+    let Json(request) = body?;
+    registry.rollout_set(&name, request).await?;
+    done()
+}
+
+async fn rollout_stop(
+    State(registry): State<Arc<Registry>>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult {
+    detached(async move { registry.rollout_stop(&name).await }).await?;
     done()
 }
 

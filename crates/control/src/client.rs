@@ -10,7 +10,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::protocol::{
-    ApiError, DeployRequest, PauseRequest, ServiceList, StatusReport, StopRequest,
+    ApiError, DeployRequest, PauseRequest, RolloutDeployRequest, RolloutSetRequest, ServiceList,
+    StatusReport, StopRequest,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +80,37 @@ impl ControlClient {
 
     pub async fn resume(&self, service: &str) -> Result<(), ClientError> {
         self.call_unit::<()>(Method::POST, &service_path(service, "/resume"), None)
+            .await
+    }
+
+    pub async fn rollout_deploy(
+        &self,
+        service: &str,
+        request: &RolloutDeployRequest,
+    ) -> Result<(), ClientError> {
+        self.call_unit(
+            Method::POST,
+            &service_path(service, "/rollout"),
+            Some(request),
+        )
+        .await
+    }
+
+    pub async fn rollout_set(
+        &self,
+        service: &str,
+        request: &RolloutSetRequest,
+    ) -> Result<(), ClientError> {
+        self.call_unit(
+            Method::PUT,
+            &service_path(service, "/rollout/split"),
+            Some(request),
+        )
+        .await
+    }
+
+    pub async fn rollout_stop(&self, service: &str) -> Result<(), ClientError> {
+        self.call_unit::<()>(Method::DELETE, &service_path(service, "/rollout"), None)
             .await
     }
 

@@ -17,6 +17,8 @@ pub mod registry;
 pub mod state;
 
 pub use client::{ClientError, ControlClient};
-pub use protocol::{DeployRequest, PauseRequest, StopRequest};
+pub use protocol::{
+    DeployRequest, PauseRequest, RolloutDeployRequest, RolloutSetRequest, StopRequest,
+};
 pub use registry::{Registry, RegistryError, TlsProvider};
 pub use state::StateFile;

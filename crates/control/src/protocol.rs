@@ -7,6 +7,9 @@
 //! | `POST /v1/services/{name}/stop`     | [`StopRequest`]   | `{}` after draining |
 //! | `POST /v1/services/{name}/pause`    | [`PauseRequest`]  | `{}` after draining |
 //! | `POST /v1/services/{name}/resume`   |                 | `{}`            |
+//! | `POST /v1/services/{name}/rollout`  | [`RolloutDeployRequest`] | `{}` when the rollout targets are healthy and the previous ones drained |
+//! | `PUT /v1/services/{name}/rollout/split` | [`RolloutSetRequest`] | `{}` |
+//! | `DELETE /v1/services/{name}/rollout` |                | `{}` after the rollout targets drained |
 //! | `GET /v1/services`                  |                 | [`ServiceList`]   |
 //! | `GET /v1/status`                    |                 | [`StatusReport`]  |
 //!
@@ -15,7 +18,7 @@
 use berth_proxy::config::{
     ServiceConfig, DEFAULT_DEPLOY_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_PAUSE_TIMEOUT,
 };
-use berth_proxy::{GoDuration, Health};
+use berth_proxy::{GoDuration, Health, RolloutSplit};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -59,6 +62,26 @@ pub struct PauseRequest {
     pub max_pause: GoDuration,
 }
 
+/// `rollout deploy`: canary targets for an existing service, health-gated like a deploy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutDeployRequest {
+    pub targets: Vec<String>,
+    #[serde(default = "default_deploy_timeout")]
+    pub deploy_timeout: GoDuration,
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: GoDuration,
+}
+
+/// `rollout set`: the share of cookie values, and the cookie values always, sent to the
+/// rollout targets.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutSetRequest {
+    #[serde(default)]
+    pub percent: u32,
+    #[serde(default)]
+    pub allowlist: Vec<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApiError {
     pub error: String,
@@ -98,6 +121,16 @@ pub struct RouteStatus {
     /// For TLS hosts: the certificate served and any order in progress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<CertificateStatus>,
+    /// Canary targets and their split, while a rollout is deployed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    pub targets: Vec<TargetStatus>,
+    /// None until `rollout set`: the rollout targets get no traffic yet.
+    pub split: Option<RolloutSplit>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

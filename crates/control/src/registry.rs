@@ -15,14 +15,15 @@ use berth_proxy::config::{
 use berth_proxy::health::spawn_health_check;
 use berth_proxy::upstream::UpstreamClient;
 use berth_proxy::{
-    ErrorPages, Metrics, PauseState, RouteTable, RouteTableHandle, Service, ServiceSettings, Target,
+    ErrorPages, Metrics, PauseState, RolloutSplit, RouteTable, RouteTableHandle, Service,
+    ServiceSettings, Target,
 };
 use futures_util::future::join_all;
 use tokio::time::Instant;
 
 use crate::protocol::{
-    CertificateStatus, DeployRequest, RouteStatus, ServiceList, ServiceSummary, StatusReport,
-    TargetStatus,
+    CertificateStatus, DeployRequest, RolloutDeployRequest, RolloutSetRequest, RolloutStatus,
+    RouteStatus, ServiceList, ServiceSummary, StatusReport, TargetStatus,
 };
 use crate::state::{PersistedPause, ServiceState, State, StateError, StateFile};
 
@@ -56,6 +57,8 @@ struct Entry {
     service: Arc<Service>,
     targets: Vec<String>,
     pause: PersistedPause,
+    rollout_targets: Vec<String>,
+    rollout: Option<RolloutSplit>,
 }
 
 pub struct Registry {
@@ -154,22 +157,26 @@ impl Registry {
                     error_pages,
                 },
             ));
-            let targets: Vec<Arc<Target>> = saved
-                .targets
-                .iter()
-                .filter_map(|address| match Target::new(address, saved.config.health_check.clone()) {
-                    Ok(target) => Some(Arc::new(target)),
-                    Err(error) => {
-                        tracing::warn!(service = %saved.name, %error, "Skipping unusable saved target");
-                        None
-                    }
-                })
-                .collect();
-            for target in &targets {
-                target.assume_healthy();
-                spawn_health_check(target, self.client.clone());
-            }
-            service.replace_targets(targets);
+            let restore_targets = |addresses: &[String]| -> Vec<Arc<Target>> {
+                let targets: Vec<Arc<Target>> = addresses
+                    .iter()
+                    .filter_map(|address| match Target::new(address, saved.config.health_check.clone()) {
+                        Ok(target) => Some(Arc::new(target)),
+                        Err(error) => {
+                            tracing::warn!(service = %saved.name, %error, "Skipping unusable saved target");
+                            None
+                        }
+                    })
+                    .collect();
+                for target in &targets {
+                    target.assume_healthy();
+                    spawn_health_check(target, self.client.clone());
+                }
+                targets
+            };
+            service.replace_targets(restore_targets(&saved.targets));
+            service.replace_rollout_targets(restore_targets(&saved.rollout_targets));
+            service.set_rollout_split(saved.rollout.clone());
             service.set_pause_state(match &saved.pause {
                 PersistedPause::Running => PauseState::Running,
                 PersistedPause::Paused { max_pause } => PauseState::Paused {
@@ -185,6 +192,8 @@ impl Registry {
                     service,
                     targets: saved.targets,
                     pause: saved.pause,
+                    rollout_targets: saved.rollout_targets,
+                    rollout: saved.rollout,
                 },
             );
         }
@@ -257,18 +266,17 @@ impl Registry {
                 return Err(error);
             }
             let mut next_state = snapshot(&entries);
-            let saved = ServiceState {
-                name: name.to_string(),
-                targets: request.targets.clone(),
-                config: config.clone(),
-                pause: entries
-                    .get(name)
-                    .map(|e| e.pause.clone())
-                    .unwrap_or_default(),
-            };
             match next_state.services.iter_mut().find(|s| s.name == name) {
-                Some(existing) => *existing = saved,
-                None => next_state.services.push(saved),
+                Some(existing) => {
+                    existing.targets = request.targets.clone();
+                    existing.config = config.clone();
+                }
+                None => next_state.services.push(ServiceState {
+                    name: name.to_string(),
+                    targets: request.targets.clone(),
+                    config: config.clone(),
+                    ..ServiceState::default()
+                }),
             }
             if let Err(error) = self.state_file.save(&next_state) {
                 targets.iter().for_each(|target| target.retire());
@@ -288,6 +296,8 @@ impl Registry {
                 )),
                 targets: Vec::new(),
                 pause: PersistedPause::Running,
+                rollout_targets: Vec::new(),
+                rollout: None,
             });
             entry.service.set_settings(settings);
             entry.targets = request.targets.clone();
@@ -329,7 +339,8 @@ impl Registry {
             .unwrap_or_else(|e| e.into_inner())
             .remove(name);
         if let Some(service) = removed {
-            let targets = service.replace_targets(Vec::new());
+            let mut targets = service.replace_targets(Vec::new());
+            targets.extend(service.replace_rollout_targets(Vec::new()));
             tokio::spawn(async move { drain_all(&targets, DEFAULT_DRAIN_TIMEOUT.get()).await });
         }
         tracing::info!(service = name, "Removed");
@@ -380,6 +391,125 @@ impl Registry {
         Ok(())
     }
 
+    /// Deploys canary targets for an existing service: waits for them to be healthy, makes
+    /// them the rollout targets, then drains the previous rollout targets. They get traffic
+    /// once `rollout_set` gives them a share.
+    pub async fn rollout_deploy(
+        &self,
+        name: &str,
+        request: RolloutDeployRequest,
+    ) -> Result<(), RegistryError> {
+        let _admitted = self.admit_change().await?;
+        if request.targets.is_empty() {
+            return Err(RegistryError::Invalid(
+                "at least one target is required".into(),
+            ));
+        }
+        let lock = self.service_lock(name);
+        let _deploying = lock.lock().await;
+        let service = self.service(name)?;
+        let health_check = service.settings().config.health_check.clone();
+        let targets: Vec<Arc<Target>> = request
+            .targets
+            .iter()
+            .map(|address| Target::new(address, health_check.clone()).map(Arc::new))
+            .collect::<Result<_, _>>()
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        tracing::info!(service = name, targets = ?request.targets, "Deploying rollout targets");
+        for target in &targets {
+            spawn_health_check(target, self.client.clone());
+        }
+        if let Err(error) = wait_all_healthy(&targets, request.deploy_timeout.get()).await {
+            targets.iter().for_each(|target| target.retire());
+            return Err(error);
+        }
+        let replaced = self.change_rollout(name, |rollout_targets, _| {
+            *rollout_targets = request.targets.clone();
+        });
+        let old = match replaced {
+            Ok(()) => service.replace_rollout_targets(targets),
+            Err(error) => {
+                targets.iter().for_each(|target| target.retire());
+                return Err(error);
+            }
+        };
+        drain_all(&old, request.drain_timeout.get()).await;
+        tracing::info!(service = name, targets = ?request.targets, "Rollout targets deployed");
+        Ok(())
+    }
+
+    /// Sends `percent` of cookie values, and the allowlisted ones always, to the rollout
+    /// targets.
+    pub async fn rollout_set(
+        &self,
+        name: &str,
+        request: RolloutSetRequest,
+    ) -> Result<(), RegistryError> {
+        let _admitted = self.admit_change().await?;
+        let split = RolloutSplit::new(request.percent, request.allowlist)
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let lock = self.service_lock(name);
+        let _changing = lock.lock().await;
+        let service = self.service(name)?;
+        if service.rollout_pool().targets().is_empty() {
+            return Err(RegistryError::Invalid("rollout target not set".into()));
+        }
+        self.change_rollout(name, |_, rollout| *rollout = Some(split.clone()))?;
+        tracing::info!(service = name, percent = split.percent, allowlist = ?split.allowlist, "Rollout split set");
+        service.set_rollout_split(Some(split));
+        Ok(())
+    }
+
+    /// Ends the rollout: all traffic goes to the main targets, and the rollout targets drain
+    /// and are forgotten.
+    pub async fn rollout_stop(&self, name: &str) -> Result<(), RegistryError> {
+        let _admitted = self.admit_change().await?;
+        let lock = self.service_lock(name);
+        let _changing = lock.lock().await;
+        let service = self.service(name)?;
+        self.change_rollout(name, |rollout_targets, rollout| {
+            rollout_targets.clear();
+            *rollout = None;
+        })?;
+        service.set_rollout_split(None);
+        let old = service.replace_rollout_targets(Vec::new());
+        tracing::info!(service = name, "Rollout stopped");
+        drain_all(&old, DEFAULT_DRAIN_TIMEOUT.get()).await;
+        Ok(())
+    }
+
+    fn service(&self, name: &str) -> Result<Arc<Service>, RegistryError> {
+        self.lock_entries()
+            .get(name)
+            .map(|entry| Arc::clone(&entry.service))
+            .ok_or(RegistryError::ServiceNotFound)
+    }
+
+    /// Changes a service's saved rollout (targets and split): saved first, then recorded,
+    /// under one lock so no other change saves a state without it.
+    fn change_rollout(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut Vec<String>, &mut Option<RolloutSplit>),
+    ) -> Result<(), RegistryError> {
+        let mut entries = self.lock_entries();
+        let entry = entries.get(name).ok_or(RegistryError::ServiceNotFound)?;
+        let (mut rollout_targets, mut rollout) =
+            (entry.rollout_targets.clone(), entry.rollout.clone());
+        change(&mut rollout_targets, &mut rollout);
+        let mut next_state = snapshot(&entries);
+        if let Some(saved) = next_state.services.iter_mut().find(|s| s.name == name) {
+            saved.rollout_targets = rollout_targets.clone();
+            saved.rollout = rollout.clone();
+        }
+        self.state_file.save(&next_state)?;
+        if let Some(entry) = entries.get_mut(name) {
+            entry.rollout_targets = rollout_targets;
+            entry.rollout = rollout;
+        }
+        Ok(())
+    }
+
     pub fn list(&self) -> ServiceList {
         let entries = self.lock_entries();
         let services = entries
@@ -409,16 +539,17 @@ impl Registry {
                 .pool()
                 .targets()
                 .iter()
-                .map(|target| {
-                    let report = target.health_report();
-                    TargetStatus {
-                        address: target.address().to_string(),
-                        health: report.health,
-                        last_failure: report.last_failure,
-                        in_flight: target.in_flight(),
-                    }
-                })
+                .map(|target| target_status(target))
                 .collect();
+            let rollout_pool = entry.service.rollout_pool();
+            let rollout = (!rollout_pool.targets().is_empty()).then(|| RolloutStatus {
+                targets: rollout_pool
+                    .targets()
+                    .iter()
+                    .map(|target| target_status(target))
+                    .collect(),
+                split: entry.service.rollout_split().map(|split| (*split).clone()),
+            });
             let hosts = if settings.config.hosts.is_empty() {
                 vec!["*".to_string()]
             } else {
@@ -438,6 +569,7 @@ impl Registry {
                         tls: settings.config.tls.enabled,
                         targets: targets.clone(),
                         certificate: certificate.clone(),
+                        rollout: rollout.clone(),
                     });
                 }
             }
@@ -511,6 +643,16 @@ impl Registry {
     }
 }
 
+fn target_status(target: &Target) -> TargetStatus {
+    let report = target.health_report();
+    TargetStatus {
+        address: target.address().to_string(),
+        health: report.health,
+        last_failure: report.last_failure,
+        in_flight: target.in_flight(),
+    }
+}
+
 fn snapshot(entries: &BTreeMap<String, Entry>) -> State {
     State {
         version: 0,
@@ -521,6 +663,8 @@ fn snapshot(entries: &BTreeMap<String, Entry>) -> State {
                 targets: entry.targets.clone(),
                 config: entry.service.settings().config.clone(),
                 pause: entry.pause.clone(),
+                rollout_targets: entry.rollout_targets.clone(),
+                rollout: entry.rollout.clone(),
             })
             .collect(),
     }

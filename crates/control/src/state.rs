@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use berth_proxy::config::ServiceConfig;
-use berth_proxy::GoDuration;
+use berth_proxy::{GoDuration, RolloutSplit};
 use serde::{Deserialize, Serialize};
 
 const FORMAT_VERSION: u32 = 1;
@@ -36,13 +36,19 @@ pub struct State {
     pub services: Vec<ServiceState>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ServiceState {
     pub name: String,
     pub targets: Vec<String>,
     pub config: ServiceConfig,
     #[serde(default)]
     pub pause: PersistedPause,
+    /// Canary targets from `rollout deploy`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollout_targets: Vec<String>,
+    /// The split from `rollout set`; none means the rollout targets get no traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutSplit>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -142,6 +148,8 @@ mod tests {
                 pause: PersistedPause::Stopped {
                     message: Some("maintenance".into()),
                 },
+                rollout_targets: vec!["127.0.0.1:3001".into()],
+                rollout: Some(RolloutSplit::new(25, vec!["staff".into()]).unwrap()),
             }],
         }
     }

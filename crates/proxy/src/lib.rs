@@ -5,6 +5,7 @@
 //!   requests read it through.
 //! - [`service`]: a service's settings, target pool (round-robin over healthy targets) and
 //!   pause/stop state.
+//! - [`rollout`]: which requests a canary rollout takes (the `kamal-rollout` cookie).
 //! - [`target`]: one upstream address with its health, in-flight count and drain signals.
 //! - [`health`]: the periodic health check of each target.
 //! - [`pipeline`]: the request pipeline: route → admit → pick target → forward → log.
@@ -31,6 +32,7 @@ pub mod listener;
 pub mod metrics;
 pub mod pipeline;
 mod request_log;
+pub mod rollout;
 pub mod route;
 pub mod service;
 pub mod target;
@@ -43,6 +45,7 @@ pub use duration::{DurationError, GoDuration};
 pub use error_page::{ErrorPages, ErrorPagesError};
 pub use metrics::Metrics;
 pub use pipeline::Proxy;
+pub use rollout::RolloutSplit;
 pub use route::{RouteTable, RouteTableHandle};
 pub use service::{PauseState, Service, ServiceSettings};
 pub use target::{Health, Target};

@@ -214,7 +214,7 @@ impl Proxy {
             }
         }
 
-        let Some(claim) = service.pick_target() else {
+        let Some(claim) = service.pick_target(request.headers()) else {
             let status = StatusCode::SERVICE_UNAVAILABLE;
             return finish_with_error(
                 record,

@@ -7,12 +7,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use http::HeaderMap;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::ServiceConfig;
 use crate::error_page::ErrorPages;
+use crate::rollout::RolloutSplit;
 use crate::target::{InFlight, Target};
 
 /// What a service does with new requests.
@@ -94,6 +96,9 @@ pub struct Service {
     name: String,
     settings: ArcSwap<ServiceSettings>,
     pool: ArcSwap<TargetPool>,
+    /// Canary targets; they get traffic only while a split is set.
+    rollout_pool: ArcSwap<TargetPool>,
+    rollout_split: ArcSwapOption<RolloutSplit>,
     pause: watch::Sender<PauseState>,
 }
 
@@ -109,6 +114,8 @@ impl Service {
             name: name.to_string(),
             settings: ArcSwap::from_pointee(settings),
             pool: ArcSwap::from_pointee(TargetPool::default()),
+            rollout_pool: ArcSwap::from_pointee(TargetPool::default()),
+            rollout_split: ArcSwapOption::empty(),
             pause: watch::Sender::new(PauseState::Running),
         }
     }
@@ -135,9 +142,39 @@ impl Service {
         old.targets.clone()
     }
 
-    /// Claims a target for one request. A pool swapped mid-pick is read again.
-    pub fn pick_target(&self) -> Option<InFlight> {
+    pub fn rollout_pool(&self) -> Arc<TargetPool> {
+        self.rollout_pool.load_full()
+    }
+
+    /// Makes `targets` the rollout targets; returns the ones replaced (for draining).
+    pub fn replace_rollout_targets(&self, targets: Vec<Arc<Target>>) -> Vec<Arc<Target>> {
+        let old = self.rollout_pool.swap(Arc::new(TargetPool::new(targets)));
+        old.targets.clone()
+    }
+
+    pub fn rollout_split(&self) -> Option<Arc<RolloutSplit>> {
+        self.rollout_split.load_full()
+    }
+
+    /// Sets (or with `None`, ends) the split of traffic to the rollout targets.
+    pub fn set_rollout_split(&self, split: Option<RolloutSplit>) {
+        self.rollout_split.store(split.map(Arc::new));
+    }
+
+    /// Claims a target for one request: a rollout target if a split is set and selects the
+    /// request, else a main one. A pool swapped mid-pick is read again.
+    pub fn pick_target(&self, headers: &HeaderMap) -> Option<InFlight> {
+        let use_rollout = self
+            .rollout_split
+            .load()
+            .as_ref()
+            .is_some_and(|split| split.selects(headers));
         for _ in 0..3 {
+            if use_rollout {
+                if let Some(claim) = self.rollout_pool.load().pick() {
+                    return Some(claim);
+                }
+            }
             if let Some(claim) = self.pool.load().pick() {
                 return Some(claim);
             }
@@ -175,15 +212,26 @@ impl Service {
         }
     }
 
-    /// Requests in flight on all current targets.
+    /// Requests in flight on all current targets, main and rollout.
     pub fn in_flight(&self) -> usize {
-        self.pool.load().targets.iter().map(|t| t.in_flight()).sum()
+        let (pool, rollout) = (self.pool.load(), self.rollout_pool.load());
+        pool.targets
+            .iter()
+            .chain(rollout.targets.iter())
+            .map(|t| t.in_flight())
+            .sum()
     }
 
-    /// Waits for in-flight requests on the current targets to finish, up to `timeout`.
+    /// Waits for in-flight requests on the current targets (main and rollout) to finish, up
+    /// to `timeout`.
     pub async fn wait_idle(&self, timeout: Duration) -> bool {
-        let pool = self.pool();
-        let all_idle = futures_util::future::join_all(pool.targets.iter().map(|t| t.wait_idle()));
+        let (pool, rollout) = (self.pool(), self.rollout_pool());
+        let all_idle = futures_util::future::join_all(
+            pool.targets
+                .iter()
+                .chain(rollout.targets.iter())
+                .map(|t| t.wait_idle()),
+        );
         tokio::time::timeout(timeout, all_idle).await.is_ok()
     }
 }
@@ -222,7 +270,7 @@ mod tests {
         let picks: Vec<String> = (0..4)
             .map(|_| {
                 service
-                    .pick_target()
+                    .pick_target(&HeaderMap::new())
                     .unwrap()
                     .target()
                     .address()
@@ -237,7 +285,7 @@ mod tests {
     fn with_no_healthy_target_any_target_is_tried() {
         let service = service();
         service.replace_targets(vec![target("a:1", false)]);
-        assert!(service.pick_target().is_some());
+        assert!(service.pick_target(&HeaderMap::new()).is_some());
     }
 
     #[tokio::test]
