@@ -150,6 +150,12 @@ pub struct RunArgs {
     /// Enable HTTP/3 (accepted for compatibility; not supported, ignored)
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
     pub http3: Option<bool>,
+    /// Require a PROXY protocol header (v1 or v2) on every connection, as a TCP load balancer sends; connections without one are closed [env: PROXY_PROTOCOL] [default: false]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
+    pub proxy_protocol: Option<bool>,
+    /// Address ranges (CIDR or single addresses, comma-separated) of proxies in front of this one whose X-Forwarded-For is believed, for every service [env: TRUSTED_PROXIES] [default: none]
+    #[arg(long, value_name = "RANGES")]
+    pub trusted_proxies: Option<IpRanges>,
 }
 
 #[derive(Debug, Args)]
@@ -332,6 +338,29 @@ fn parse_duration(text: &str) -> Result<GoDuration, String> {
 }
 
 /// Booleans as Go's flag package reads them.
+/// Address ranges given as `10.0.0.0/8,192.0.2.1`: a single address is a range of one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
+pub struct IpRanges(pub Vec<ipnet::IpNet>);
+
+impl std::str::FromStr for IpRanges {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        text.split(',')
+            .map(str::trim)
+            .filter(|entry| !entry.is_empty())
+            .map(|entry| {
+                entry
+                    .parse::<ipnet::IpNet>()
+                    .or_else(|_| entry.parse::<IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| format!("{entry:?} is not an address range (like 10.0.0.0/8)"))
+            })
+            .collect::<Result<_, _>>()
+            .map(IpRanges)
+    }
+}
+
 pub fn parse_bool(text: &str) -> Result<bool, String> {
     match text {
         "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),

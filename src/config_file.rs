@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use berth_proxy::GoDuration;
+
+use crate::cli::IpRanges;
 use serde::Deserialize;
 
 /// The run options a file may set; absent keys fall through to the defaults.
@@ -28,6 +30,9 @@ pub struct RunFile {
     pub max_headers: Option<usize>,
     pub max_connections: Option<usize>,
     pub target_connect_timeout: Option<GoDuration>,
+    pub proxy_protocol: Option<bool>,
+    /// CIDR ranges, as a list of strings.
+    pub trusted_proxies: Option<IpRanges>,
 }
 
 impl RunFile {

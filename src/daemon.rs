@@ -12,7 +12,7 @@ use berth_acme::{AcmeSettings, Certificates, LETS_ENCRYPT_PRODUCTION};
 use berth_control::{paths, Registry, StateFile};
 use berth_proxy::listener::{self, ServerLimits};
 use berth_proxy::upstream::upstream_client;
-use berth_proxy::{Metrics, Proxy, RouteTableHandle};
+use berth_proxy::{Metrics, Proxy, RouteTableHandle, TrustedProxies};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{parse_bool, RunArgs};
@@ -42,6 +42,8 @@ pub struct RunOptions {
     pub http3: bool,
     pub limits: ServerLimits,
     pub target_connect_timeout: Duration,
+    pub proxy_protocol: bool,
+    pub trusted_proxies: TrustedProxies,
 }
 
 impl RunOptions {
@@ -51,13 +53,9 @@ impl RunOptions {
             Some(path) => RunFile::load(path)?,
             None => RunFile::default(),
         };
-        let debug = match (args.debug, env_text("DEBUG")) {
-            (Some(debug), _) => debug,
-            (None, Some((name, text))) => {
-                parse_bool(&text).map_err(|e| anyhow::anyhow!("{name}: {e}"))?
-            }
-            (None, None) => file.debug.unwrap_or(false),
-        };
+        let debug = layered_bool(args.debug, "DEBUG", file.debug)?;
+        let proxy_protocol =
+            layered_bool(args.proxy_protocol, "PROXY_PROTOCOL", file.proxy_protocol)?;
         Ok(Self {
             http_port: layered(args.http_port, "HTTP_PORT", file.http_port)?.unwrap_or(80),
             https_port: layered(args.https_port, "HTTPS_PORT", file.https_port)?.unwrap_or(443),
@@ -67,6 +65,16 @@ impl RunOptions {
             debug,
             upgrade: args.upgrade,
             http3: args.http3.or(file.http3).unwrap_or(false),
+            proxy_protocol,
+            trusted_proxies: TrustedProxies::new(
+                layered(
+                    args.trusted_proxies,
+                    "TRUSTED_PROXIES",
+                    file.trusted_proxies,
+                )?
+                .unwrap_or_default()
+                .0,
+            ),
             limits: ServerLimits::new(
                 layered(
                     args.header_read_timeout,
@@ -133,6 +141,18 @@ where
         return Ok(flag);
     }
     Ok(env_value(name)?.or(file))
+}
+
+/// A boolean from the flag, the environment (`true`/`false`, `1`/`0`, ...) or the file;
+/// false when none sets it.
+fn layered_bool(flag: Option<bool>, name: &str, file: Option<bool>) -> anyhow::Result<bool> {
+    Ok(match (flag, env_text(name)) {
+        (Some(value), _) => value,
+        (None, Some((key, text))) => {
+            parse_bool(&text).map_err(|e| anyhow::anyhow!("{key}: {e}"))?
+        }
+        (None, None) => file.unwrap_or(false),
+    })
 }
 
 /// `KAMAL_PROXY_<NAME>` first, then `<NAME>`; returns which one was set.
@@ -241,7 +261,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         None => None,
     };
 
-    let mut proxy = Proxy::new(routes, client).with_tls(certificates.clone(), https_address.port());
+    let mut proxy = Proxy::new(routes, client)
+        .with_tls(certificates.clone(), https_address.port())
+        .with_trusted_proxies(options.trusted_proxies.clone());
     if let Some(metrics) = &metrics {
         proxy = proxy.with_metrics(Arc::clone(metrics));
     }
@@ -251,12 +273,14 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         proxy.clone(),
         None,
         options.limits.clone(),
+        options.proxy_protocol,
     ));
     tokio::spawn(listener::serve(
         https,
         proxy,
         Some(certificates.clone()),
         options.limits.clone(),
+        options.proxy_protocol,
     ));
     let api_stop = CancellationToken::new();
     let api = tokio::spawn(berth_control::api::serve(control, registry.clone(), {

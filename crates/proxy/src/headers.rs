@@ -106,6 +106,49 @@ pub fn client_ip_from_header(headers: &HeaderMap, name: &str) -> Option<IpAddr> 
     value.split(',').next()?.trim().parse().ok()
 }
 
+/// Address ranges of proxies in front of this one (a load balancer, a CDN) whose
+/// X-Forwarded-* headers are believed.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies(Vec<ipnet::IpNet>);
+
+impl TrustedProxies {
+    pub fn new(ranges: Vec<ipnet::IpNet>) -> Self {
+        Self(ranges)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn contains(&self, address: IpAddr) -> bool {
+        let address = address.to_canonical();
+        self.0.iter().any(|range| range.contains(&address))
+    }
+
+    /// The client behind a trusted `peer`: walking X-Forwarded-For from the right, the first
+    /// address that is not a trusted proxy. A malformed entry stops the walk at the last good
+    /// one, so a client cannot pose as someone else by writing garbage.
+    pub fn client_ip(&self, headers: &HeaderMap, peer: IpAddr) -> IpAddr {
+        let mut client = peer;
+        let hops = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .collect::<Vec<_>>();
+        for hop in hops.iter().rev() {
+            if !self.contains(client) {
+                break;
+            }
+            match hop.trim().parse::<IpAddr>() {
+                Ok(address) => client = address,
+                Err(_) => break,
+            }
+        }
+        client
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,5 +218,27 @@ mod tests {
         let id = ensure_request_id(&mut fresh);
         assert_eq!(id.len(), 36);
         assert_eq!(fresh["x-request-id"], id);
+    }
+
+    #[test]
+    fn the_client_behind_trusted_proxies_is_the_first_untrusted_hop_from_the_right() {
+        let trusted = TrustedProxies::new(vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "192.0.2.0/24".parse().unwrap(),
+        ]);
+        let peer: IpAddr = "10.0.0.5".parse().unwrap();
+        let map = headers(&[("x-forwarded-for", "1.1.1.1, 203.0.113.9, 192.0.2.7")]);
+        assert_eq!(
+            trusted.client_ip(&map, peer),
+            "203.0.113.9".parse::<IpAddr>().unwrap()
+        );
+        let garbage = headers(&[("x-forwarded-for", "1.1.1.1, nonsense, 192.0.2.7")]);
+        assert_eq!(
+            trusted.client_ip(&garbage, peer),
+            "192.0.2.7".parse::<IpAddr>().unwrap()
+        );
+        let untrusted_peer: IpAddr = "203.0.113.1".parse().unwrap();
+        assert_eq!(trusted.client_ip(&map, untrusted_peer), untrusted_peer);
+        assert!(trusted.contains("::ffff:10.1.2.3".parse().unwrap()));
     }
 }

@@ -9,6 +9,7 @@
 //! - [`target`]: one upstream address with its health, in-flight count and drain signals.
 //! - [`health`]: the periodic health check of each target.
 //! - [`pipeline`]: the request pipeline: route → admit → pick target → forward → log.
+//! - [`proxy_protocol`]: the PROXY protocol header a TCP load balancer sends first.
 //! - [`listener`]: listening sockets and the accept loop.
 //! - [`drain`]: the process-wide drain (shutdown or handover): stop accepting, turn clients
 //!   away gently, wait for open work up to a deadline.
@@ -31,6 +32,7 @@ pub mod health;
 pub mod listener;
 pub mod metrics;
 pub mod pipeline;
+pub mod proxy_protocol;
 mod request_log;
 pub mod rollout;
 pub mod route;
@@ -43,6 +45,7 @@ pub mod upstream;
 pub use drain::Drain;
 pub use duration::{DurationError, GoDuration};
 pub use error_page::{ErrorPages, ErrorPagesError};
+pub use headers::TrustedProxies;
 pub use metrics::Metrics;
 pub use pipeline::Proxy;
 pub use rollout::RolloutSplit;

@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
 use crate::pipeline::{ConnectionInfo, Proxy};
+use crate::proxy_protocol;
 use crate::tls::{self, CertificateSource};
 
 /// Opens a listening TCP socket.
@@ -81,12 +82,16 @@ impl Default for ServerLimits {
 }
 
 /// Accepts connections until the proxy's drain starts. Connections keep being served (and
-/// tracked by the drain) after this returns. With `tls`, connections are TLS.
+/// tracked by the drain) after this returns. With `tls`, connections are TLS. With
+/// `proxy_protocol`, each connection must open with a PROXY protocol header (v1 or v2),
+/// whose client address then stands for the connection's peer; connections without one are
+/// closed.
 pub async fn serve(
     listener: TcpListener,
     proxy: Proxy,
     tls: Option<Arc<dyn CertificateSource>>,
     limits: ServerLimits,
+    proxy_protocol: bool,
 ) {
     let local_port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -128,7 +133,7 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let info = ConnectionInfo {
+        let mut info = ConnectionInfo {
             peer,
             local_port,
             tls: tls.is_some(),
@@ -137,6 +142,26 @@ pub async fn serve(
         let first_request_timeout = limits.header_read_timeout;
         drain.clone().track(async move {
             let _permit = permit;
+            let mut stream = stream;
+            if proxy_protocol {
+                let header = tokio::time::timeout(
+                    first_request_timeout,
+                    proxy_protocol::read_header(&mut stream),
+                )
+                .await;
+                match header {
+                    Ok(Ok(Some(client))) => info.peer = client,
+                    Ok(Ok(None)) => {}
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, %peer, "Connection closed: PROXY protocol required");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "Connection closed: no PROXY protocol header in time");
+                        return;
+                    }
+                }
+            }
             match tls {
                 None => {
                     serve_connection(&builder, stream, info, proxy, first_request_timeout).await
@@ -145,7 +170,7 @@ pub async fn serve(
                     Ok(stream) => {
                         serve_connection(&builder, stream, info, proxy, first_request_timeout).await
                     }
-                    Err(error) => tracing::debug!(%error, %peer, "TLS handshake refused"),
+                    Err(error) => tracing::debug!(%error, peer = %info.peer, "TLS handshake refused"),
                 },
             }
         });

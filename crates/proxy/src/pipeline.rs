@@ -22,7 +22,7 @@ use crate::buffer::{buffer_body, BufferError};
 use crate::config::ServiceConfig;
 use crate::drain::Drain;
 use crate::error_page::ErrorPages;
-use crate::headers;
+use crate::headers::{self, TrustedProxies};
 use crate::metrics::Metrics;
 use crate::request_log::RequestRecord;
 use crate::route::{strip_prefix, RouteTableHandle};
@@ -83,6 +83,7 @@ pub struct Proxy {
     https_port: u16,
     drain: Drain,
     metrics: Option<Arc<Metrics>>,
+    trusted_proxies: Arc<TrustedProxies>,
 }
 
 const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
@@ -96,6 +97,7 @@ impl Proxy {
             https_port: 443,
             drain: Drain::new(),
             metrics: None,
+            trusted_proxies: Arc::default(),
         }
     }
 
@@ -107,6 +109,12 @@ impl Proxy {
     /// Counts requests and upstream response times into `metrics`.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Believes the X-Forwarded-* headers of requests from these proxies, for every service.
+    pub fn with_trusted_proxies(mut self, trusted: TrustedProxies) -> Self {
+        self.trusted_proxies = Arc::new(trusted);
         self
     }
 
@@ -303,19 +311,31 @@ impl Proxy {
         if let Some(host) = &original_host {
             parts.headers.insert(header::HOST, host.clone());
         }
-        let client_ip = config
+        let peer_ip = conn.peer.ip();
+        let trusted_peer =
+            !self.trusted_proxies.is_empty() && self.trusted_proxies.contains(peer_ip);
+        // What X-Forwarded-For gets appended: the address this request came from, or the
+        // one the service's client-IP header names.
+        let (client_ip, forwarded_for) = match config
             .client_ip_header
             .as_deref()
             .and_then(|name| headers::client_ip_from_header(&parts.headers, name))
-            .unwrap_or(conn.peer.ip());
+        {
+            Some(client_ip) => (client_ip, client_ip),
+            None if trusted_peer => (
+                self.trusted_proxies.client_ip(&parts.headers, peer_ip),
+                peer_ip,
+            ),
+            None => (peer_ip, peer_ip),
+        };
         record.client_addr = client_ip.to_string();
         let scheme = if conn.tls { "https" } else { "http" };
         headers::set_forwarded(
             &mut parts.headers,
-            client_ip,
+            forwarded_for,
             scheme,
             original_host.as_ref(),
-            config.forward_headers,
+            config.forward_headers || trusted_peer,
         );
         let request_id = headers::ensure_request_id(&mut parts.headers);
         record.request_id = request_id.to_str().unwrap_or_default().to_string();
