@@ -2,10 +2,10 @@
 
 use std::io::IsTerminal;
 
-use berth_control::protocol::{ServiceList, StatusReport, TargetStatus};
+use berth_control::protocol::{DeployProgress, ServiceList, StatusReport, TargetStatus};
 use berth_control::{
-    paths, ControlClient, DeployRequest, PauseRequest, RolloutDeployRequest, RolloutSetRequest,
-    StopRequest,
+    paths, ClientError, ControlClient, DeployRequest, PauseRequest, RolloutDeployRequest,
+    RolloutSetRequest, StopRequest,
 };
 use berth_proxy::config::{BufferConfig, HealthCheckConfig, ServiceConfig, TlsConfig};
 
@@ -17,7 +17,17 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Run(_) => unreachable!("`run` is handled by main"),
         Command::Deploy(args) => {
             let service = args.service.clone();
-            client.deploy(&service, &deploy_request(*args)).await?;
+            let request = deploy_request(*args);
+            if std::io::stderr().is_terminal() {
+                let started = std::time::Instant::now();
+                with_progress(&client, &service, client.deploy(&service, &request)).await?;
+                eprintln!(
+                    "Deployed {service} in {:.1}s",
+                    started.elapsed().as_secs_f64()
+                );
+            } else {
+                client.deploy(&service, &request).await?;
+            }
         }
         Command::Remove(args) => client.remove(&args.service).await?,
         Command::Stop(args) => {
@@ -55,6 +65,66 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Status(output) => print_status(&client.status().await?, &output)?,
     }
     Ok(())
+}
+
+/// Runs `deploy`, showing on one rewritten stderr line what it waits for. Only called on a
+/// terminal: piped output stays quiet and parseable.
+async fn with_progress(
+    client: &ControlClient,
+    service: &str,
+    deploy: impl std::future::Future<Output = Result<(), ClientError>>,
+) -> Result<(), ClientError> {
+    tokio::pin!(deploy);
+    let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
+    let mut shown = false;
+    let result = loop {
+        tokio::select! {
+            result = &mut deploy => break result,
+            _ = ticker.tick() => {
+                if let Ok(progress) = client.deploy_progress(service).await {
+                    eprint!("\r\x1b[2K{}", describe_progress(&progress));
+                    shown = true;
+                }
+            }
+        }
+    };
+    if shown {
+        eprint!("\r\x1b[2K");
+    }
+    result
+}
+
+const PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+fn describe_progress(progress: &DeployProgress) -> String {
+    let time_left = format!("{:.0}s left", progress.time_left_ms as f64 / 1000.0);
+    if progress.phase == "draining" {
+        let in_flight: usize = progress.targets.iter().map(|t| t.in_flight).sum();
+        let requests = if in_flight == 1 {
+            "request"
+        } else {
+            "requests"
+        };
+        return format!("Draining old targets: {in_flight} {requests} in flight ({time_left})");
+    }
+    let healthy = progress.targets.iter().filter(|t| t.healthy).count();
+    let waiting: Vec<String> = progress
+        .targets
+        .iter()
+        .filter(|t| !t.healthy)
+        .map(|t| {
+            let checks = if t.checks == 1 { "check" } else { "checks" };
+            match &t.last_failure {
+                Some(failure) => format!("{}: {} {checks}, last {failure}", t.address, t.checks),
+                None => format!("{}: {} {checks}", t.address, t.checks),
+            }
+        })
+        .collect();
+    format!(
+        "Health checks: {healthy}/{} healthy; {} ({time_left})",
+        progress.targets.len(),
+        waiting.join("; ")
+    )
 }
 
 fn deploy_request(args: DeployArgs) -> DeployRequest {

@@ -4,6 +4,7 @@
 mod common;
 
 use std::process::Command;
+use std::time::Duration;
 
 use common::{get, ProxyProcess, Upstream};
 
@@ -360,4 +361,67 @@ fn run_options_come_from_flags_then_environment_then_the_config_file() {
         error.starts_with("Error: ") && error.contains("http_prot") && error.contains("line 3"),
         "{error}"
     );
+}
+
+/// Runs `proxy <args>` under a pseudo-terminal (util-linux `script`), as an operator would,
+/// on a thread of its own; returns whether it succeeded and everything it wrote.
+fn on_a_terminal(proxy: &ProxyProcess, args: &[&str]) -> std::thread::JoinHandle<(bool, String)> {
+    let command = std::iter::once(env!("CARGO_BIN_EXE_proxy"))
+        .chain(args.iter().copied())
+        .map(|arg| format!("'{arg}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let (home, socket) = (proxy.home().to_path_buf(), proxy.socket());
+    std::thread::spawn(move || {
+        let output = Command::new("script")
+            .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+            .env("HOME", home)
+            .env("KAMAL_PROXY_SOCKET", socket)
+            .output()
+            .expect("util-linux `script` runs the CLI under a terminal");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_shows_progress_on_a_terminal_and_nothing_when_piped() {
+    let proxy = ProxyProcess::start();
+    let old = Upstream::start("old").await;
+    proxy.deploy("web", &old.target(), &[]);
+
+    let new = Upstream::start("new").await;
+    new.set_health(503);
+    let target = format!("--target={}", new.target());
+    let deploy = on_a_terminal(
+        &proxy,
+        &["deploy", "web", &target, "--health-check-interval=100ms"],
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    new.set_health(200);
+    let (succeeded, shown) = tokio::task::spawn_blocking(move || deploy.join().unwrap())
+        .await
+        .unwrap();
+    assert!(succeeded, "{shown}");
+    assert!(
+        shown.contains("Health checks: 0/1 healthy")
+            && shown.contains(&format!("{}: ", new.target()))
+            && shown.contains("503"),
+        "the health checks and their last failure are shown: {shown:?}"
+    );
+    assert!(shown.contains("s left"), "{shown:?}");
+    assert!(shown.contains("Deployed web in"), "{shown:?}");
+
+    // Piped (as Kamal runs it): nothing on stdout or stderr.
+    let newer = Upstream::start("newer").await;
+    let output = proxy.cli(&[
+        "deploy",
+        "web",
+        &format!("--target={}", newer.target()),
+        "--health-check-interval=100ms",
+    ]);
+    assert!(output.status.success());
+    assert!(output.stdout.is_empty() && output.stderr.is_empty());
 }

@@ -35,6 +35,7 @@ pub fn router(registry: Arc<Registry>) -> Router {
             post(rollout_deploy).delete(rollout_stop),
         )
         .route("/v1/services/{name}/rollout/split", put(rollout_set))
+        .route("/v1/services/{name}/progress", get(progress))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(registry)
 }
@@ -223,6 +224,18 @@ async fn rollout_stop(
 ) -> ApiResult {
     detached(async move { registry.rollout_stop(&name).await }).await?;
     done()
+}
+
+async fn progress(
+    State(registry): State<Arc<Registry>>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<crate::protocol::DeployProgress>, ApiFailure> {
+    registry.deploy_progress(&name).map(Json).ok_or_else(|| {
+        ApiFailure(
+            StatusCode::NOT_FOUND,
+            format!("no deploy of {name} under way"),
+        )
+    })
 }
 
 async fn list(State(registry): State<Arc<Registry>>) -> Json<crate::protocol::ServiceList> {

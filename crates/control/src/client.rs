@@ -10,8 +10,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::protocol::{
-    ApiError, DeployRequest, PauseRequest, RolloutDeployRequest, RolloutSetRequest, ServiceList,
-    StatusReport, StopRequest,
+    ApiError, DeployProgress, DeployRequest, PauseRequest, RolloutDeployRequest, RolloutSetRequest,
+    ServiceList, StatusReport, StopRequest,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +111,12 @@ impl ControlClient {
 
     pub async fn rollout_stop(&self, service: &str) -> Result<(), ClientError> {
         self.call_unit::<()>(Method::DELETE, &service_path(service, "/rollout"), None)
+            .await
+    }
+
+    /// What the deploy of `service` under way waits for; an error when none is.
+    pub async fn deploy_progress(&self, service: &str) -> Result<DeployProgress, ClientError> {
+        self.call::<(), _>(Method::GET, &service_path(service, "/progress"), None)
             .await
     }
 

@@ -12,6 +12,7 @@
 pub mod api;
 pub mod client;
 pub mod paths;
+mod progress;
 pub mod protocol;
 pub mod registry;
 pub mod state;

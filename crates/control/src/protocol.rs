@@ -10,6 +10,7 @@
 //! | `POST /v1/services/{name}/rollout`  | [`RolloutDeployRequest`] | `{}` when the rollout targets are healthy and the previous ones drained |
 //! | `PUT /v1/services/{name}/rollout/split` | [`RolloutSetRequest`] | `{}` |
 //! | `DELETE /v1/services/{name}/rollout` |                | `{}` after the rollout targets drained |
+//! | `GET /v1/services/{name}/progress`  |                 | [`DeployProgress`] of the deploy under way, 404 if none |
 //! | `GET /v1/services`                  |                 | [`ServiceList`]   |
 //! | `GET /v1/status`                    |                 | [`StatusReport`]  |
 //!
@@ -80,6 +81,26 @@ pub struct RolloutSetRequest {
     pub percent: u32,
     #[serde(default)]
     pub allowlist: Vec<String>,
+}
+
+/// What a deploy under way waits for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeployProgress {
+    /// `health_check` (new targets) or `draining` (old targets).
+    pub phase: String,
+    /// Until the deploy timeout (health check) or the drain timeout (draining).
+    pub time_left_ms: u64,
+    pub targets: Vec<TargetProgress>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TargetProgress {
+    pub address: String,
+    pub healthy: bool,
+    /// Health checks done so far.
+    pub checks: u32,
+    pub last_failure: Option<String>,
+    pub in_flight: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -21,9 +21,10 @@ use berth_proxy::{
 use futures_util::future::join_all;
 use tokio::time::Instant;
 
+use crate::progress::DeployTracker;
 use crate::protocol::{
-    CertificateStatus, DeployRequest, RolloutDeployRequest, RolloutSetRequest, RolloutStatus,
-    RouteStatus, ServiceList, ServiceSummary, StatusReport, TargetStatus,
+    CertificateStatus, DeployProgress, DeployRequest, RolloutDeployRequest, RolloutSetRequest,
+    RolloutStatus, RouteStatus, ServiceList, ServiceSummary, StatusReport, TargetStatus,
 };
 use crate::state::{PersistedPause, ServiceState, State, StateError, StateFile};
 
@@ -69,6 +70,7 @@ pub struct Registry {
     service_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     tls: Option<Arc<dyn TlsProvider>>,
     metrics: Option<Arc<Metrics>>,
+    progress: DeployTracker,
     /// Held shared by every change and exclusively by a handover; `true` once frozen.
     changes: tokio::sync::RwLock<bool>,
 }
@@ -87,6 +89,7 @@ impl Registry {
             service_locks: Mutex::new(HashMap::new()),
             tls: None,
             metrics: None,
+            progress: DeployTracker::default(),
             changes: tokio::sync::RwLock::new(false),
         }
     }
@@ -247,6 +250,9 @@ impl Registry {
 
         tracing::info!(service = name, targets = ?request.targets, hosts = ?config.hosts, "Deploying");
         let started = std::time::Instant::now();
+        let _tracked = self.progress.track(name);
+        self.progress
+            .health_check(name, &targets, request.deploy_timeout.get());
         for target in &targets {
             spawn_health_check(target, self.client.clone());
         }
@@ -306,6 +312,8 @@ impl Registry {
             old
         };
 
+        self.progress
+            .draining(name, &old_targets, request.drain_timeout.get());
         let cut = drain_all(&old_targets, request.drain_timeout.get()).await;
         tracing::info!(
             service = name,
@@ -476,6 +484,11 @@ impl Registry {
         tracing::info!(service = name, "Rollout stopped");
         drain_all(&old, DEFAULT_DRAIN_TIMEOUT.get()).await;
         Ok(())
+    }
+
+    /// What the deploy of `name` under way waits for, if one is.
+    pub fn deploy_progress(&self, name: &str) -> Option<DeployProgress> {
+        self.progress.report(name)
     }
 
     fn service(&self, name: &str) -> Result<Arc<Service>, RegistryError> {

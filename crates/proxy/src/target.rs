@@ -6,7 +6,7 @@
 //! count (both SeqCst). So either the request sees the drain and picks again, or the drain
 //! sees the request and waits for it.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +42,8 @@ pub struct Target {
     healthy: AtomicBool,
     report: watch::Sender<HealthReport>,
     in_flight: AtomicUsize,
+    /// Health checks completed, for progress reports.
+    checks: AtomicU32,
     draining: AtomicBool,
     drained: Notify,
     /// Cancelled when the drain timeout runs out: requests still running are cut.
@@ -79,6 +81,7 @@ impl Target {
                 last_failure: None,
             }),
             in_flight: AtomicUsize::new(0),
+            checks: AtomicU32::new(0),
             draining: AtomicBool::new(false),
             drained: Notify::new(),
             cut_requests: CancellationToken::new(),
@@ -131,6 +134,11 @@ impl Target {
         self.in_flight.load(Ordering::SeqCst)
     }
 
+    /// How many health checks have completed.
+    pub fn health_checks(&self) -> u32 {
+        self.checks.load(Ordering::Relaxed)
+    }
+
     pub fn health_report(&self) -> HealthReport {
         self.report.borrow().clone()
     }
@@ -141,6 +149,7 @@ impl Target {
     }
 
     pub(crate) fn record_health(&self, outcome: Result<(), String>) {
+        self.checks.fetch_add(1, Ordering::Relaxed);
         let report = match outcome {
             Ok(()) => HealthReport {
                 health: Health::Healthy,
