@@ -190,11 +190,33 @@ pub fn init_logging(debug: bool) {
         .flatten_event(true)
         .with_current_span(false)
         .with_env_filter(filter)
-        .with_writer(std::io::stdout)
+        .with_writer(|| LossyStdout)
         .init();
 }
 
+/// Standard output that never fails: a log line that cannot be written (a full disk under
+/// a redirected stdout, a closed pipe) is dropped, rather than reported on stderr, which
+/// would fail the same way and panic.
+struct LossyStdout;
+
+impl std::io::Write for LossyStdout {
+    fn write(&mut self, buffer: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stdout().write_all(buffer);
+        Ok(buffer.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stdout().flush();
+        Ok(())
+    }
+}
+
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
+    // A write past the file-size limit (RLIMIT_FSIZE) would kill the process with SIGXFSZ;
+    // with a handler installed it fails with EFBIG instead, and the change is refused.
+    let _file_size_signal =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(libc::SIGXFSZ))
+            .context("cannot watch SIGXFSZ")?;
     let routes = RouteTableHandle::default();
     let client = upstream_client(options.target_connect_timeout);
     let state_file = StateFile::new(paths::state_path());

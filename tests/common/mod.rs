@@ -20,6 +20,8 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+// Not every test crate uses it.
+#[allow(unused_imports)]
 pub use upstream::Upstream;
 
 /// A running `proxy run`, killed when dropped.
@@ -223,6 +225,17 @@ impl ProxyProcess {
     pub fn restart(mut self) -> Self {
         let status = self.terminate();
         assert!(status.success(), "proxy exited with {status}");
+        let extra_args = std::mem::take(&mut self.extra_args);
+        Self::start_in(self.home.clone(), self.port, self.https_port, extra_args)
+    }
+
+    /// Kills the daemon with SIGKILL (no chance to clean up, as when the power goes) and
+    /// starts a new one with the same home, ports and flags.
+    pub fn crash_and_restart(mut self) -> Self {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL the proxy");
+            let _ = child.wait();
+        }
         let extra_args = std::mem::take(&mut self.extra_args);
         Self::start_in(self.home.clone(), self.port, self.https_port, extra_args)
     }

@@ -49,12 +49,18 @@ impl Upstream {
         });
         let server_shared = Arc::clone(&shared);
         let server = tokio::spawn(async move {
+            // Owned by this task, so aborting it (`stop`) closes every connection too.
+            let mut connections = tokio::task::JoinSet::new();
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
+                let stream = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(_) => continue,
+                    },
+                    Some(_) = connections.join_next(), if !connections.is_empty() => continue,
                 };
                 let shared = Arc::clone(&server_shared);
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let service = service_fn(move |request| {
                         let shared = Arc::clone(&shared);
                         async move { Ok::<_, Infallible>(answer(shared, request).await) }
@@ -80,12 +86,19 @@ impl Upstream {
         self.shared.health.store(status, Ordering::SeqCst);
     }
 
+    /// A handle that sets the health check status from another task.
+    pub fn health_control(&self) -> impl Fn(u16) + Send + Sync + 'static {
+        let shared = Arc::clone(&self.shared);
+        move |status| shared.health.store(status, Ordering::SeqCst)
+    }
+
     /// Requests served, health checks excluded.
     pub fn requests(&self) -> usize {
         self.shared.requests.load(Ordering::SeqCst)
     }
 
-    /// Stops accepting connections (open ones are dropped with the task).
+    /// Stops the server: it accepts no more connections and closes the open ones, as a
+    /// container that dies does.
     pub fn stop(&self) {
         self.server.abort();
     }

@@ -106,6 +106,42 @@ pub fn client_ip_from_header(headers: &HeaderMap, name: &str) -> Option<IpAddr> 
     value.split(',').next()?.trim().parse().ok()
 }
 
+/// Refuses request heads whose framing or host two parsers could read differently, the
+/// ground request smuggling grows on. hyper already refuses malformed lengths, chunk sizes,
+/// header names and line folding; these are the cases it lets through.
+pub fn check_request_head<B>(request: &http::Request<B>) -> Result<(), &'static str> {
+    let headers = request.headers();
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err("More than one Host header.");
+    }
+    if let Some(host) = host {
+        let authority = std::str::from_utf8(host.as_bytes())
+            .ok()
+            .and_then(|h| h.parse::<http::uri::Authority>().ok())
+            .filter(|a| !a.as_str().contains('@'))
+            .ok_or("Invalid Host header.")?;
+        if let Some(target) = request.uri().authority() {
+            if !target.as_str().eq_ignore_ascii_case(authority.as_str()) {
+                return Err("The Host header and the request target name different hosts.");
+            }
+        }
+    } else if request.version() == http::Version::HTTP_11 && request.uri().authority().is_none() {
+        return Err("Missing Host header.");
+    }
+    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(coding) = codings.next() {
+        if headers.contains_key(header::CONTENT_LENGTH) {
+            return Err("Both Transfer-Encoding and Content-Length.");
+        }
+        if codings.next().is_some() || !coding.as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Err("Unsupported Transfer-Encoding.");
+        }
+    }
+    Ok(())
+}
+
 /// Address ranges of proxies in front of this one (a load balancer, a CDN) whose
 /// X-Forwarded-* headers are believed.
 #[derive(Debug, Clone, Default)]

@@ -133,6 +133,20 @@ impl Proxy {
         request: Request<Incoming>,
     ) -> Response<ProxyBody> {
         let http1 = request.version() < Version::HTTP_2;
+        if let Err(reason) = headers::check_request_head(&request) {
+            let scheme = if conn.tls { "https" } else { "http" };
+            let record = RequestRecord::begin(&request, conn.peer, conn.local_port, scheme);
+            let pages = ErrorPages::default();
+            let mut response =
+                finish_with_error(record, &pages, StatusCode::BAD_REQUEST, Some(reason));
+            if http1 {
+                // What follows on this connection cannot be trusted to be framed as we think.
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return response;
+        }
         let mut response = self.route_and_forward(conn, request).await;
         if http1 && self.drain.is_started() && response.status() != StatusCode::SWITCHING_PROTOCOLS
         {
