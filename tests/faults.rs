@@ -57,7 +57,7 @@ async fn misbehave(mut stream: TcpStream) {
                     .await;
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 // Linger 0: closing sends RST, not FIN.
-                let _ = stream.set_linger(Some(Duration::ZERO));
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
                 return;
             }
             _ => {
