@@ -332,3 +332,49 @@ async fn a_full_disk_refuses_the_change_and_keeps_the_previous_state() {
     proxy.ok(&args);
     assert_eq!(get(proxy.address(), "second-1.test", "/").await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_state_directory_refuses_changes_and_keeps_the_previous_state() {
+    use std::os::unix::fs::PermissionsExt;
+    let proxy = ProxyProcess::start_unprivileged();
+    let app = Upstream::start("app").await;
+    proxy.deploy("first", &app.target(), &["--host=first.test"]);
+    let before = state_bytes(&proxy);
+    let state_dir = proxy.state_path().parent().unwrap().to_path_buf();
+    let set_mode = |mode: u32| {
+        std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+
+    set_mode(0o555);
+    let target = format!("--target={}", app.target());
+    let deploy = [
+        "deploy",
+        "second",
+        target.as_str(),
+        "--host=second.test",
+        "--health-check-interval=100ms",
+    ];
+    let refused = proxy.cli(&deploy);
+    let error = String::from_utf8_lossy(&refused.stderr).into_owned();
+    let stop = proxy.cli(&["stop", "first", "--drain-timeout=1s"]);
+    set_mode(0o755);
+
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        error.contains("cannot save state") && error.contains("ermission denied"),
+        "{error}"
+    );
+    assert_eq!(stop.status.code(), Some(1), "stopping is a change too");
+    assert_eq!(state_bytes(&proxy), before, "the previous state is intact");
+    let listed = proxy.ok(&["list"]);
+    assert!(
+        !listed.contains("second") && !listed.contains("stopped"),
+        "{listed}"
+    );
+    assert_eq!(get(proxy.address(), "first.test", "/").await.status, 200);
+    assert_eq!(get(proxy.address(), "second.test", "/").await.status, 404);
+
+    // Writable again: the same deploy goes through.
+    proxy.ok(&deploy);
+    assert_eq!(get(proxy.address(), "second.test", "/").await.status, 200);
+}

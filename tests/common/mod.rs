@@ -32,6 +32,18 @@ pub struct ProxyProcess {
     pub https_port: u16,
     extra_args: Vec<String>,
     log_path: PathBuf,
+    /// The user the daemon runs as, when not the test's own.
+    run_as: Option<u32>,
+}
+
+/// `nobody`, for running the daemon unprivileged when the tests run as root.
+const UNPRIVILEGED_UID: u32 = 65534;
+
+/// Whether this process runs as root, whom file permissions do not stop.
+pub fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let probe = tempfile::NamedTempFile::new().expect("temp file");
+    probe.as_file().metadata().expect("metadata").uid() == 0
 }
 
 impl ProxyProcess {
@@ -42,14 +54,38 @@ impl ProxyProcess {
 
     /// Starts the daemon in a home directory the test prepared.
     pub fn start_in_home(home: tempfile::TempDir) -> Self {
-        Self::start_in(std::sync::Arc::new(home), 0, 0, Vec::new())
+        Self::start_in(std::sync::Arc::new(home), 0, 0, Vec::new(), None)
+    }
+
+    /// Starts the daemon as a user whom file permissions bind: the test's own, or `nobody`
+    /// (with a copy of the binary it can run, in a home it owns) when the tests run as root.
+    pub fn start_unprivileged() -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let home = tempfile::tempdir().expect("temp home");
+        if !running_as_root() {
+            return Self::start_in(std::sync::Arc::new(home), 0, 0, Vec::new(), None);
+        }
+        let binary = home.path().join("proxy");
+        std::fs::copy(env!("CARGO_BIN_EXE_proxy"), &binary).expect("copy the binary");
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for path in [home.path(), &binary] {
+            std::os::unix::fs::chown(path, Some(UNPRIVILEGED_UID), Some(UNPRIVILEGED_UID))
+                .expect("chown to nobody");
+        }
+        Self::start_in(
+            std::sync::Arc::new(home),
+            0,
+            0,
+            Vec::new(),
+            Some(UNPRIVILEGED_UID),
+        )
     }
 
     /// Starts the daemon with extra `run` flags (ports default to free ones).
     pub fn start_with(extra_args: &[&str]) -> Self {
         let home = std::sync::Arc::new(tempfile::tempdir().expect("temp home"));
         let extra_args = extra_args.iter().map(|a| a.to_string()).collect();
-        Self::start_in(home, 0, 0, extra_args)
+        Self::start_in(home, 0, 0, extra_args, None)
     }
 
     fn start_in(
@@ -57,6 +93,7 @@ impl ProxyProcess {
         port: u16,
         https_port: u16,
         extra_args: Vec<String>,
+        run_as: Option<u32>,
     ) -> Self {
         static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let start_number = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -72,7 +109,16 @@ impl ProxyProcess {
         }
         args.extend(["--https-port".to_string(), https_port.to_string()]);
         args.extend(extra_args.iter().cloned());
-        let child = Command::new(env!("CARGO_BIN_EXE_proxy"))
+        let mut command = match run_as {
+            Some(uid) => {
+                let mut command = Command::new(home.path().join("proxy"));
+                std::os::unix::process::CommandExt::uid(&mut command, uid);
+                std::os::unix::process::CommandExt::gid(&mut command, uid);
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_proxy")),
+        };
+        let child = command
             .args(&args)
             .envs(env_for(home.path()))
             .env_remove("HTTP_PORT")
@@ -88,6 +134,7 @@ impl ProxyProcess {
             https_port,
             extra_args,
             log_path,
+            run_as,
         };
         (proxy.port, proxy.https_port) = proxy.wait_until_started();
         proxy
@@ -226,7 +273,13 @@ impl ProxyProcess {
         let status = self.terminate();
         assert!(status.success(), "proxy exited with {status}");
         let extra_args = std::mem::take(&mut self.extra_args);
-        Self::start_in(self.home.clone(), self.port, self.https_port, extra_args)
+        Self::start_in(
+            self.home.clone(),
+            self.port,
+            self.https_port,
+            extra_args,
+            self.run_as,
+        )
     }
 
     /// Kills the daemon with SIGKILL (no chance to clean up, as when the power goes) and
@@ -237,7 +290,13 @@ impl ProxyProcess {
             let _ = child.wait();
         }
         let extra_args = std::mem::take(&mut self.extra_args);
-        Self::start_in(self.home.clone(), self.port, self.https_port, extra_args)
+        Self::start_in(
+            self.home.clone(),
+            self.port,
+            self.https_port,
+            extra_args,
+            self.run_as,
+        )
     }
 
     /// Starts `proxy run --upgrade` with the same home, socket and flags: the new process
@@ -245,7 +304,13 @@ impl ProxyProcess {
     pub fn upgrade(&self) -> Self {
         let mut extra_args = self.extra_args.clone();
         extra_args.push("--upgrade".to_string());
-        let successor = Self::start_in(self.home.clone(), self.port, self.https_port, extra_args);
+        let successor = Self::start_in(
+            self.home.clone(),
+            self.port,
+            self.https_port,
+            extra_args,
+            self.run_as,
+        );
         let mut successor = successor;
         successor.extra_args.retain(|a| a != "--upgrade");
         successor

@@ -115,8 +115,10 @@ impl From<RegistryError> for ApiFailure {
 
 impl From<JsonRejection> for ApiFailure {
     fn from(rejection: JsonRejection) -> Self {
+        // 400 for malformed JSON, 413 for a body over the limit, 415 without a JSON
+        // content type, 422 for JSON of the wrong shape.
         ApiFailure(
-            StatusCode::BAD_REQUEST,
+            rejection.status(),
             format!("invalid request: {}", rejection.body_text()),
         )
     }
