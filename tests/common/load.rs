@@ -6,7 +6,18 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::Connection;
+use bytes::Bytes;
+
+use super::{request, Connection};
+
+/// What each client sends, over and over.
+#[derive(Clone)]
+pub enum Traffic {
+    /// `GET path`, expecting 200.
+    Get { host: String, path: String },
+    /// `POST path` with `body` to the upstream's `/echo`, expecting the same body back.
+    Echo { host: String, body: Bytes },
+}
 
 /// What a load run saw.
 pub struct LoadResult {
@@ -27,6 +38,15 @@ pub struct Load {
 impl Load {
     /// Starts `clients` clients sending `GET path` with `Host: host` to `address`.
     pub fn start(address: SocketAddr, host: &str, path: &str, clients: usize) -> Self {
+        let traffic = Traffic::Get {
+            host: host.to_string(),
+            path: path.to_string(),
+        };
+        Self::start_traffic(address, traffic, clients)
+    }
+
+    /// Starts `clients` clients each sending `traffic` to `address`.
+    pub fn start_traffic(address: SocketAddr, traffic: Traffic, clients: usize) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let failures = Arc::new(Mutex::new(Vec::new()));
         let served = Arc::new(AtomicUsize::new(0));
@@ -35,7 +55,7 @@ impl Load {
             .map(|_| {
                 let (stop, failures, served) = (stop.clone(), failures.clone(), served.clone());
                 let reconnects = reconnects.clone();
-                let (host, path) = (host.to_string(), path.to_string());
+                let traffic = traffic.clone();
                 tokio::spawn(async move {
                     let mut connection: Option<Connection> = None;
                     while !stop.load(Ordering::Relaxed) {
@@ -49,14 +69,30 @@ impl Load {
                                 }
                             },
                         };
-                        match open.get(&host, &path).await {
-                            Ok(reply) if reply.status == 200 => {
+                        let sent = match &traffic {
+                            Traffic::Get { host, path } => open.get(host, path).await,
+                            Traffic::Echo { host, body } => {
+                                open.send(request("POST", host, "/echo", body.clone()))
+                                    .await
+                            }
+                        };
+                        let expected_body = match &traffic {
+                            Traffic::Echo { body, .. } => Some(body),
+                            Traffic::Get { .. } => None,
+                        };
+                        match sent {
+                            Ok(reply)
+                                if reply.status == 200
+                                    && expected_body
+                                        .is_none_or(|body| reply.body.as_bytes() == &body[..]) =>
+                            {
                                 served.fetch_add(1, Ordering::Relaxed);
                             }
-                            Ok(reply) => failures
-                                .lock()
-                                .unwrap()
-                                .push(format!("status {}", reply.status)),
+                            Ok(reply) => failures.lock().unwrap().push(format!(
+                                "status {} ({} body bytes)",
+                                reply.status,
+                                reply.body.len()
+                            )),
                             Err(error) if error.starts_with("not sent") => {
                                 reconnects.fetch_add(1, Ordering::Relaxed);
                                 connection = None;
