@@ -69,6 +69,14 @@ async fn misbehave(mut stream: TcpStream) {
     }
 }
 
+async fn check_bystander(bystander: &mut Connection) {
+    let reply = bystander
+        .get("good.test", "/")
+        .await
+        .expect("bystander served");
+    assert_eq!(reply.status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_misbehaving_upstream_fails_only_its_own_requests() {
     let proxy = ProxyProcess::start();
@@ -98,13 +106,6 @@ async fn a_misbehaving_upstream_fails_only_its_own_requests() {
 
     // One keep-alive client of the good service, used between every fault.
     let mut bystander = Connection::open(proxy.address()).await.unwrap();
-    let mut check_bystander = async || {
-        let reply = bystander
-            .get("good.test", "/")
-            .await
-            .expect("bystander served");
-        assert_eq!(reply.status, 200);
-    };
 
     let cases = [
         ("broken.test", "/garbage", 502),
@@ -115,7 +116,7 @@ async fn a_misbehaving_upstream_fails_only_its_own_requests() {
         ("refused.test", "/", 502),
     ];
     for (host, path, status) in cases {
-        check_bystander().await;
+        check_bystander(&mut bystander).await;
         let reply = get(proxy.address(), host, path).await;
         assert_eq!(reply.status, status, "{host}{path}: {}", reply.body);
         assert!(reply.body.contains(&status.to_string()), "an error page");
@@ -123,11 +124,11 @@ async fn a_misbehaving_upstream_fails_only_its_own_requests() {
 
     // Unbuffered, the head has gone to the client when the target resets: the body is cut,
     // so the client sees an incomplete response rather than a complete wrong one.
-    check_bystander().await;
+    check_bystander(&mut bystander).await;
     let mut client = Connection::open(proxy.address()).await.unwrap();
     let cut = client.get("broken.test", "/reset").await;
     assert!(cut.is_err(), "a cut body must not look complete: {cut:?}");
-    check_bystander().await;
+    check_bystander(&mut bystander).await;
     assert_eq!(get(proxy.address(), "good.test", "/").await.status, 200);
 }
 
