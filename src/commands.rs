@@ -274,9 +274,12 @@ fn print_status(status: &StatusReport, output: &OutputArgs) -> anyhow::Result<()
         ],
         rows,
     );
+    // One row per host, though a host may have routes on several paths.
+    let mut seen_hosts = std::collections::HashSet::new();
     let certificates: Vec<Vec<String>> = status
         .routes
         .iter()
+        .filter(|route| seen_hosts.insert(route.host.as_str()))
         .filter_map(|route| {
             let certificate = route.certificate.as_ref()?;
             Some(vec![

@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use berth_proxy::config::{
-    normalize_host, normalize_path_prefix, ServiceConfig, DEFAULT_DRAIN_TIMEOUT,
+    is_valid_host_pattern, normalize_host, normalize_path_prefix, ServiceConfig,
+    DEFAULT_DRAIN_TIMEOUT,
 };
 use berth_proxy::health::spawn_health_check;
 use berth_proxy::upstream::UpstreamClient;
@@ -148,7 +149,24 @@ impl Registry {
             other => other?,
         };
         let mut entries = self.lock_entries();
-        for saved in state.services {
+        for mut saved in state.services {
+            // A hand-edited file may hold what no deploy would accept; serving it could
+            // shadow another service's routes, so it is left out, loudly.
+            let checked = validate_service_name(&saved.name)
+                .and_then(|()| normalize_config(saved.config.clone()))
+                .and_then(|config| {
+                    if entries.contains_key(&saved.name) {
+                        return Err(RegistryError::Invalid("the name appears twice".into()));
+                    }
+                    check_conflicts(&entries, &saved.name, &config).map(|()| config)
+                });
+            match checked {
+                Ok(config) => saved.config = config,
+                Err(error) => {
+                    tracing::error!(service = %saved.name, %error, "Saved service not restored: its settings are not valid");
+                    continue;
+                }
+            }
             let error_pages = load_error_pages(&saved.config).unwrap_or_else(|error| {
                 tracing::warn!(service = %saved.name, %error, "Custom error pages unavailable; using built-in pages");
                 ErrorPages::default()
@@ -744,14 +762,10 @@ pub fn normalize_config(mut config: ServiceConfig) -> Result<ServiceConfig, Regi
         .collect();
     config.hosts.dedup();
     for host in &config.hosts {
-        let name = host.strip_prefix("*.").unwrap_or(host);
-        let valid = !name.is_empty()
-            && !name.contains('*')
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b));
-        if !valid {
-            return Err(RegistryError::Invalid(format!("invalid host {host:?}")));
+        if !is_valid_host_pattern(host) {
+            return Err(RegistryError::Invalid(format!(
+                "invalid host {host:?}: expected a name such as app.example.com or *.example.com, without a port"
+            )));
         }
     }
     if config.path_prefixes.is_empty() {
@@ -832,6 +846,35 @@ mod tests {
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
             ..ServiceConfig::default()
         }
+    }
+
+    #[tokio::test]
+    async fn restore_leaves_out_saved_services_no_deploy_would_accept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kamal-proxy.state");
+        std::fs::write(
+            &path,
+            r#"{"version":1,"services":[
+              {"name":"good","targets":["127.0.0.1:1"],"config":{"hosts":["a.test"]}},
+              {"name":"wild","targets":["127.0.0.1:1"],"config":{"hosts":["*.a.test"],"tls":{"enabled":true}}},
+              {"name":"clash","targets":["127.0.0.1:1"],"config":{"hosts":["a.test"]}},
+              {"name":"good","targets":["127.0.0.1:2"],"config":{"hosts":["b.test"]}},
+              {"name":"ported","targets":["127.0.0.1:1"],"config":{"hosts":["c.test:8080"]}}]}"#,
+        )
+        .unwrap();
+        let registry = Registry::new(
+            RouteTableHandle::default(),
+            berth_proxy::upstream::upstream_client(Duration::from_millis(10)),
+            StateFile::new(&path),
+        );
+        assert_eq!(registry.restore().unwrap(), 1);
+        let names: Vec<String> = registry
+            .list()
+            .services
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(names, ["good"]);
     }
 
     #[test]

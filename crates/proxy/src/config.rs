@@ -151,6 +151,25 @@ pub fn normalize_host(host: &str) -> String {
 }
 
 /// `api/` → `/api`, `` → `/`: a leading slash and no trailing one, except the root.
+/// Whether a normalised host pattern can match requests: a DNS name (labels of letters,
+/// digits, `-` and `_`), optionally with `*.` in front, or a bracketed IPv6 address; never a
+/// port, since requests are matched with theirs removed.
+pub fn is_valid_host_pattern(host: &str) -> bool {
+    if let Some(address) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return address.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
 pub fn normalize_path_prefix(prefix: &str) -> String {
     let trimmed = prefix.trim().trim_matches('/');
     if trimmed.is_empty() {
@@ -171,6 +190,27 @@ mod tests {
         assert_eq!(normalize_path_prefix(""), "/");
         assert_eq!(normalize_path_prefix("/"), "/");
         assert_eq!(normalize_path_prefix("/a/b/"), "/a/b");
+    }
+
+    #[test]
+    fn host_patterns_that_could_never_match_are_invalid() {
+        for valid in ["app.test", "*.example.com", "a_b-c.d", "[::1]", "localhost"] {
+            assert!(is_valid_host_pattern(valid), "{valid}");
+        }
+        // Found by fuzzing (fuzz/route_patterns): a port or stray brackets made a host that
+        // requests, matched without their port, could never reach.
+        for invalid in [
+            "app.test:8080",
+            "[a]b",
+            "[\0\0%\u{15}]\0;\u{15}",
+            "a..b",
+            "*",
+            "*.",
+            "[::1]:80",
+            "a b",
+        ] {
+            assert!(!is_valid_host_pattern(invalid), "{invalid}");
+        }
     }
 
     #[test]
