@@ -224,3 +224,17 @@ async fn several_targets_share_load_and_an_unhealthy_one_is_skipped() {
     assert_eq!(sick["health"], "unhealthy");
     assert_eq!(sick["last_failure"], "status 503");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_reuse_their_connection() {
+    let proxy = ProxyProcess::start();
+    let app = Upstream::start("app").await;
+    proxy.deploy("web", &app.target(), &[]);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (checks, connections) = (app.health_checks(), app.connections());
+    assert!(checks >= 8, "checks every 100 ms: {checks}");
+    assert!(
+        connections <= 2,
+        "{checks} health checks over {connections} connections"
+    );
+}

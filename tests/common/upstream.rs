@@ -29,6 +29,8 @@ struct Shared {
     name: String,
     health: AtomicU16,
     requests: AtomicUsize,
+    health_checks: AtomicUsize,
+    connections: AtomicUsize,
 }
 
 pub struct Upstream {
@@ -46,6 +48,8 @@ impl Upstream {
             name: name.to_string(),
             health: AtomicU16::new(200),
             requests: AtomicUsize::new(0),
+            health_checks: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
         });
         let server_shared = Arc::clone(&shared);
         let server = tokio::spawn(async move {
@@ -59,6 +63,7 @@ impl Upstream {
                     },
                     Some(_) = connections.join_next(), if !connections.is_empty() => continue,
                 };
+                server_shared.connections.fetch_add(1, Ordering::SeqCst);
                 let shared = Arc::clone(&server_shared);
                 connections.spawn(async move {
                     let service = service_fn(move |request| {
@@ -92,6 +97,16 @@ impl Upstream {
         move |status| shared.health.store(status, Ordering::SeqCst)
     }
 
+    /// Health checks answered.
+    pub fn health_checks(&self) -> usize {
+        self.shared.health_checks.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
+
     /// Requests served, health checks excluded.
     pub fn requests(&self) -> usize {
         self.shared.requests.load(Ordering::SeqCst)
@@ -115,8 +130,11 @@ type Body = Full<Bytes>;
 async fn answer(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Body> {
     let path = request.uri().path().to_string();
     if path == "/up" {
+        shared.health_checks.fetch_add(1, Ordering::SeqCst);
         let status = StatusCode::from_u16(shared.health.load(Ordering::SeqCst)).unwrap();
-        return respond(status, "health");
+        // A page of some size, as real apps answer: the proxy must read it to reuse the
+        // connection.
+        return respond(status, &"health ".repeat(6000));
     }
     shared.requests.fetch_add(1, Ordering::SeqCst);
     match path.as_str() {

@@ -4,10 +4,14 @@
 use std::sync::{Arc, Weak};
 
 use http::{header, Request};
+use http_body_util::{BodyExt, Limited};
 
 use crate::body;
 use crate::target::Target;
 use crate::upstream::{describe_error, UpstreamClient};
+
+/// Health check bodies are read up to this size so the connection can be reused.
+const MAX_BODY_READ: usize = 64 * 1024;
 
 /// Starts checking `target` now and every interval until it is retired or dropped.
 pub fn spawn_health_check(target: &Arc<Target>, client: UpstreamClient) {
@@ -54,10 +58,20 @@ async fn probe(target: &Target, client: &UpstreamClient) -> Result<(), String> {
         .body(body::empty())
         .map_err(|e| format!("invalid health check request: {e}"))?;
     let timeout = config.timeout.get();
-    match tokio::time::timeout(timeout, client.request(request)).await {
+    let checked = async {
+        let response = client.request(request).await?;
+        let status = response.status();
+        // Reading the body to its end lets the next check reuse the connection instead of
+        // opening a new one every interval; a body too long to bother with is left unread.
+        let _ = Limited::new(response.into_body(), MAX_BODY_READ)
+            .collect()
+            .await;
+        Ok::<_, hyper_util::client::legacy::Error>(status)
+    };
+    match tokio::time::timeout(timeout, checked).await {
         Err(_) => Err(format!("timed out after {}", config.timeout)),
         Ok(Err(error)) => Err(describe_error(&error)),
-        Ok(Ok(response)) if response.status().is_success() => Ok(()),
-        Ok(Ok(response)) => Err(format!("status {}", response.status().as_u16())),
+        Ok(Ok(status)) if status.is_success() => Ok(()),
+        Ok(Ok(status)) => Err(format!("status {}", status.as_u16())),
     }
 }
