@@ -32,7 +32,13 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    let mut in_memory = BytesMut::new();
+    if incoming.is_end_stream() {
+        return Ok(Buffered {
+            body: body::empty(),
+            len: 0,
+        });
+    }
+    let mut in_memory = InMemory::Empty;
     let mut spill: Option<tokio::fs::File> = None;
     let mut len: u64 = 0;
     while let Some(frame) = incoming.frame().await {
@@ -48,16 +54,16 @@ where
             Some(file) => file.write_all(&data).await?,
             None if len > memory => {
                 let mut file = tokio::fs::File::from_std(tempfile::tempfile()?);
-                file.write_all(&in_memory).await?;
+                file.write_all(&std::mem::take(&mut in_memory).into_bytes())
+                    .await?;
                 file.write_all(&data).await?;
-                in_memory = BytesMut::new();
                 spill = Some(file);
             }
-            None => in_memory.extend_from_slice(&data),
+            None => in_memory.push(data),
         }
     }
     let body = match spill {
-        None => body::full(in_memory.freeze()),
+        None => body::full(in_memory.into_bytes()),
         Some(mut file) => {
             file.flush().await?;
             file.rewind().await?;
@@ -68,6 +74,42 @@ where
         }
     };
     Ok(Buffered { body, len })
+}
+
+/// A body held in memory. Most bodies arrive as one chunk, which is kept as it came,
+/// without a copy.
+#[derive(Default)]
+enum InMemory {
+    #[default]
+    Empty,
+    One(Bytes),
+    Many(BytesMut),
+}
+
+impl InMemory {
+    fn push(&mut self, data: Bytes) {
+        *self = match std::mem::take(self) {
+            InMemory::Empty => InMemory::One(data),
+            InMemory::One(first) => {
+                let mut joined = BytesMut::with_capacity(first.len() + data.len());
+                joined.extend_from_slice(&first);
+                joined.extend_from_slice(&data);
+                InMemory::Many(joined)
+            }
+            InMemory::Many(mut joined) => {
+                joined.extend_from_slice(&data);
+                InMemory::Many(joined)
+            }
+        };
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            InMemory::Empty => Bytes::new(),
+            InMemory::One(data) => data,
+            InMemory::Many(joined) => joined.freeze(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -93,6 +135,16 @@ mod tests {
             .unwrap();
         assert_eq!(buffered.len, data.len() as u64);
         assert_eq!(collect(buffered.body).await, data);
+    }
+
+    #[tokio::test]
+    async fn bodies_in_several_chunks_are_joined_in_order() {
+        let chunks = futures_util::stream::iter(
+            ["ab", "cd", "ef"].map(|c| Ok::<_, BoxError>(Frame::data(Bytes::from(c)))),
+        );
+        let buffered = buffer_body(StreamBody::new(chunks), 1024, 0).await.unwrap();
+        assert_eq!(buffered.len, 6);
+        assert_eq!(collect(buffered.body).await, b"abcdef");
     }
 
     #[tokio::test]
