@@ -144,3 +144,31 @@ async fn metrics_count_requests_and_deploys_and_show_certificate_expiry() {
         "the service no longer uses TLS"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_port_moves_to_the_new_process_in_a_handover() {
+    let metrics_port = free_port();
+    let mut old = ProxyProcess::start_with(&[
+        &format!("--metrics-port={metrics_port}"),
+        "--upgrade-drain-timeout=1s",
+    ]);
+    let app = Upstream::start("app").await;
+    old.deploy("web", &app.target(), &[]);
+    assert_eq!(get(old.address(), "app.test", "/").await.status, 200);
+    let series = r#"kamal_proxy_http_requests_total{service="web",method="GET",status="200"}"#;
+    assert_eq!(sample(&scrape(metrics_port).await, series), Some(1.0));
+
+    // The successor binds the metrics port while the old process still holds it.
+    let new = tokio::task::block_in_place(|| old.upgrade());
+    let status =
+        tokio::task::block_in_place(|| old.wait_for_exit(std::time::Duration::from_secs(15)));
+    assert!(status.success());
+    assert!(new.log().contains("Serving metrics at /metrics"));
+    assert_eq!(get(new.address(), "app.test", "/").await.status, 200);
+    let text = scrape(metrics_port).await;
+    assert_eq!(
+        sample(&text, series),
+        Some(1.0),
+        "the new process counts its own requests: {text}"
+    );
+}
