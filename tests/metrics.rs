@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::certs::short_lived_certificate;
+use common::certs::certificate_files;
 use common::pebble::free_port;
 use common::{get, ProxyProcess, Upstream};
 
@@ -31,10 +31,7 @@ async fn metrics_count_requests_and_deploys_and_show_certificate_expiry() {
     let metrics_port = free_port();
     let proxy = ProxyProcess::start_with(&[&format!("--metrics-port={metrics_port}")]);
     let app = Upstream::start("app").await;
-    let (cert_pem, key_pem, _) = short_lived_certificate("shop.test");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("cert.pem"), cert_pem).unwrap();
-    std::fs::write(dir.path().join("key.pem"), key_pem).unwrap();
+    let certificate = certificate_files("shop.test");
     proxy.deploy(
         "shop",
         &app.target(),
@@ -42,14 +39,8 @@ async fn metrics_count_requests_and_deploys_and_show_certificate_expiry() {
             "--host=shop.test",
             "--tls",
             "--tls-redirect=false",
-            &format!(
-                "--tls-certificate-path={}",
-                dir.path().join("cert.pem").display()
-            ),
-            &format!(
-                "--tls-private-key-path={}",
-                dir.path().join("key.pem").display()
-            ),
+            &certificate.flags[0],
+            &certificate.flags[1],
             "--exclude-metrics-path=/up",
         ],
     );

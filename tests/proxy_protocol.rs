@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::certs::short_lived_certificate;
+use common::certs::certificate_files;
 use common::{ProxyProcess, Upstream};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -83,10 +83,7 @@ fn logged_client(proxy: &ProxyProcess) -> String {
 async fn proxy_protocol_headers_carry_the_client_address_and_are_required() {
     let proxy = ProxyProcess::start_with(&["--proxy-protocol", "--trusted-proxies=10.0.0.0/8"]);
     let app = Upstream::start("app").await;
-    let (cert_pem, key_pem, root) = short_lived_certificate("app.test");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("cert.pem"), cert_pem).unwrap();
-    std::fs::write(dir.path().join("key.pem"), key_pem).unwrap();
+    let certificate = certificate_files("app.test");
     // Forwarded headers off: only a trusted proxy's X-Forwarded-For is kept.
     proxy.deploy(
         "app",
@@ -96,14 +93,8 @@ async fn proxy_protocol_headers_carry_the_client_address_and_are_required() {
             "--tls",
             "--tls-redirect=false",
             "--forward-headers=false",
-            &format!(
-                "--tls-certificate-path={}",
-                dir.path().join("cert.pem").display()
-            ),
-            &format!(
-                "--tls-private-key-path={}",
-                dir.path().join("key.pem").display()
-            ),
+            &certificate.flags[0],
+            &certificate.flags[1],
         ],
     );
 
@@ -143,7 +134,7 @@ async fn proxy_protocol_headers_carry_the_client_address_and_are_required() {
 
     // HTTPS: the header comes before the TLS handshake.
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(root).unwrap();
+    roots.add(certificate.root.clone()).unwrap();
     let config = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();

@@ -20,3 +20,27 @@ pub fn short_lived_certificate(host: &str) -> (String, String, CertificateDer<'s
     let cert = params.signed_by(&key, &issuer).unwrap();
     (cert.pem(), key.serialize_pem(), ca.der().clone())
 }
+
+/// A short-lived certificate for a host, written to PEM files, with the `deploy` flags that
+/// serve it and the root that verifies it.
+pub struct CertificateFiles {
+    _dir: tempfile::TempDir,
+    pub root: CertificateDer<'static>,
+    pub flags: [String; 2],
+}
+
+pub fn certificate_files(host: &str) -> CertificateFiles {
+    let (cert_pem, key_pem, root) = short_lived_certificate(host);
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, cert_pem).unwrap();
+    std::fs::write(&key, key_pem).unwrap();
+    CertificateFiles {
+        flags: [
+            format!("--tls-certificate-path={}", cert.display()),
+            format!("--tls-private-key-path={}", key.display()),
+        ],
+        root,
+        _dir: dir,
+    }
+}
