@@ -144,7 +144,7 @@ pub struct RunArgs {
     /// Take over from the proxy running on the same control socket without dropping a request
     #[arg(long)]
     pub upgrade: bool,
-    /// How long the old process drains after handing over [default: 30s]
+    /// How long the old process drains after handing over [env: UPGRADE_DRAIN_TIMEOUT] [default: 30s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub upgrade_drain_timeout: Option<GoDuration>,
     /// Enable HTTP/3 (accepted for compatibility; not supported, ignored)
