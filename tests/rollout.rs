@@ -5,8 +5,9 @@ mod common;
 
 use common::{request, Connection, ProxyProcess, Upstream};
 
-/// Which upstream answered a request carrying `cookie` (if any).
-async fn served_by(connection: &mut Connection, cookie: Option<&str>) -> String {
+/// Which upstream answered a request carrying `cookie` (if any), and the cookie the proxy
+/// set, if it did.
+async fn visit(connection: &mut Connection, cookie: Option<&str>) -> (String, Option<String>) {
     let mut sent = request("GET", "shop.test", "/", "");
     if let Some(cookie) = cookie {
         sent.headers_mut().insert("cookie", cookie.parse().unwrap());
@@ -14,11 +15,20 @@ async fn served_by(connection: &mut Connection, cookie: Option<&str>) -> String 
     let reply = connection.send(sent).await.expect("request through proxy");
     assert_eq!(reply.status, 200, "{}", reply.body);
     let report: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
-    report["server"].as_str().unwrap().to_string()
+    let set_cookie = reply
+        .headers
+        .get("set-cookie")
+        .map(|value| value.to_str().unwrap().to_string());
+    (report["server"].as_str().unwrap().to_string(), set_cookie)
+}
+
+/// Which upstream answered a request carrying `cookie` (if any).
+async fn served_by(connection: &mut Connection, cookie: Option<&str>) -> String {
+    visit(connection, cookie).await.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rollout_takes_its_share_of_cookie_values_and_all_allowlisted_ones() {
+async fn a_rollout_takes_its_share_of_visitors_and_all_allowlisted_ones() {
     let proxy = ProxyProcess::start();
     let main = Upstream::start("main").await;
     let canary = Upstream::start("canary").await;
@@ -49,6 +59,11 @@ async fn a_rollout_takes_its_share_of_cookie_values_and_all_allowlisted_ones() {
         "main",
         "rollout targets get nothing until a split is set"
     );
+    assert_eq!(
+        visit(&mut connection, None).await,
+        ("main".to_string(), None),
+        "and nobody is given a cookie"
+    );
 
     proxy.ok(&["rollout", "set", "shop", "--percent=25", "--list=staff,qa"]);
     let mut to_canary = 0;
@@ -71,12 +86,31 @@ async fn a_rollout_takes_its_share_of_cookie_values_and_all_allowlisted_ones() {
             served_by(&mut connection, Some("kamal-rollout=qa")).await,
             "canary"
         );
-        assert_eq!(
-            served_by(&mut connection, None).await,
-            "main",
-            "no cookie, no rollout"
-        );
     }
+    // Anonymous visitors (no cookie): about a quarter go to the rollout, and each is given a
+    // cookie that keeps it on its side.
+    let mut anonymous_to_canary = 0;
+    let mut given = Vec::new();
+    for _ in 0..400 {
+        let (server, cookie) = visit(&mut connection, None).await;
+        let cookie = cookie.expect("an anonymous visitor gets a kamal-rollout cookie");
+        assert!(
+            cookie.starts_with("kamal-rollout=") && cookie.contains("Path=/"),
+            "{cookie}"
+        );
+        anonymous_to_canary += usize::from(server == "canary");
+        given.push((cookie.split(';').next().unwrap().to_string(), server));
+    }
+    assert!(
+        (70..=130).contains(&anonymous_to_canary),
+        "about a quarter of 400 anonymous visitors go to the rollout, got {anonymous_to_canary}"
+    );
+    for (cookie, server) in given.iter().take(20) {
+        let (again, set) = visit(&mut connection, Some(cookie)).await;
+        assert_eq!(&again, server, "{cookie} sticks to its side");
+        assert_eq!(set, None, "a visitor with the cookie is not given another");
+    }
+
     // Sticky: a visitor stays on the side it first landed on.
     let first = served_by(&mut connection, Some("kamal-rollout=visitor-7")).await;
     for _ in 0..10 {
@@ -93,6 +127,7 @@ async fn a_rollout_takes_its_share_of_cookie_values_and_all_allowlisted_ones() {
     assert!(proxy.ok(&["status"]).contains("(rollout 25% + staff,qa)"));
 
     // The rollout survives a restart.
+    drop(connection);
     let proxy = proxy.restart();
     let mut connection = Connection::open(proxy.address()).await.unwrap();
     assert_eq!(
@@ -101,6 +136,10 @@ async fn a_rollout_takes_its_share_of_cookie_values_and_all_allowlisted_ones() {
     );
 
     proxy.ok(&["rollout", "stop", "shop"]);
+    assert_eq!(
+        visit(&mut connection, None).await,
+        ("main".to_string(), None)
+    );
     for _ in 0..5 {
         assert_eq!(
             served_by(&mut connection, Some("kamal-rollout=staff")).await,

@@ -236,7 +236,8 @@ impl Proxy {
             }
         }
 
-        let Some(claim) = service.pick_target(request.headers()) else {
+        let assignment = service.assign(request.headers());
+        let Some(claim) = service.pick_target(assignment.rollout) else {
             let status = StatusCode::SERVICE_UNAVAILABLE;
             return finish_with_error(
                 record,
@@ -263,7 +264,13 @@ impl Proxy {
                 record.emit();
                 response
             }
-            Ok(Forwarded::Response(response)) => {
+            Ok(Forwarded::Response(mut response)) => {
+                if let Some(cookie) = assignment
+                    .set_cookie
+                    .and_then(|cookie| HeaderValue::from_str(&cookie).ok())
+                {
+                    response.headers_mut().append(header::SET_COOKIE, cookie);
+                }
                 record.status = response.status().as_u16();
                 record.capture_headers("resp_", &config.log_response_headers, response.headers());
                 record.resp_content_type = response

@@ -1,16 +1,30 @@
 //! Canary rollouts: which requests go to a service's rollout targets instead of its main ones.
 //!
-//! As in kamal-proxy, the choice rests on the `kamal-rollout` cookie, which the app sets (to
-//! an account or visitor id, say): a value on the allowlist always goes to the rollout, and
-//! any other value goes there when its FNV-1a hash falls in the first `percent` of the hash
-//! space. The same value always lands on the same side, so a user stays on one version.
-//! Requests without the cookie stay on the main targets.
+//! As in kamal-proxy, the choice rests on the `kamal-rollout` cookie, which the app may set
+//! (to an account id, say): a value on the allowlist always goes to the rollout, and any other
+//! value goes there when its FNV-1a hash falls in the first `percent` of the hash space. The
+//! same value always lands on the same side, so a user stays on one version.
+//!
+//! A request without the cookie is an anonymous visitor: while a percentage is set, it gets a
+//! new random value, is routed by it like any other, and the response sets the cookie, so the
+//! visitor stays on that side for the rest of the rollout. (kamal-proxy sends such requests to
+//! the main targets, which makes the percentage apply only to apps that set the cookie.)
 
 use http::{header, HeaderMap};
 use serde::{Deserialize, Serialize};
 
 /// The cookie whose value decides.
 pub const ROLLOUT_COOKIE: &str = "kamal-rollout";
+/// How long the cookie given to an anonymous visitor lasts: longer than a rollout.
+const ASSIGNED_COOKIE_MAX_AGE_SECS: u32 = 30 * 24 * 60 * 60;
+
+/// Which side a request goes to, and the cookie to give a visitor who had none.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Assignment {
+    pub rollout: bool,
+    /// A `Set-Cookie` value for the response.
+    pub set_cookie: Option<String>,
+}
 
 /// How traffic is split between a service's main and rollout targets.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,11 +49,33 @@ impl RolloutSplit {
         Ok(Self { percent, allowlist })
     }
 
+    /// Which side a request with these headers goes to.
+    pub fn assign(&self, headers: &HeaderMap) -> Assignment {
+        if let Some(value) = rollout_cookie(headers) {
+            return Assignment {
+                rollout: self.selects_value(value),
+                set_cookie: None,
+            };
+        }
+        if self.percent == 0 {
+            return Assignment::default();
+        }
+        let mut buffer = uuid::Uuid::encode_buffer();
+        let value = uuid::Uuid::new_v4().simple().encode_lower(&mut buffer);
+        Assignment {
+            rollout: self.selects_value(value),
+            set_cookie: Some(format!(
+                "{ROLLOUT_COOKIE}={value}; Path=/; Max-Age={ASSIGNED_COOKIE_MAX_AGE_SECS}; HttpOnly; SameSite=Lax"
+            )),
+        }
+    }
+
     /// Whether a request with these headers goes to the rollout targets.
     pub fn selects(&self, headers: &HeaderMap) -> bool {
-        let Some(value) = rollout_cookie(headers) else {
-            return false;
-        };
+        rollout_cookie(headers).is_some_and(|value| self.selects_value(value))
+    }
+
+    fn selects_value(&self, value: &str) -> bool {
         if self.allowlist.iter().any(|allowed| allowed == value) {
             return true;
         }
@@ -107,6 +143,26 @@ mod tests {
             .filter(|i| split.selects(&with_cookie(&format!("kamal-rollout=visitor-{i}"))))
             .count();
         assert!((2_300..2_700).contains(&selected), "{selected}");
+    }
+
+    #[test]
+    fn anonymous_visitors_get_a_cookie_that_keeps_them_on_their_side() {
+        let split = RolloutSplit::new(25, vec![]).unwrap();
+        let mut to_rollout = 0;
+        for _ in 0..2_000 {
+            let assignment = split.assign(&HeaderMap::new());
+            let cookie = assignment.set_cookie.expect("a new visitor gets a cookie");
+            let pair = cookie.split(';').next().unwrap();
+            assert_eq!(split.assign(&with_cookie(pair)).rollout, assignment.rollout);
+            assert_eq!(split.assign(&with_cookie(pair)).set_cookie, None);
+            to_rollout += usize::from(assignment.rollout);
+        }
+        assert!((380..620).contains(&to_rollout), "{to_rollout}");
+        let allowlist_only = RolloutSplit::new(0, vec!["staff".into()]).unwrap();
+        assert_eq!(
+            allowlist_only.assign(&HeaderMap::new()),
+            Assignment::default()
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::config::ServiceConfig;
 use crate::error_page::ErrorPages;
-use crate::rollout::RolloutSplit;
+use crate::rollout::{Assignment, RolloutSplit};
 use crate::target::{InFlight, Target};
 
 /// What a service does with new requests.
@@ -161,14 +161,17 @@ impl Service {
         self.rollout_split.store(split.map(Arc::new));
     }
 
-    /// Claims a target for one request: a rollout target if a split is set and selects the
-    /// request, else a main one. A pool swapped mid-pick is read again.
-    pub fn pick_target(&self, headers: &HeaderMap) -> Option<InFlight> {
-        let use_rollout = self
-            .rollout_split
-            .load()
-            .as_ref()
-            .is_some_and(|split| split.selects(headers));
+    /// Which of the service's target groups a request goes to (see [`crate::rollout`]).
+    pub fn assign(&self, headers: &HeaderMap) -> Assignment {
+        match self.rollout_split.load().as_ref() {
+            Some(split) if !self.rollout_pool.load().targets.is_empty() => split.assign(headers),
+            _ => Assignment::default(),
+        }
+    }
+
+    /// Claims a target for one request: a rollout target if `use_rollout` and there is one,
+    /// else a main one. A pool swapped mid-pick is read again.
+    pub fn pick_target(&self, use_rollout: bool) -> Option<InFlight> {
         for _ in 0..3 {
             if use_rollout {
                 if let Some(claim) = self.rollout_pool.load().pick() {
@@ -270,7 +273,7 @@ mod tests {
         let picks: Vec<String> = (0..4)
             .map(|_| {
                 service
-                    .pick_target(&HeaderMap::new())
+                    .pick_target(false)
                     .unwrap()
                     .target()
                     .address()
@@ -285,7 +288,7 @@ mod tests {
     fn with_no_healthy_target_any_target_is_tried() {
         let service = service();
         service.replace_targets(vec![target("a:1", false)]);
-        assert!(service.pick_target(&HeaderMap::new()).is_some());
+        assert!(service.pick_target(false).is_some());
     }
 
     #[tokio::test]
