@@ -250,22 +250,11 @@ impl ProxyProcess {
     }
 
     /// Sends SIGTERM and waits for the exit status.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("proxy running");
+        pub fn terminate(&mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args(["-TERM", &self.pid().to_string()])
             .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("proxy did not exit after SIGTERM:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_for_exit(Duration::from_secs(20))
     }
 
     /// Stops the daemon and starts a new one with the same home (state), ports and flags.
