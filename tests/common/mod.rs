@@ -250,18 +250,15 @@ impl ProxyProcess {
     }
 
     /// Sends SIGTERM and waits for the exit status.
-        pub fn terminate(&mut self) -> std::process::ExitStatus {
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status();
         self.wait_for_exit(Duration::from_secs(20))
     }
 
-    /// Stops the daemon and starts a new one with the same home (state), ports and flags.
-    pub fn restart(mut self) -> Self {
-        let status = self.terminate();
-        assert!(status.success(), "proxy exited with {status}");
-        let extra_args = std::mem::take(&mut self.extra_args);
+    /// Starts another daemon with this one's home, ports and user, and `extra_args`.
+    fn start_another(&self, extra_args: Vec<String>) -> Self {
         Self::start_in(
             self.home.clone(),
             self.port,
@@ -269,6 +266,14 @@ impl ProxyProcess {
             extra_args,
             self.run_as,
         )
+    }
+
+    /// Stops the daemon and starts a new one with the same home (state), ports and flags.
+    pub fn restart(mut self) -> Self {
+        let status = self.terminate();
+        assert!(status.success(), "proxy exited with {status}");
+        let extra_args = std::mem::take(&mut self.extra_args);
+        self.start_another(extra_args)
     }
 
     /// Kills the daemon with SIGKILL (no chance to clean up, as when the power goes) and
@@ -279,13 +284,7 @@ impl ProxyProcess {
             let _ = child.wait();
         }
         let extra_args = std::mem::take(&mut self.extra_args);
-        Self::start_in(
-            self.home.clone(),
-            self.port,
-            self.https_port,
-            extra_args,
-            self.run_as,
-        )
+        self.start_another(extra_args)
     }
 
     /// Starts `proxy run --upgrade` with the same home, socket and flags: the new process
@@ -293,13 +292,7 @@ impl ProxyProcess {
     pub fn upgrade(&self) -> Self {
         let mut extra_args = self.extra_args.clone();
         extra_args.push("--upgrade".to_string());
-        let successor = Self::start_in(
-            self.home.clone(),
-            self.port,
-            self.https_port,
-            extra_args,
-            self.run_as,
-        );
+        let successor = self.start_another(extra_args);
         let mut successor = successor;
         successor.extra_args.retain(|a| a != "--upgrade");
         successor
