@@ -355,21 +355,25 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         });
     }
 
-    let grace = tokio::select! {
+    let (grace, shutting_down) = tokio::select! {
         signal = wait_for_signal() => {
             signal?;
             tracing::info!("Shutting down: no new connections; finishing in-flight requests");
             let _ = std::fs::remove_file(&socket_path);
-            let _ = std::fs::remove_file(handover::socket_path(&socket_path));
-            SHUTDOWN_GRACE
+                        let _ = std::fs::remove_file(handover::socket_path(&socket_path));
+            (SHUTDOWN_GRACE, true)
         }
         _ = handed_over.recv() => {
             tracing::info!(drain_timeout_ms = options.upgrade_drain_timeout.as_millis() as u64, "Handed over to the new process; draining");
-            options.upgrade_drain_timeout
+                        (options.upgrade_drain_timeout, false)
         }
     };
 
-    let finished = drain.finish(grace).await;
+    let finished = if shutting_down {
+        drain.shut_down(grace).await
+    } else {
+        drain.finish(grace).await
+    };
     api_stop.cancel();
     metrics_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), api).await;

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{get, ProxyProcess, Upstream};
+use common::{get, Connection, ProxyProcess, Upstream};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_restores_routes_at_once() {
@@ -117,12 +117,24 @@ async fn sigterm_finishes_in_flight_requests_then_exits_0() {
     proxy.deploy("web", &app.target(), &[]);
 
     let address = proxy.address();
+    // An idle keep-alive client: with nobody to take over, it must not hold the shutdown.
+    let mut idle = Connection::open(address).await.unwrap();
+    assert_eq!(idle.get("app.test", "/").await.unwrap().status, 200);
     let in_flight = tokio::spawn(async move { get(address, "app.test", "/slow?ms=1000").await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let status = tokio::task::block_in_place(|| proxy.terminate());
     assert!(status.success(), "exit status {status}");
     let reply = in_flight.await.unwrap();
     assert_eq!((reply.status, reply.body.as_str()), (200, "app slow"));
+    let stopped = proxy
+        .log_lines()
+        .into_iter()
+        .find(|line| line["message"] == "Stopped")
+        .expect("a Stopped line");
+    assert_eq!(
+        stopped["finished_in_time"], true,
+        "the idle connection was closed at once, not kept to the drain deadline"
+    );
     assert!(
         tokio::net::TcpStream::connect(address).await.is_err(),
         "still accepting after exit"

@@ -5,6 +5,10 @@
 //! "Tell clients" is per protocol: an HTTP/1.1 connection gets `Connection: close` on its next
 //! response (so a keep-alive client is not cut off while it sends a request), an HTTP/2
 //! connection gets GOAWAY, and upgraded connections (WebSockets) run until the deadline.
+//!
+//! A shutdown differs from a handover in one way: nothing takes over, so an idle keep-alive
+//! connection has no better place to send its next request. It is closed at once instead of
+//! being kept open to the deadline, so the process exits as soon as its requests are done.
 
 use std::time::Duration;
 
@@ -14,6 +18,7 @@ use tokio_util::task::TaskTracker;
 #[derive(Clone, Default)]
 pub struct Drain {
     started: CancellationToken,
+    close_idle: CancellationToken,
     deadline: CancellationToken,
     tasks: TaskTracker,
 }
@@ -36,6 +41,11 @@ impl Drain {
         &self.started
     }
 
+    /// Fires when idle connections should close now rather than at the deadline (a shutdown).
+    pub fn close_idle(&self) -> &CancellationToken {
+        &self.close_idle
+    }
+
     /// Fires when the drain time is up: whatever is still open gets closed.
     pub fn deadline(&self) -> &CancellationToken {
         &self.deadline
@@ -47,6 +57,12 @@ impl Drain {
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         self.tasks.spawn(work);
+    }
+
+    /// Drains for a shutdown: like [`Drain::finish`], but idle connections close at once.
+    pub async fn shut_down(&self, grace: Duration) -> bool {
+        self.close_idle.cancel();
+        self.finish(grace).await
     }
 
     /// Waits for tracked work to end, up to `grace`; then closes the rest and waits briefly

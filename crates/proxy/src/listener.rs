@@ -245,11 +245,13 @@ async fn serve_connection<S>(
         Some(outcome) => outcome,
         None => {
             // HTTP/2 clients get GOAWAY now; HTTP/1.1 clients are told by `Connection: close`
-            // on their next response, and idle ones are closed when the drain time is up.
+            // on their next response, and idle ones are closed when the drain time is up (or
+            // at once in a shutdown, where no other process will serve them).
             if !speaks_h2.load(Ordering::Relaxed) {
                 tokio::select! {
                     outcome = connection.as_mut() => return log_end(outcome, info),
                     _ = drain.deadline().cancelled() => {}
+                    _ = drain.close_idle().cancelled() => {}
                 }
             }
             connection.as_mut().graceful_shutdown();
