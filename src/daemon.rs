@@ -19,6 +19,8 @@ use crate::cli::{parse_bool, RunArgs};
 use crate::config_file::RunFile;
 use crate::handover;
 use crate::metrics_server;
+use crate::workers::{self, WorkerSetup, Workers};
+
 use crate::tls::TlsBridge;
 
 /// How long the old process drains after handing over, unless told otherwise.
@@ -251,13 +253,12 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         Some(taken) => {
             taken.http.set_nonblocking(true)?;
             taken.https.set_nonblocking(true)?;
-            let http = tokio::net::TcpListener::from_std(taken.http.try_clone()?)?;
-            let https = tokio::net::TcpListener::from_std(taken.https.try_clone()?)?;
+            let (http, https) = (taken.http.try_clone()?, taken.https.try_clone()?);
             (http, https, Some(taken))
         }
         None => (
-            bind_listener(options.bind, options.http_port)?,
-            bind_listener(options.bind, options.https_port)?,
+            bind_listener(options.bind, options.http_port)?.into_std()?,
+            bind_listener(options.bind, options.https_port)?.into_std()?,
             None,
         ),
     };
@@ -290,20 +291,20 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         proxy = proxy.with_metrics(Arc::clone(metrics));
     }
     let drain = proxy.drain().clone();
-    tokio::spawn(listener::serve(
-        http,
-        proxy.clone(),
-        None,
-        options.limits.clone(),
-        options.proxy_protocol,
-    ));
-    tokio::spawn(listener::serve(
-        https,
-        proxy,
-        Some(certificates.clone()),
-        options.limits.clone(),
-        options.proxy_protocol,
-    ));
+    let worker_count = workers::worker_count();
+    let workers = Workers::start(
+        worker_count,
+        &http,
+        &https,
+        WorkerSetup {
+            proxy,
+            certificates: certificates.clone(),
+            limits: options.limits.clone(),
+            proxy_protocol: options.proxy_protocol,
+            target_connect_timeout: options.target_connect_timeout,
+        },
+    )?;
+    drop((http, https));
     let api_stop = CancellationToken::new();
     let api = tokio::spawn(berth_control::api::serve(control, registry.clone(), {
         let api_stop = api_stop.clone();
@@ -324,7 +325,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         http = %http_address,
         https = %https_address,
         socket = %socket_path.display(),
-        acme_directory = %options.acme.directory,
+                acme_directory = %options.acme.directory,
+        workers = worker_count,
                 upgrade = options.upgrade,
         pid = std::process::id(),
         "Proxy started"
@@ -374,6 +376,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     } else {
         drain.finish(grace).await
     };
+    workers.stop().await;
     api_stop.cancel();
     metrics_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), api).await;

@@ -6,6 +6,7 @@
 //! - `commands`: every other command, a thin client of the control API.
 //! - `tls`: wires the certificates crate into the data and control planes.
 //! - `metrics_server`: the Prometheus endpoint on `--metrics-port`.
+//! - `workers`: the data plane's threads, one single-threaded runtime per core.
 //! - `handover`: passing the listeners to a new process (upgrades without a gap).
 
 mod cli;
@@ -15,6 +16,7 @@ mod daemon;
 mod handover;
 mod metrics_server;
 mod tls;
+mod workers;
 
 use std::process::ExitCode;
 
@@ -28,7 +30,9 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => return report_usage_error(error),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // The main thread runs the control plane (and every client command); the data plane has
+    // threads of its own (`workers`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

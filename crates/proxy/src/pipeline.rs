@@ -106,6 +106,12 @@ impl Proxy {
         &self.drain
     }
 
+    /// Sends requests through `client` (each worker thread has its own pool).
+    pub fn with_upstream_client(mut self, client: UpstreamClient) -> Self {
+        self.client = client;
+        self
+    }
+
     /// Counts requests and upstream response times into `metrics`.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = Some(metrics);
