@@ -94,6 +94,8 @@ run() {
   local port=$2 host=$3 path=$4 script=${5:-}
   local args=(-t1 -c"$CONNECTIONS" -d"$DURATION" --latency -H "Host: $host")
   [ -n "$script" ] && args+=(-s "$script")
+    # A short unmeasured run first, so every contender is measured warm (pools filled).
+  taskset -c $LOAD_CPU wrk "${args[@]/#-d$DURATION/-d2s}" "http://127.0.0.1:$port$path" > /dev/null 2>&1
   taskset -c $LOAD_CPU wrk "${args[@]}" "http://127.0.0.1:$port$path" > "$WORK/wrk.out" 2>&1
   python3 - "$WORK/wrk.out" <<'PY'
 import re, sys
