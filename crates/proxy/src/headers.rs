@@ -117,13 +117,15 @@ pub fn check_request_head<B>(request: &http::Request<B>) -> Result<(), &'static 
         return Err("More than one Host header.");
     }
     if let Some(host) = host {
-        let authority = std::str::from_utf8(host.as_bytes())
-            .ok()
-            .and_then(|h| h.parse::<http::uri::Authority>().ok())
-            .filter(|a| !a.as_str().contains('@'))
-            .ok_or("Invalid Host header.")?;
+        if !is_host_and_port(host.as_bytes()) {
+            return Err("Invalid Host header.");
+        }
         if let Some(target) = request.uri().authority() {
-            if !target.as_str().eq_ignore_ascii_case(authority.as_str()) {
+            if !target
+                .as_str()
+                .as_bytes()
+                .eq_ignore_ascii_case(host.as_bytes())
+            {
                 return Err("The Host header and the request target name different hosts.");
             }
         }
@@ -140,6 +142,30 @@ pub fn check_request_head<B>(request: &http::Request<B>) -> Result<(), &'static 
         }
     }
     Ok(())
+}
+
+/// Whether a Host value is `host[:port]` (a name, an IPv4 address or a bracketed IPv6 one),
+/// checked without allocating: it runs on every request.
+fn is_host_and_port(value: &[u8]) -> bool {
+    let (host, port) = match value.iter().rposition(|&b| b == b':') {
+        Some(colon) if !value.ends_with(b"]") => (&value[..colon], &value[colon + 1..]),
+        _ => (value, &b""[..]),
+    };
+    let host_ok = match host.strip_prefix(b"[").and_then(|h| h.strip_suffix(b"]")) {
+        Some(address) => {
+            !address.is_empty()
+                && address
+                    .iter()
+                    .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+        }
+        None => {
+            !host.is_empty()
+                && host
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        }
+    };
+    host_ok && port.len() <= 5 && port.iter().all(u8::is_ascii_digit)
 }
 
 /// Address ranges of proxies in front of this one (a load balancer, a CDN) whose
@@ -276,5 +302,31 @@ mod tests {
         let untrusted_peer: IpAddr = "203.0.113.1".parse().unwrap();
         assert_eq!(trusted.client_ip(&map, untrusted_peer), untrusted_peer);
         assert!(trusted.contains("::ffff:10.1.2.3".parse().unwrap()));
+    }
+
+    #[test]
+    fn host_values_are_a_host_and_an_optional_port() {
+        for valid in [
+            &b"app.test"[..],
+            b"app.test:8080",
+            b"127.0.0.1:80",
+            b"[::1]",
+            b"[::1]:443",
+            b"a_b",
+        ] {
+            assert!(is_host_and_port(valid), "{valid:?}");
+        }
+        for invalid in [
+            &b""[..],
+            b"app.test/evil",
+            b"user@app.test",
+            b"a b",
+            b"app.test:x",
+            b"[::1",
+            b"app.test:123456",
+            b":80",
+        ] {
+            assert!(!is_host_and_port(invalid), "{invalid:?}");
+        }
     }
 }
