@@ -132,11 +132,11 @@ pub fn check_request_head<B>(request: &http::Request<B>) -> Result<(), &'static 
     } else if request.version() == http::Version::HTTP_11 && request.uri().authority().is_none() {
         return Err("Missing Host header.");
     }
+    // With both Transfer-Encoding and Content-Length, hyper has already dropped the length
+    // and will close the connection after the response (RFC 9112 section 6.3); what it lets
+    // through is a stack of codings ending in chunked.
     let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
     if let Some(coding) = codings.next() {
-        if headers.contains_key(header::CONTENT_LENGTH) {
-            return Err("Both Transfer-Encoding and Content-Length.");
-        }
         if codings.next().is_some() || !coding.as_bytes().eq_ignore_ascii_case(b"chunked") {
             return Err("Unsupported Transfer-Encoding.");
         }
