@@ -6,7 +6,7 @@
 //! scraped, from a [`StateSample`] the caller provides, so the request path pays nothing for
 //! them and they can never drift from the state they describe.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use http::Method;
@@ -213,11 +213,8 @@ impl Metrics {
     }
 
     /// Records how long a target took to send its response head.
-    pub fn observe_upstream(&self, service: &str, target: &str, duration: Duration) {
-        let labels = TargetLabels {
-            service: service.to_string(),
-            target: target.to_string(),
-        };
+    pub fn observe_upstream(&self, service: String, target: String, duration: Duration) {
+        let labels = TargetLabels { service, target };
         self.upstream_duration
             .get_or_create(&labels)
             .observe(duration.as_secs_f64());
@@ -300,9 +297,6 @@ fn normalize_method(method: &Method) -> &'static str {
         _ => "OTHER",
     }
 }
-
-/// Shared by everything that records into the same metrics.
-pub type SharedMetrics = Arc<Metrics>;
 
 #[cfg(test)]
 mod tests {

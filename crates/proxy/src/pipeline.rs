@@ -417,9 +417,7 @@ impl Proxy {
             Some(Err(error)) => return Err(ForwardError::Unreachable(describe_error(&error))),
             Some(Ok(response)) => response,
         };
-        if let Some(metrics) = &record.metrics {
-            metrics.observe_upstream(&record.service, target.address(), sent_at.elapsed());
-        }
+        record.upstream_duration = Some(sent_at.elapsed());
 
         if let Some(client_upgrade) = client_upgrade {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {

@@ -38,6 +38,8 @@ pub struct RequestRecord {
     pub extra: Vec<(String, String)>,
     /// Where the request is counted once logged; `None` for unrouted or excluded paths.
     pub metrics: Option<Arc<Metrics>>,
+    /// Time from sending the request to the target to its response head.
+    pub upstream_duration: Option<std::time::Duration>,
     emitted: bool,
 }
 
@@ -87,6 +89,7 @@ impl RequestRecord {
             resp_content_type: String::new(),
             extra: Vec::new(),
             metrics: None,
+            upstream_duration: None,
             emitted: false,
         }
     }
@@ -145,6 +148,10 @@ impl RequestRecord {
         });
         if let Some(metrics) = self.metrics.take() {
             let service = std::mem::take(&mut self.service);
+            if let Some(upstream) = self.upstream_duration {
+                let target = std::mem::take(&mut self.target);
+                metrics.observe_upstream(service.clone(), target, upstream);
+            }
             metrics.observe_request(service, &self.method, self.status, elapsed);
         }
     }
