@@ -22,8 +22,31 @@ pub enum BufferError {
 
 /// A fully read body and its length.
 pub struct Buffered {
-    pub body: ProxyBody,
     pub len: u64,
+    contents: Contents,
+}
+
+enum Contents {
+    Memory(Bytes),
+    /// Spilled to a temporary file, streamed back from it.
+    File(ProxyBody),
+}
+
+impl Buffered {
+    /// The whole body as one buffer, or, if it was spilled to disk, as a stream.
+    pub fn into_memory(self) -> Result<Bytes, ProxyBody> {
+        match self.contents {
+            Contents::Memory(bytes) => Ok(bytes),
+            Contents::File(body) => Err(body),
+        }
+    }
+
+    pub fn into_body(self) -> ProxyBody {
+        match self.contents {
+            Contents::Memory(bytes) => body::full(bytes),
+            Contents::File(body) => body,
+        }
+    }
 }
 
 /// Reads all of `incoming`. `memory` bytes stay in memory; `max` (0 = unlimited) caps the total.
@@ -34,8 +57,8 @@ where
 {
     if incoming.is_end_stream() {
         return Ok(Buffered {
-            body: body::empty(),
             len: 0,
+            contents: Contents::Memory(Bytes::new()),
         });
     }
     let mut in_memory = InMemory::Empty;
@@ -62,18 +85,18 @@ where
             None => in_memory.push(data),
         }
     }
-    let body = match spill {
-        None => body::full(in_memory.into_bytes()),
+    let contents = match spill {
+        None => Contents::Memory(in_memory.into_bytes()),
         Some(mut file) => {
             file.flush().await?;
             file.rewind().await?;
             let chunks = tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024)
                 .map_ok(Frame::data)
                 .map_err(BoxError::from);
-            body::boxed(StreamBody::new(chunks))
+            Contents::File(body::boxed(StreamBody::new(chunks)))
         }
     };
-    Ok(Buffered { body, len })
+    Ok(Buffered { len, contents })
 }
 
 /// A body held in memory. Most bodies arrive as one chunk, which is kept as it came,
@@ -124,7 +147,7 @@ mod tests {
     async fn small_bodies_stay_in_memory() {
         let buffered = buffer_body(body::full("hello"), 1024, 0).await.unwrap();
         assert_eq!(buffered.len, 5);
-        assert_eq!(collect(buffered.body).await, b"hello");
+        assert_eq!(collect(buffered.into_body()).await, b"hello");
     }
 
     #[tokio::test]
@@ -134,7 +157,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(buffered.len, data.len() as u64);
-        assert_eq!(collect(buffered.body).await, data);
+        assert_eq!(collect(buffered.into_body()).await, data);
     }
 
     #[tokio::test]
@@ -144,7 +167,7 @@ mod tests {
         );
         let buffered = buffer_body(StreamBody::new(chunks), 1024, 0).await.unwrap();
         assert_eq!(buffered.len, 6);
-        assert_eq!(collect(buffered.body).await, b"abcdef");
+        assert_eq!(collect(buffered.into_body()).await, b"abcdef");
     }
 
     #[tokio::test]

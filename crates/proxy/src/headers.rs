@@ -4,20 +4,28 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use crate::ip_text::IpText;
+
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
+/// Headers meant for one hop only (RFC 9110 7.6.1, plus the legacy `keep-alive` and
+/// `proxy-connection`), and `upgrade`, kept only for an upgrade.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
 
 /// True for an HTTP/1.1 request asking to switch protocols (WebSocket and the like).
 pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
@@ -33,24 +41,32 @@ pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
 /// Removes headers meant for one hop only, including those the Connection header names.
 /// For an upgrade, `Connection: upgrade` and `Upgrade` are kept so the target can switch.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-        .filter(|name| !(upgrade && name == header::UPGRADE))
+    // One pass over the names, and removals (each a hash lookup) only for what is there:
+    // most messages carry none, or only `Connection: keep-alive`.
+    let present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name))
+        .cloned()
         .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    if !present.is_empty() {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .map(str::trim)
+            .filter(|token| !token.eq_ignore_ascii_case("close"))
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+            .filter(|name| !is_hop_by_hop(name))
+            .collect();
+        for name in named.iter().chain(&present) {
+            if !(upgrade && name == header::UPGRADE) {
+                headers.remove(name);
+            }
+        }
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
     }
 }
 
@@ -63,7 +79,8 @@ pub fn set_forwarded(
     host: Option<&HeaderValue>,
     trust_incoming: bool,
 ) {
-    let client = client_ip.to_string();
+    let client = IpText::new(client_ip);
+    let client = client.as_str();
     let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
         Some(existing) if trust_incoming => {
             let mut joined = existing.as_bytes().to_vec();
@@ -74,7 +91,7 @@ pub fn set_forwarded(
         _ => None,
     };
     let forwarded_for = forwarded_for.unwrap_or_else(|| {
-        HeaderValue::from_str(&client).expect("an IP address is a valid header value")
+        HeaderValue::from_str(client).expect("an IP address is a valid header value")
     });
     headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
     if !(trust_incoming && headers.contains_key(&X_FORWARDED_PROTO)) {

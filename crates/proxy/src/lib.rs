@@ -29,6 +29,7 @@ mod duration;
 mod error_page;
 mod headers;
 pub mod health;
+mod ip_text;
 pub mod listener;
 pub mod metrics;
 pub mod pipeline;

@@ -15,7 +15,7 @@ use http::uri::{PathAndQuery, Scheme, Uri};
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::body::{self, BoxError, ProxyBody};
 use crate::buffer::{buffer_body, BufferError};
@@ -29,7 +29,7 @@ use crate::route::{strip_prefix, RouteTableHandle};
 use crate::service::{Admission, Service, ServiceSettings};
 use crate::target::InFlight;
 use crate::tunnel;
-use crate::upstream::{describe_error, UpstreamClient};
+use crate::upstream::{describe_error, Outgoing, UpstreamClient};
 
 /// Where a connection came from, as the listener saw it.
 #[derive(Debug, Clone, Copy)]
@@ -191,15 +191,16 @@ impl Proxy {
             let routes = self.routes.current();
             let host = request_host(&request);
             routes.lookup(host, request.uri().path()).map(|found| {
-                let path = if found.service.settings().config.strip_path_prefix {
-                    strip_prefix(found.prefix, request.uri().path())
+                let uri = request.uri();
+                let path_and_query = if found.service.settings().config.strip_path_prefix {
+                    upstream_path(strip_prefix(found.prefix, uri.path()), uri.query())
                 } else {
-                    request.uri().path()
+                    // As it came: a cheap clone of the parsed request line.
+                    uri.path_and_query()
+                        .cloned()
+                        .unwrap_or_else(|| upstream_path(uri.path(), uri.query()))
                 };
-                (
-                    Arc::clone(found.service),
-                    upstream_path(path, request.uri().query()),
-                )
+                (Arc::clone(found.service), path_and_query)
             })
         };
         let Some((service, path_and_query)) = found else {
@@ -279,19 +280,15 @@ impl Proxy {
                 }
                 record.status = response.status().as_u16();
                 record.capture_headers("resp_", &config.log_response_headers, response.headers());
-                record.resp_content_type = response
-                    .headers()
-                    .get(header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_string();
-                let cut = claim.target().cut_requests().clone().cancelled_owned();
+                record.resp_content_type = response.headers().get(header::CONTENT_TYPE).cloned();
+                let cut = claim.target().cut_requests().clone();
                 response.map(|inner| {
                     body::boxed(ObservedBody {
                         inner,
                         claim: Some(claim),
                         record: Some(record),
-                        cut: Box::pin(cut),
+                        cut,
+                        waiting_for_cut: None,
                         sent: 0,
                     })
                 })
@@ -355,7 +352,7 @@ impl Proxy {
             ),
             None => (peer_ip, peer_ip),
         };
-        record.client_addr = client_ip.to_string();
+        record.client_addr = client_ip;
         let scheme = if conn.tls { "https" } else { "http" };
         headers::set_forwarded(
             &mut parts.headers,
@@ -365,11 +362,20 @@ impl Proxy {
             config.forward_headers || trusted_peer,
         );
         let request_id = headers::ensure_request_id(&mut parts.headers);
-        record.request_id = request_id.to_str().unwrap_or_default().to_string();
+        record.request_id = Some(request_id);
 
         let buffering = &config.buffering;
         let client_body_failed = Arc::new(AtomicBool::new(false));
-        let outgoing = if buffering.requests && !upgrade {
+        let outgoing = if upgrade {
+            Outgoing::Streaming(if incoming.is_end_stream() {
+                body::empty()
+            } else {
+                body::boxed(ClientBody {
+                    inner: incoming,
+                    failed: Arc::clone(&client_body_failed),
+                })
+            })
+        } else if buffering.requests {
             let declared = parts
                 .headers
                 .get(header::CONTENT_LENGTH)
@@ -392,18 +398,21 @@ impl Proxy {
                     .headers
                     .insert(header::CONTENT_LENGTH, HeaderValue::from(buffered.len));
             }
-            buffered.body
+            match buffered.into_memory() {
+                Ok(bytes) => Outgoing::Whole(bytes),
+                Err(spilled) => Outgoing::Streaming(spilled),
+            }
         } else if incoming.is_end_stream() {
-            body::empty()
+            Outgoing::Whole(Bytes::new())
         } else {
-            body::boxed(ClientBody {
+            Outgoing::Streaming(body::boxed(ClientBody {
                 inner: incoming,
                 failed: Arc::clone(&client_body_failed),
-            })
+            }))
         };
 
         let sent_at = std::time::Instant::now();
-        let sent = self.client.request(Request::from_parts(parts, outgoing));
+        let sent = self.client.send(Request::from_parts(parts, outgoing));
         let timeout = config.target_timeout.get();
         let response = tokio::select! {
             result = with_timeout(timeout, sent) => result,
@@ -412,9 +421,9 @@ impl Proxy {
         let mut response = match response {
             None => return Err(ForwardError::Timeout),
             Some(Err(error)) if client_body_failed.load(Ordering::Relaxed) => {
-                return Err(ForwardError::BadRequestBody(error.into()))
+                return Err(ForwardError::BadRequestBody(error))
             }
-            Some(Err(error)) => return Err(ForwardError::Unreachable(describe_error(&error))),
+            Some(Err(error)) => return Err(ForwardError::Unreachable(describe_error(&*error))),
             Some(Ok(response)) => response,
         };
         record.upstream_duration = Some(sent_at.elapsed());
@@ -447,9 +456,9 @@ impl Proxy {
                     .headers
                     .insert(header::CONTENT_LENGTH, HeaderValue::from(buffered.len));
             }
-            buffered.body
+            buffered.into_body()
         } else {
-            body::boxed(incoming)
+            incoming
         };
         Ok(Forwarded::Response(Response::from_parts(parts, outgoing)))
     }
@@ -563,7 +572,7 @@ fn finish_with_error(
     message: Option<&str>,
 ) -> Response<ProxyBody> {
     record.status = status.as_u16();
-    record.resp_content_type = "text/html; charset=utf-8".to_string();
+    record.resp_content_type = Some(HeaderValue::from_static("text/html; charset=utf-8"));
     record.emit();
     pages.render(status, message)
 }
@@ -607,11 +616,21 @@ struct ObservedBody {
     inner: ProxyBody,
     claim: Option<InFlight>,
     record: Option<RequestRecord>,
-    cut: Pin<Box<WaitForCancellationFutureOwned>>,
+    cut: CancellationToken,
+    /// Registered only once the body has to wait: most bodies are already complete when
+    /// first polled, and registering a waiter costs two locks.
+    waiting_for_cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     sent: u64,
 }
 
 impl ObservedBody {
+    fn cut_off(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.finish();
+        Poll::Ready(Some(Err(
+            "response cut: target drain timeout reached".into()
+        )))
+    }
+
     fn finish(&mut self) {
         self.claim = None;
         if let Some(mut record) = self.record.take() {
@@ -630,13 +649,19 @@ impl Body for ObservedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if this.claim.is_some() && this.cut.as_mut().poll(cx).is_ready() {
-            this.finish();
-            return Poll::Ready(Some(Err(
-                "response cut: target drain timeout reached".into()
-            )));
+        if this.claim.is_some() && this.cut.is_cancelled() {
+            return this.cut_off();
         }
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if polled.is_pending() && this.claim.is_some() {
+            let cut = &this.cut;
+            let waiting = this
+                .waiting_for_cut
+                .get_or_insert_with(|| Box::pin(cut.clone().cancelled_owned()));
+            if waiting.as_mut().poll(cx).is_ready() {
+                return this.cut_off();
+            }
+        }
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {

@@ -5,50 +5,43 @@
 //! The line carries the same `timestamp`/`level`/`message` keys as the daemon's other logs.
 
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use http::{header, HeaderMap, Method, Version};
-use serde::Serialize;
+use http::{header, HeaderMap, HeaderValue, Method, Uri, Version};
 
+use crate::ip_text::IpText;
 use crate::metrics::Metrics;
 
-/// Everything known about one request, logged once when it ends.
+/// Everything known about one request, logged once when it ends. Request parts are kept as
+/// cheap clones (`Uri`, `HeaderValue` share the request's buffer) and turned into text only
+/// when the line is written.
 pub struct RequestRecord {
     started: Instant,
-    pub host: String,
+    host: Option<HeaderValue>,
     pub port: u16,
-    pub path: String,
-    pub query: String,
+    uri: Uri,
     pub method: Method,
     pub proto: Version,
     pub scheme: &'static str,
     pub peer: SocketAddr,
-    pub client_addr: String,
-    pub user_agent: String,
+    pub client_addr: IpAddr,
+    user_agent: Option<HeaderValue>,
     pub req_content_length: Option<u64>,
-    pub req_content_type: String,
-    pub request_id: String,
+    req_content_type: Option<HeaderValue>,
+    pub request_id: Option<HeaderValue>,
     pub service: String,
     pub target: String,
     pub status: u16,
     pub resp_content_length: Option<u64>,
-    pub resp_content_type: String,
+    pub resp_content_type: Option<HeaderValue>,
     pub extra: Vec<(String, String)>,
     /// Where the request is counted once logged; `None` for unrouted or excluded paths.
     pub metrics: Option<Arc<Metrics>>,
     /// Time from sending the request to the target to its response head.
     pub upstream_duration: Option<std::time::Duration>,
     emitted: bool,
-}
-
-fn header_str(headers: &HeaderMap, name: &header::HeaderName) -> String {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string()
 }
 
 impl RequestRecord {
@@ -59,34 +52,32 @@ impl RequestRecord {
         scheme: &'static str,
     ) -> Self {
         let headers = request.headers();
-        let host = headers
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .or_else(|| request.uri().authority().map(|a| a.as_str()))
-            .unwrap_or_default();
+        let host = headers.get(header::HOST).cloned().or_else(|| {
+            let authority = request.uri().authority()?;
+            HeaderValue::from_str(authority.as_str()).ok()
+        });
         Self {
             started: Instant::now(),
-            host: crate::route::strip_port(host).to_string(),
+            host,
             port: local_port,
-            path: request.uri().path().to_string(),
-            query: request.uri().query().unwrap_or_default().to_string(),
+            uri: request.uri().clone(),
             method: request.method().clone(),
             proto: request.version(),
             scheme,
             peer,
-            client_addr: peer.ip().to_string(),
-            user_agent: header_str(headers, &header::USER_AGENT),
+            client_addr: peer.ip(),
+            user_agent: headers.get(header::USER_AGENT).cloned(),
             req_content_length: headers
                 .get(header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok()),
-            req_content_type: header_str(headers, &header::CONTENT_TYPE),
-            request_id: String::new(),
+            req_content_type: headers.get(header::CONTENT_TYPE).cloned(),
+            request_id: None,
             service: String::new(),
             target: String::new(),
             status: 0,
             resp_content_length: None,
-            resp_content_type: String::new(),
+            resp_content_type: None,
             extra: Vec::new(),
             metrics: None,
             upstream_duration: None,
@@ -110,39 +101,10 @@ impl RequestRecord {
             return;
         }
         let elapsed = self.started.elapsed();
-        let line = Line {
-            timestamp: Timestamp(SystemTime::now()),
-            level: "INFO",
-            message: "Request",
-            host: &self.host,
-            port: self.port,
-            path: &self.path,
-            request_id: &self.request_id,
-            status: self.status,
-            service: &self.service,
-            target: &self.target,
-            duration: u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
-            method: self.method.as_str(),
-            req_content_length: self.req_content_length.unwrap_or(0),
-            req_content_type: &self.req_content_type,
-            resp_content_length: self.resp_content_length.unwrap_or(0),
-            resp_content_type: &self.resp_content_type,
-            client_addr: &self.client_addr,
-            client_port: self.peer.port(),
-            remote_addr: PeerIp(self.peer),
-            user_agent: &self.user_agent,
-            proto: proto_name(self.proto),
-            scheme: self.scheme,
-            query: &self.query,
-            extra: Extra(&self.extra),
-        };
         LINE.with(|buffer| {
             let mut buffer = buffer.borrow_mut();
             buffer.clear();
-            if serde_json::to_writer(&mut *buffer, &line).is_err() {
-                return;
-            }
-            buffer.push(b'\n');
+            self.write_line(&mut buffer, elapsed);
             // A failed write to stdout (closed pipe) must not disturb the request.
             let _ = std::io::stdout().lock().write_all(&buffer);
         });
@@ -155,66 +117,167 @@ impl RequestRecord {
             metrics.observe_request(service, &self.method, self.status, elapsed);
         }
     }
+
+    /// The line, with kamal-proxy's keys in its order, and a newline.
+    fn write_line(&self, out: &mut Vec<u8>, elapsed: std::time::Duration) {
+        let host = header_text(self.host.as_ref());
+        let mut line = JsonObject::start(out);
+        line.timestamp("timestamp", SystemTime::now());
+        line.string("level", "INFO");
+        line.string("message", "Request");
+        line.string("host", crate::route::strip_port(host));
+        line.number("port", u64::from(self.port));
+        line.string("path", self.uri.path());
+        line.string("request_id", header_text(self.request_id.as_ref()));
+        line.number("status", u64::from(self.status));
+        line.string("service", &self.service);
+        line.string("target", &self.target);
+        line.number(
+            "duration",
+            u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
+        );
+        line.string("method", self.method.as_str());
+        line.number("req_content_length", self.req_content_length.unwrap_or(0));
+        line.string(
+            "req_content_type",
+            header_text(self.req_content_type.as_ref()),
+        );
+        line.number("resp_content_length", self.resp_content_length.unwrap_or(0));
+        line.string(
+            "resp_content_type",
+            header_text(self.resp_content_type.as_ref()),
+        );
+        line.string("client_addr", IpText::new(self.client_addr).as_str());
+        line.number("client_port", u64::from(self.peer.port()));
+        line.string("remote_addr", IpText::new(self.peer.ip()).as_str());
+        line.string("user_agent", header_text(self.user_agent.as_ref()));
+        line.string("proto", proto_name(self.proto));
+        line.string("scheme", self.scheme);
+        line.string("query", self.uri.query().unwrap_or_default());
+        for (key, value) in &self.extra {
+            line.string(key, value);
+        }
+        line.end();
+    }
+}
+
+/// A header's text for the log; empty when absent or not visible ASCII.
+fn header_text(value: Option<&HeaderValue>) -> &str {
+    value.and_then(|v| v.to_str().ok()).unwrap_or_default()
 }
 
 thread_local! {
     /// Each worker thread formats its log lines in one reused buffer.
     static LINE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(1024));
+    /// The date and time to the second of the last line this thread wrote, so the calendar
+    /// arithmetic runs once a second rather than once a request.
+    static SECOND: std::cell::Cell<(u64, [u8; 19])> = const { std::cell::Cell::new((u64::MAX, [0; 19])) };
 }
 
-/// One request log line, borrowed from the record: no per-field allocation.
-#[derive(Serialize)]
-struct Line<'a> {
-    timestamp: Timestamp,
-    level: &'static str,
-    message: &'static str,
-    host: &'a str,
-    port: u16,
-    path: &'a str,
-    request_id: &'a str,
-    status: u16,
-    service: &'a str,
-    target: &'a str,
-    duration: u64,
-    method: &'a str,
-    req_content_length: u64,
-    req_content_type: &'a str,
-    resp_content_length: u64,
-    resp_content_type: &'a str,
-    client_addr: &'a str,
-    client_port: u16,
-    remote_addr: PeerIp,
-    user_agent: &'a str,
-    proto: &'static str,
-    scheme: &'static str,
-    query: &'a str,
-    #[serde(flatten)]
-    extra: Extra<'a>,
+/// Writes one JSON object. Keys are ours (plain ASCII); values are escaped as serde_json
+/// escapes them.
+struct JsonObject<'a> {
+    out: &'a mut Vec<u8>,
+    first: bool,
 }
 
-struct Timestamp(SystemTime);
+impl<'a> JsonObject<'a> {
+    fn start(out: &'a mut Vec<u8>) -> Self {
+        out.push(b'{');
+        JsonObject { out, first: true }
+    }
 
-impl Serialize for Timestamp {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(&humantime::format_rfc3339_micros(self.0))
+    fn key(&mut self, key: &str) {
+        if !std::mem::replace(&mut self.first, false) {
+            self.out.push(b',');
+        }
+        // Keys are this file's own plain ASCII names (or `req_`/`resp_` plus a header name):
+        // nothing to escape.
+        self.out.push(b'"');
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.extend_from_slice(b"\":");
+    }
+
+    fn string(&mut self, key: &str, value: &str) {
+        self.key(key);
+        self.out.push(b'"');
+        escape_into(self.out, value);
+        self.out.push(b'"');
+    }
+
+    fn number(&mut self, key: &str, value: u64) {
+        self.key(key);
+        self.out
+            .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+    }
+
+    /// RFC 3339 in UTC with microseconds, as `2026-11-22T10:00:00.123456Z`.
+    fn timestamp(&mut self, key: &str, now: SystemTime) {
+        self.key(key);
+        let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let seconds = since_epoch.as_secs();
+        let (cached_second, mut date_time) = SECOND.get();
+        if cached_second != seconds {
+            let whole_second = UNIX_EPOCH + std::time::Duration::from_secs(seconds);
+            let text = humantime::format_rfc3339_seconds(whole_second).to_string();
+            if let Some(prefix) = text.as_bytes().get(..19) {
+                date_time.copy_from_slice(prefix);
+            }
+            SECOND.set((seconds, date_time));
+        }
+        self.out.push(b'"');
+        self.out.extend_from_slice(&date_time);
+        let micros = since_epoch.subsec_micros();
+        let mut fraction = *b".000000Z";
+        let mut rest = micros;
+        for digit in fraction[1..7].iter_mut().rev() {
+            *digit = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+        self.out.extend_from_slice(&fraction);
+        self.out.push(b'"');
+    }
+
+    fn end(self) {
+        self.out.extend_from_slice(b"}\n");
     }
 }
 
-struct PeerIp(SocketAddr);
-
-impl Serialize for PeerIp {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(&self.0.ip())
+/// Appends `text` as the inside of a JSON string: `"`, `\` and control characters escaped.
+fn escape_into(out: &mut Vec<u8>, text: &str) {
+    let bytes = text.as_bytes();
+    let needs_escape = |byte: &u8| *byte < 0x20 || *byte == b'"' || *byte == b'\\';
+    // Almost every value has nothing to escape: one tight scan, one copy.
+    let Some(first) = bytes.iter().position(needs_escape) else {
+        out.extend_from_slice(bytes);
+        return;
+    };
+    out.extend_from_slice(&bytes[..first]);
+    let mut plain_from = first;
+    for (i, &byte) in bytes.iter().enumerate().skip(first) {
+        let escaped: &[u8] = match byte {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0x00..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[plain_from..i]);
+        if escaped.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(byte >> 4)]);
+            out.push(HEX[usize::from(byte & 0xf)]);
+        } else {
+            out.extend_from_slice(escaped);
+        }
+        plain_from = i + 1;
     }
-}
-
-/// The `req_<header>`/`resp_<header>` fields, as extra keys of the line.
-struct Extra<'a>(&'a [(String, String)]);
-
-impl Serialize for Extra<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_map(self.0.iter().map(|(key, value)| (key, value)))
-    }
+    out.extend_from_slice(&bytes[plain_from..]);
 }
 
 fn proto_name(version: Version) -> &'static str {
@@ -235,5 +298,65 @@ impl Drop for RequestRecord {
             self.status = 499;
             self.emit();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_strings_as_serde_json_does() {
+        for text in [
+            "plain",
+            "",
+            "quote \" and backslash \\",
+            "lines\nand\ttabs\r",
+            "\u{0}\u{1}\u{8}\u{c}\u{1f}\u{7f}",
+            "unicode é ✓ 🚢",
+        ] {
+            let mut out = Vec::new();
+            escape_into(&mut out, text);
+            let expected = serde_json::to_string(text).unwrap();
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                expected[1..expected.len() - 1]
+            );
+        }
+    }
+
+    #[test]
+    fn a_line_is_one_json_object_with_the_request_fields() {
+        let request = http::Request::builder()
+            .uri("/search?q=%22x%22")
+            .header("host", "app.example:8080")
+            .header("user-agent", "agent \"quoted\"")
+            .body(())
+            .unwrap();
+        let peer: SocketAddr = "10.1.2.3:5555".parse().unwrap();
+        let mut record = RequestRecord::begin(&request, peer, 80, "http");
+        record.status = 200;
+        record.service = "web".into();
+        record.extra.push(("req_x_custom".into(), "v".into()));
+        record.emitted = true;
+        let mut out = Vec::new();
+        record.write_line(&mut out, std::time::Duration::from_micros(1500));
+        assert_eq!(out.last(), Some(&b'\n'));
+        let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(line["host"], "app.example");
+        assert_eq!(line["path"], "/search");
+        assert_eq!(line["query"], "q=%22x%22");
+        assert_eq!(line["user_agent"], "agent \"quoted\"");
+        assert_eq!(line["client_addr"], "10.1.2.3");
+        assert_eq!(line["remote_addr"], "10.1.2.3");
+        assert_eq!(line["client_port"], 5555);
+        assert_eq!(line["duration"], 1_500_000);
+        assert_eq!(line["status"], 200);
+        assert_eq!(line["req_x_custom"], "v");
+        let timestamp = line["timestamp"].as_str().unwrap();
+        let parsed = humantime::parse_rfc3339(timestamp).unwrap();
+        let age = SystemTime::now().duration_since(parsed).unwrap();
+        assert!(age < std::time::Duration::from_secs(60), "{timestamp}");
+        assert_eq!(timestamp.len(), "2026-11-22T10:00:00.123456Z".len());
     }
 }

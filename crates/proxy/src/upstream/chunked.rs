@@ -1,0 +1,203 @@
+//! Decoding a chunked response body (RFC 9112 section 7.1) as it arrives, from a buffer that
+//! may end anywhere: mid size line, mid data, mid trailers.
+
+use bytes::{Buf, Bytes, BytesMut};
+
+/// Longest chunk size line we accept (size, extensions, CRLF), and longest trailer section.
+const MAX_LINE: usize = 4096;
+const MAX_TRAILERS: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChunkError {
+    #[error("invalid chunk size line")]
+    BadSize,
+    #[error("chunk data not followed by CRLF")]
+    BadDataEnd,
+    #[error("chunk size line or trailers too long")]
+    TooLong,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Data(Bytes),
+    /// More bytes are needed before anything can be returned.
+    NeedMore,
+    /// The last chunk and the trailers (which are dropped) have been read.
+    Done,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum State {
+    SizeLine,
+    Data(u64),
+    DataEnd,
+    Trailers { seen: usize },
+    Done,
+}
+
+#[derive(Debug)]
+pub struct ChunkedDecoder {
+    state: State,
+}
+
+impl ChunkedDecoder {
+    pub fn new() -> Self {
+        ChunkedDecoder {
+            state: State::SizeLine,
+        }
+    }
+
+    /// Consumes what it can from `buffer`: the next piece of data, or the end.
+    pub fn decode(&mut self, buffer: &mut BytesMut) -> Result<Decoded, ChunkError> {
+        loop {
+            match self.state {
+                State::Done => return Ok(Decoded::Done),
+                State::SizeLine => {
+                    let Some(line_end) = find_crlf(buffer, MAX_LINE)? else {
+                        return Ok(Decoded::NeedMore);
+                    };
+                    let size = parse_size(&buffer[..line_end])?;
+                    buffer.advance(line_end + 2);
+                    self.state = if size == 0 {
+                        State::Trailers { seen: 0 }
+                    } else {
+                        State::Data(size)
+                    };
+                }
+                State::Data(remaining) => {
+                    if buffer.is_empty() {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    let take = usize::try_from(remaining)
+                        .unwrap_or(usize::MAX)
+                        .min(buffer.len());
+                    let data = buffer.split_to(take).freeze();
+                    let left = remaining - take as u64;
+                    self.state = if left == 0 {
+                        State::DataEnd
+                    } else {
+                        State::Data(left)
+                    };
+                    return Ok(Decoded::Data(data));
+                }
+                State::DataEnd => {
+                    if buffer.len() < 2 {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    if &buffer[..2] != b"\r\n" {
+                        return Err(ChunkError::BadDataEnd);
+                    }
+                    buffer.advance(2);
+                    self.state = State::SizeLine;
+                }
+                State::Trailers { seen } => {
+                    let Some(line_end) = find_crlf(buffer, MAX_LINE)? else {
+                        return Ok(Decoded::NeedMore);
+                    };
+                    buffer.advance(line_end + 2);
+                    if line_end == 0 {
+                        self.state = State::Done;
+                    } else {
+                        let seen = seen + line_end + 2;
+                        if seen > MAX_TRAILERS {
+                            return Err(ChunkError::TooLong);
+                        }
+                        self.state = State::Trailers { seen };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Where the first CRLF starts, if one is within reach.
+fn find_crlf(buffer: &[u8], max: usize) -> Result<Option<usize>, ChunkError> {
+    match buffer.iter().position(|&b| b == b'\n') {
+        Some(0) => Err(ChunkError::BadSize),
+        Some(lf) if buffer[lf - 1] == b'\r' => Ok(Some(lf - 1)),
+        Some(_) => Err(ChunkError::BadSize),
+        None if buffer.len() > max => Err(ChunkError::TooLong),
+        None => Ok(None),
+    }
+}
+
+/// The hex size before any `;extension`, with optional whitespace around it.
+fn parse_size(line: &[u8]) -> Result<u64, ChunkError> {
+    let digits_end = line.iter().position(|&b| b == b';').unwrap_or(line.len());
+    let digits = line[..digits_end].trim_ascii();
+    if digits.is_empty() || digits.len() > 15 {
+        return Err(ChunkError::BadSize);
+    }
+    let mut size: u64 = 0;
+    for &digit in digits {
+        let value = match digit {
+            b'0'..=b'9' => digit - b'0',
+            b'a'..=b'f' => digit - b'a' + 10,
+            b'A'..=b'F' => digit - b'A' + 10,
+            _ => return Err(ChunkError::BadSize),
+        };
+        size = size * 16 + u64::from(value);
+    }
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `input` in pieces of `step` bytes; returns the data and whether it ended.
+    fn decode_in_steps(input: &[u8], step: usize) -> Result<(Vec<u8>, bool), ChunkError> {
+        let mut decoder = ChunkedDecoder::new();
+        let mut buffer = BytesMut::new();
+        let mut data = Vec::new();
+        for piece in input.chunks(step) {
+            buffer.extend_from_slice(piece);
+            loop {
+                match decoder.decode(&mut buffer)? {
+                    Decoded::Data(bytes) => data.extend_from_slice(&bytes),
+                    Decoded::NeedMore => break,
+                    Decoded::Done => return Ok((data, true)),
+                }
+            }
+        }
+        Ok((data, false))
+    }
+
+    #[test]
+    fn decodes_whatever_way_the_bytes_arrive() {
+        let input =
+            b"5\r\nhello\r\n7;ext=1\r\n, world\r\nA \r\n0123456789\r\n0\r\nX-Trailer: a\r\n\r\n";
+        for step in 1..=input.len() {
+            let (data, done) = decode_in_steps(input, step).unwrap();
+            assert_eq!(data, b"hello, world0123456789", "step {step}");
+            assert!(done);
+        }
+    }
+
+    #[test]
+    fn an_unfinished_body_is_not_done() {
+        let (data, done) = decode_in_steps(b"5\r\nhel", 64).unwrap();
+        assert_eq!(data, b"hel");
+        assert!(!done);
+    }
+
+    #[test]
+    fn malformed_framing_is_refused() {
+        for input in [
+            &b"z\r\n"[..],
+            b"\r\n",
+            b"5\nhello\r\n",
+            b"5\r\nhelloXX0\r\n\r\n",
+            b"-1\r\n",
+            b"1000000000000000\r\n",
+            b";ext\r\n",
+        ] {
+            assert!(decode_in_steps(input, 64).is_err(), "{input:?}");
+        }
+        let long_line = [b'1'; MAX_LINE + 1];
+        assert_eq!(
+            decode_in_steps(&long_line, MAX_LINE + 1),
+            Err(ChunkError::TooLong)
+        );
+    }
+}

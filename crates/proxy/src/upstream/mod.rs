@@ -1,0 +1,101 @@
+//! The pooled HTTP/1.1 client that carries requests to targets. Each worker thread has its
+//! own, so keep-alive connections are reused across requests without crossing threads.
+//!
+//! Requests whose body is already whole (no body, or buffered in memory: every GET, and every
+//! request under Kamal's default buffering) take a lean path, `http1`: one task, one write,
+//! the response head parsed straight from the socket. Requests that stream their body while
+//! the target answers, and protocol upgrades, go through hyper's client, which writes and
+//! reads at once.
+
+mod chunked;
+mod http1;
+mod pool;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::{Client, ResponseFuture};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::{self, BoxError, ProxyBody};
+use pool::ConnectionPool;
+
+pub use http1::UpstreamError;
+
+/// How long an idle pooled connection to a target is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A request body as the client gets it.
+pub enum Outgoing {
+    /// The whole body (possibly empty), already in memory.
+    Whole(Bytes),
+    /// A body still arriving, or read back from disk.
+    Streaming(ProxyBody),
+}
+
+#[derive(Clone)]
+pub struct UpstreamClient {
+    streaming: Client<HttpConnector, ProxyBody>,
+    whole: Arc<http1::Http1Client>,
+}
+
+pub fn upstream_client(connect_timeout: Duration) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_keepalive(Some(TCP_KEEPALIVE));
+    let streaming = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector);
+    let whole = http1::Http1Client::new(ConnectionPool::new(POOL_IDLE_TIMEOUT), connect_timeout);
+    UpstreamClient {
+        streaming,
+        whole: Arc::new(whole),
+    }
+}
+
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+impl UpstreamClient {
+    /// Sends a request to the target its URI names (`http://host:port/path`).
+    pub async fn send(&self, request: Request<Outgoing>) -> Result<Response<ProxyBody>, BoxError> {
+        let (parts, outgoing) = request.into_parts();
+        match outgoing {
+            Outgoing::Whole(bytes) => {
+                Ok(self.whole.send(Request::from_parts(parts, bytes)).await?)
+            }
+            Outgoing::Streaming(body) => {
+                let response = self.request(Request::from_parts(parts, body)).await?;
+                Ok(response.map(body::boxed))
+            }
+        }
+    }
+
+    /// Sends a request through hyper's client: for upgrades, whose response keeps the
+    /// connection for the tunnel, and for health checks.
+    pub fn request(&self, request: Request<ProxyBody>) -> ResponseFuture {
+        self.streaming.request(request)
+    }
+}
+
+/// A short human description of why a request to a target failed: the innermost cause.
+pub fn describe_error(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut innermost = error;
+    while let Some(source) = innermost.source() {
+        innermost = source;
+    }
+    if let Some(io) = innermost.downcast_ref::<std::io::Error>() {
+        return match io.kind() {
+            std::io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
+            std::io::ErrorKind::ConnectionReset => "connection reset".to_string(),
+            std::io::ErrorKind::TimedOut => "connect timed out".to_string(),
+            _ => io.to_string(),
+        };
+    }
+    innermost.to_string()
+}
