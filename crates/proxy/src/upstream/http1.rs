@@ -4,6 +4,7 @@
 //! hyper's client cost for a small request. A body that is in the buffer with its head (most
 //! small responses) is handed on as one piece, so the client gets head and body in one write.
 
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -281,9 +282,12 @@ fn method_expects_body(method: &Method) -> bool {
 fn parse_head(
     buffer: &mut BytesMut,
 ) -> Result<Option<(StatusCode, Version, HeaderMap)>, UpstreamError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut slots);
-    let head_len = match parsed.parse(buffer) {
+    // Left uninitialised: filling 128 slots would cost more than parsing a small head.
+    let mut slots = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let parsing = httparse::ParserConfig::default();
+    let head_len = match parsing.parse_response_with_uninit_headers(&mut parsed, buffer, &mut slots)
+    {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buffer.len() > MAX_HEAD => {
             return Err(UpstreamError::InvalidResponse("response head too large"));
@@ -309,18 +313,21 @@ fn parse_head(
     // Where each name and value sits in the head, so they can be cut from it once frozen.
     let start = buffer.as_ptr() as usize;
     let count = parsed.headers.len();
-    let mut places = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-    for (place, field) in places.iter_mut().zip(parsed.headers.iter()) {
-        *place = (
-            field.name.as_ptr() as usize - start,
-            field.name.len(),
-            field.value.as_ptr() as usize - start,
-            field.value.len(),
-        );
-    }
+    let places: Vec<(usize, usize, usize, usize)> = parsed
+        .headers
+        .iter()
+        .map(|field| {
+            (
+                field.name.as_ptr() as usize - start,
+                field.name.len(),
+                field.value.as_ptr() as usize - start,
+                field.value.len(),
+            )
+        })
+        .collect();
     let head = buffer.split_to(head_len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
-    for &(name_at, name_len, value_at, value_len) in &places[..count] {
+    for &(name_at, name_len, value_at, value_len) in &places {
         let name = HeaderName::from_bytes(&head[name_at..name_at + name_len])
             .map_err(|_| UpstreamError::InvalidResponse("invalid header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))

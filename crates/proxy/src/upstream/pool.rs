@@ -18,7 +18,8 @@ pub struct ConnectionPool {
 
 #[derive(Debug)]
 struct Idle {
-    by_target: HashMap<Authority, Vec<IdleConnection>>,
+    /// Keyed by the authority's text: `Authority`'s own hash lowercases byte by byte.
+    by_target: HashMap<Box<str>, Vec<IdleConnection>>,
     last_sweep: Instant,
 }
 
@@ -42,7 +43,7 @@ impl ConnectionPool {
     /// The newest idle connection to `target` that is still open, if any.
     pub fn checkout(&self, target: &Authority) -> Option<TcpStream> {
         let mut idle = self.inner.lock().ok()?;
-        let connections = idle.by_target.get_mut(target)?;
+        let connections = idle.by_target.get_mut(target.as_str())?;
         while let Some(connection) = connections.pop() {
             if connection.since.elapsed() < self.idle_timeout && still_open(&connection.stream) {
                 return Some(connection.stream);
@@ -66,9 +67,9 @@ impl ConnectionPool {
             });
             idle.last_sweep = now;
         }
-        let connections = match idle.by_target.get_mut(target) {
+        let connections = match idle.by_target.get_mut(target.as_str()) {
             Some(connections) => connections,
-            None => idle.by_target.entry(target.clone()).or_default(),
+            None => idle.by_target.entry(target.as_str().into()).or_default(),
         };
         if connections.len() < MAX_IDLE_PER_TARGET {
             connections.push(IdleConnection { stream, since: now });
