@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# User-space instructions per proxied request, counted by valgrind's callgrind: Berth
+# (unbuffered and buffered) and nginx, each proxying the same 1 KB GETs to the same upstream.
+# Unlike requests/s on a shared machine, the count does not move with the neighbours' load, so
+# it is how the hot-path changes in benches/RESULTS.md were compared. Kernel time is not
+# counted (it is about the same for both proxies: the same five system calls per request).
+# Needs: valgrind, h2load, nginx (apt-get install valgrind nghttp2-client nginx-light).
+#
+#   benches/instructions.sh           # 4000 requests per run
+#   REQUESTS=20000 benches/instructions.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REQUESTS=${REQUESTS:-4000}
+UPSTREAM_PORT=18091 NGINX_PORT=18092 BERTH_PORT=18093
+for tool in valgrind callgrind_control h2load nginx; do
+  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install valgrind nghttp2-client nginx-light" >&2; exit 1; }
+done
+# Symbols for the report; otherwise the release build.
+cargo build --profile profiling -q
+PROXY=$PWD/target/profiling/proxy
+
+WORK=$(mktemp -d)
+chmod 755 "$WORK"
+PIDS=()
+cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+mkdir -p "$WORK/www"
+head -c 1024 /dev/zero | tr '\0' 'a' > "$WORK/www/1k"
+echo ok > "$WORK/www/up"
+common="daemon off; error_log stderr error; events { worker_connections 1024; }"
+[ "$(id -u)" = 0 ] && common="user root; $common"
+cat > "$WORK/upstream.conf" <<CONF
+$common
+pid $WORK/upstream.pid;
+http { access_log off; keepalive_requests 1000000;
+  server { listen 127.0.0.1:$UPSTREAM_PORT; root $WORK/www; } }
+CONF
+nginx -c "$WORK/upstream.conf" -e stderr & PIDS+=($!)
+# The reference proxy: one process (no master), so callgrind sees the worker's instructions.
+cat > "$WORK/proxy.conf" <<CONF
+$common
+pid $WORK/proxy.pid; master_process off; worker_processes 1;
+http {
+  access_log /dev/null combined; keepalive_requests 1000000;
+  client_body_temp_path $WORK/b; proxy_temp_path $WORK/p;
+  upstream app { server 127.0.0.1:$UPSTREAM_PORT; keepalive 64; }
+  server { listen 127.0.0.1:$NGINX_PORT;
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme; } }
+}
+CONF
+
+# count PORT HOST PID -> prints the instructions per request of the process under callgrind
+count() {
+  local port=$1 host=$2 pid=$3
+  h2load --h1 -n 400 -c 8 -H ":authority: $host" "http://127.0.0.1:$port/1k" > /dev/null
+  callgrind_control -z "$pid" > /dev/null 2>&1
+  h2load --h1 -n "$REQUESTS" -c 8 -H ":authority: $host" "http://127.0.0.1:$port/1k" \
+    | grep -q "$REQUESTS succeeded" || { echo "requests failed on port $port" >&2; exit 1; }
+  callgrind_control -d "$pid" > /dev/null 2>&1
+  sleep 1
+  local total
+  total=$(grep -h "^summary:" "$WORK"/cg."$pid".[0-9]* | awk '{ print $2 }')
+  rm -f "$WORK"/cg.*
+  echo $(( total / REQUESTS ))
+}
+
+wait_for_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done; }
+
+valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.%p" nginx -c "$WORK/proxy.conf" -e stderr 2>/dev/null &
+NGINX_PID=$!; PIDS+=($NGINX_PID)
+wait_for_port $NGINX_PORT
+nginx_count=$(count $NGINX_PORT up.bench $NGINX_PID)
+kill $NGINX_PID; sleep 1
+
+export HOME=$WORK/home KAMAL_PROXY_SOCKET=$WORK/proxy.sock
+mkdir -p "$HOME"
+TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.%p" "$PROXY" run \
+  --bind 127.0.0.1 --http-port $BERTH_PORT --https-port 18493 > /dev/null 2>&1 &
+BERTH_PID=$!; PIDS+=($BERTH_PID)
+for _ in $(seq 300); do [ -S "$KAMAL_PROXY_SOCKET" ] && break; sleep 0.1; done
+"$PROXY" deploy plain --target 127.0.0.1:$UPSTREAM_PORT --host plain.bench --health-check-interval=10s > /dev/null
+"$PROXY" deploy buffered --target 127.0.0.1:$UPSTREAM_PORT --host buffered.bench \
+  --health-check-interval=10s --buffer-requests --buffer-responses > /dev/null
+plain_count=$(count $BERTH_PORT plain.bench $BERTH_PID)
+buffered_count=$(count $BERTH_PORT buffered.bench $BERTH_PID)
+
+echo "### User-space instructions per proxied 1 KB GET (callgrind, $REQUESTS requests, 8 connections)"
+echo
+echo "| proxy | instructions/request | vs nginx |"
+echo "|---|---:|---:|"
+for row in "berth (unbuffered) $plain_count" "berth (buffered, Kamal's default) $buffered_count" "nginx $nginx_count"; do
+  name=${row% *}; value=${row##* }
+  echo "| $name | $value | $(python3 -c "print(f'{$value/$nginx_count:.2f}')") |"
+done
