@@ -4,12 +4,17 @@
 # Prints requests/s, p50 and p99 latency and the ratios to the direct run and to nginx, then
 # memory and deploy figures. Loopback only. Needs: wrk, nginx (apt-get install wrk nginx-light).
 #
-#   benches/run.sh                # 10 s per run
-#   DURATION=30s benches/run.sh   # longer runs, steadier figures
+# Each contender is measured ROUNDS times, the contenders taking turns, and the median run
+# is reported: on a shared machine the same binary's throughput moves by a third from one
+# minute to the next, and taking turns spreads that drift over all contenders alike.
+#
+#   benches/run.sh                          # 3 rounds of 5 s runs
+#   ROUNDS=5 DURATION=10s benches/run.sh    # longer, steadier
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DURATION=${DURATION:-10s}
+DURATION=${DURATION:-5s}
+ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-64}
 UPSTREAM_PORT=18081 NGINX_PROXY_PORT=18082 BERTH_PORT=18083 BERTH_TLS_PORT=18443
 # The proxy under test gets CPU 0 and one worker; wrk and the upstream share CPU 1.
@@ -116,16 +121,22 @@ PY
 
 report() {
   local title=$1 path=$2 script=${3:-}
-  local direct plain buffered nginx
-  direct=$(run direct $UPSTREAM_PORT up.bench "$path" "$script")
-  plain=$(run berth $BERTH_PORT plain.bench "$path" "$script")
-  buffered=$(run berth-buffered $BERTH_PORT buffered.bench "$path" "$script")
-  nginx=$(run nginx $NGINX_PROXY_PORT up.bench "$path" "$script")
+  local direct="" plain="" buffered="" nginx=""
+  for _ in $(seq "$ROUNDS"); do
+    direct+="$(run direct $UPSTREAM_PORT up.bench "$path" "$script");"
+    plain+="$(run berth $BERTH_PORT plain.bench "$path" "$script");"
+    buffered+="$(run berth-buffered $BERTH_PORT buffered.bench "$path" "$script");"
+    nginx+="$(run nginx $NGINX_PROXY_PORT up.bench "$path" "$script");"
+  done
   python3 - "$title" "$direct" "$plain" "$buffered" "$nginx" <<'PY'
-import sys
+import statistics, sys
 title, *runs = sys.argv[1:]
 names = ["direct to upstream", "berth (unbuffered)", "berth (buffered, Kamal's default)", "nginx"]
-rows = [tuple(map(float, r.split())) for r in runs]
+def median_run(text):
+    # Each figure is the median of its own rounds: req/s, p50 and p99 taken separately.
+    rounds = [tuple(map(float, r.split())) for r in text.split(";") if r.strip()]
+    return tuple(statistics.median(r[i] for r in rounds) for i in range(3))
+rows = [median_run(r) for r in runs]
 direct, nginx = rows[0], rows[3]
 print(f"\n### {title}\n")
 print("| run | req/s | p50 ms | p99 ms | req/s vs direct | req/s vs nginx | p99 vs nginx |")
@@ -135,7 +146,7 @@ for name, (rps, p50, p99) in zip(names, rows):
 PY
 }
 
-echo "# Load benchmark ($(date -u +%Y-%m-%d), $(nproc) cores, wrk -t1 -c$CONNECTIONS -d$DURATION; proxies pinned to CPU $SUT_CPU with one worker, wrk and upstream on CPU $LOAD_CPU)"
+echo "# Load benchmark ($(date -u +%Y-%m-%d), $(nproc) cores, wrk -t1 -c$CONNECTIONS -d$DURATION, median of $ROUNDS rounds; proxies pinned to CPU $SUT_CPU with one worker, wrk and upstream on CPU $LOAD_CPU)"
 report "GET, 1 KB response" /1k
 report "GET, 100 KB response" /100k
 report "POST, 100 KB body" /post "$WORK/post.lua"
