@@ -220,7 +220,9 @@ async fn serve_connection<S>(
             seen_h2.store(true, Ordering::Relaxed);
         }
         let proxy = proxy.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(info, request).await) }
+        // Boxed: a request's state then takes memory only while the request is in flight,
+        // instead of being reserved inside every connection's task, idle ones included.
+        Box::pin(async move { Ok::<_, Infallible>(proxy.handle(info, request).await) })
     });
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(connection);
