@@ -4,7 +4,7 @@
 set -eu
 seconds="${1:-60}"
 cd "$(dirname "$0")"
-for target in duration cli_flags route_patterns state_file control_json; do
+for target in duration cli_flags route_patterns state_file control_json chunked_body; do
     mkdir -p "corpus/$target" "seeds/$target"
     echo "== $target ($seconds s)"
     RUSTC_BOOTSTRAP=1 cargo fuzz run -O "$target" "corpus/$target" "seeds/$target" -- \

@@ -110,9 +110,10 @@ impl ChunkedDecoder {
     }
 }
 
-/// Where the first CRLF starts, if one is within reach.
+/// Where the first CRLF starts, if one is within `max` bytes. A longer line is refused
+/// whether or not its end has arrived, so the outcome does not depend on how bytes arrive.
 fn find_crlf(buffer: &[u8], max: usize) -> Result<Option<usize>, ChunkError> {
-    match buffer.iter().position(|&b| b == b'\n') {
+    match buffer.iter().take(max + 1).position(|&b| b == b'\n') {
         Some(0) => Err(ChunkError::BadSize),
         Some(lf) if buffer[lf - 1] == b'\r' => Ok(Some(lf - 1)),
         Some(_) => Err(ChunkError::BadSize),
@@ -199,5 +200,16 @@ mod tests {
             decode_in_steps(&long_line, MAX_LINE + 1),
             Err(ChunkError::TooLong)
         );
+        // Too long even when its end is in the same read.
+        let mut long_extension = b"1;".to_vec();
+        long_extension.resize(MAX_LINE + 10, b'x');
+        long_extension.extend_from_slice(b"\r\nx\r\n0\r\n\r\n");
+        for step in [1, 100, long_extension.len()] {
+            assert_eq!(
+                decode_in_steps(&long_extension, step),
+                Err(ChunkError::TooLong),
+                "step {step}"
+            );
+        }
     }
 }
