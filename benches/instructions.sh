@@ -20,15 +20,9 @@ done
 cargo build --profile profiling -q
 PROXY=$PWD/target/profiling/proxy
 
-WORK=$(mktemp -d)
-chmod 755 "$WORK"
-PIDS=()
-cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$WORK"; }
-trap cleanup EXIT
+# shellcheck source=benches/common.sh
+. benches/common.sh
 
-mkdir -p "$WORK/www"
-head -c 1024 /dev/zero | tr '\0' 'a' > "$WORK/www/1k"
-echo ok > "$WORK/www/up"
 common="daemon off; error_log stderr error; events { worker_connections 1024; }"
 [ "$(id -u)" = 0 ] && common="user root; $common"
 cat > "$WORK/upstream.conf" <<CONF

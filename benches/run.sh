@@ -26,17 +26,10 @@ done
 cargo build --release -q
 PROXY=$PWD/target/release/proxy
 
-WORK=$(mktemp -d)
-chmod 755 "$WORK"
-PIDS=()
-cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$WORK"; }
-trap cleanup EXIT
+# shellcheck source=benches/common.sh
+. benches/common.sh
 
 # --- the upstream: nginx serving fixed bodies ---------------------------------------------
-mkdir -p "$WORK/www"
-head -c 1024 /dev/zero | tr '\0' 'a' > "$WORK/www/1k"
-head -c 102400 /dev/zero | tr '\0' 'b' > "$WORK/www/100k"
-echo ok > "$WORK/www/up"
 common="daemon off; pid PIDFILE; error_log stderr error; events { worker_connections 20000; }"
 [ "$(id -u)" = 0 ] && common="user root; $common"
 cat > "$WORK/upstream.conf" <<CONF

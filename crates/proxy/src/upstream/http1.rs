@@ -522,9 +522,12 @@ impl Body for ResponseBody {
     }
 }
 
+/// Methods safe to send twice if the first attempt may have reached the target: Go's
+/// client's list (kamal-proxy's), which leaves out PUT and DELETE, since apps do not always
+/// make those idempotent.
 fn is_idempotent(method: &Method) -> bool {
     matches!(
         *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
     )
 }
