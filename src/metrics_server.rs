@@ -16,7 +16,9 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use berth_control::Registry;
-use berth_proxy::metrics::{ServiceSample, StateSample, TargetSample, CONTENT_TYPE};
+use berth_proxy::metrics::{
+    ConnectionCounts, ServiceSample, StateSample, TargetSample, CONTENT_TYPE,
+};
 use berth_proxy::Health;
 use berth_proxy::Metrics;
 use tokio::net::TcpListener;
@@ -127,5 +129,6 @@ fn sample_state(registry: &Registry, certificates: &TlsBridge) -> StateSample {
             .map(|(name, targets)| ServiceSample { name, targets })
             .collect(),
         certificate_expiry: certificate_expiry.into_iter().collect(),
+        client_connections: ConnectionCounts::now(),
     }
 }

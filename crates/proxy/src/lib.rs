@@ -23,7 +23,9 @@
 
 pub mod body;
 mod buffer;
+mod client_io;
 pub mod config;
+pub(crate) mod connection;
 pub mod drain;
 mod duration;
 mod error_page;

@@ -2,18 +2,15 @@
 //! plain file descriptors that can be handed to a later process) and served with HTTP/1.1 and
 //! HTTP/2 (by ALPN over TLS, by prior knowledge on plain TCP) until the process drains.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::connection::{self, Protocols};
 use crate::pipeline::{ConnectionInfo, Proxy};
 use crate::proxy_protocol;
 use crate::tls::{self, CertificateSource};
@@ -94,19 +91,22 @@ pub async fn serve(
     proxy_protocol: bool,
 ) {
     let local_port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut http1 = http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes)
         .max_headers(limits.max_headers)
         .keep_alive(true);
-    builder
-        .http2()
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
-    let builder = Arc::new(builder);
+    let protocols = Arc::new(Protocols {
+        http1,
+        http2,
+        header_read_timeout: limits.header_read_timeout,
+    });
     let drain = proxy.drain().clone();
 
     loop {
@@ -138,7 +138,7 @@ pub async fn serve(
             local_port,
             tls: tls.is_some(),
         };
-        let (builder, proxy, tls) = (Arc::clone(&builder), proxy.clone(), tls.clone());
+        let (protocols, proxy, tls) = (Arc::clone(&protocols), proxy.clone(), tls.clone());
         let first_request_timeout = limits.header_read_timeout;
         drain.clone().track(async move {
             let _permit = permit;
@@ -162,22 +162,12 @@ pub async fn serve(
                     }
                 }
             }
-                        match tls {
-                None => {
-                    serve_connection(&builder, stream, info, proxy, first_request_timeout).await
-                }
+            match tls {
+                None => connection::serve(&protocols, stream, info, proxy).await,
                 // Boxed: a TLS connection's state is about 4 KB larger, and every plain
                 // connection's task would otherwise be sized for it.
                 Some(certificates) => {
-                    Box::pin(serve_tls(
-                        &builder,
-                        stream,
-                        certificates,
-                        info,
-                        proxy,
-                        first_request_timeout,
-                    ))
-                    .await
+                    Box::pin(serve_tls(&protocols, stream, certificates, info, proxy)).await
                 }
             }
         });
@@ -186,88 +176,14 @@ pub async fn serve(
 
 /// Completes the TLS handshake, then serves the connection.
 async fn serve_tls(
-    builder: &auto::Builder<TokioExecutor>,
+    protocols: &Protocols,
     stream: TcpStream,
     certificates: Arc<dyn CertificateSource>,
     info: ConnectionInfo,
     proxy: Proxy,
-    first_request_timeout: Duration,
 ) {
     match tls::accept(stream, certificates.as_ref()).await {
-        Ok(stream) => serve_connection(builder, stream, info, proxy, first_request_timeout).await,
+        Ok(stream) => connection::serve(protocols, stream, info, proxy).await,
         Err(error) => tracing::debug!(%error, peer = %info.peer, "TLS handshake refused"),
-    }
-}
-
-/// Serves one connection until it closes, ending it gently when the drain starts.
-async fn serve_connection<S>(
-    builder: &auto::Builder<TokioExecutor>,
-    stream: S,
-    info: ConnectionInfo,
-    proxy: Proxy,
-    first_request_timeout: Duration,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let drain = proxy.drain().clone();
-    let speaks_h2 = Arc::new(AtomicBool::new(false));
-    let seen_h2 = Arc::clone(&speaks_h2);
-    let got_request = Arc::new(AtomicBool::new(false));
-    let seen_request = Arc::clone(&got_request);
-    let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-        seen_request.store(true, Ordering::Relaxed);
-        if request.version() == hyper::Version::HTTP_2 {
-            seen_h2.store(true, Ordering::Relaxed);
-        }
-        let proxy = proxy.clone();
-        // Boxed: a request's state then takes memory only while the request is in flight,
-        // instead of being reserved inside every connection's task, idle ones included.
-        Box::pin(async move { Ok::<_, Infallible>(proxy.handle(info, request).await) })
-    });
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    tokio::pin!(connection);
-
-    // hyper's header timer starts only once it knows the protocol, which takes the client's
-    // first bytes: a client that never sends any would be held forever without this.
-    let first_request_deadline = tokio::time::sleep(first_request_timeout);
-    tokio::pin!(first_request_deadline);
-    let outcome = loop {
-        tokio::select! {
-            outcome = connection.as_mut() => break Some(outcome),
-            _ = drain.started().cancelled() => break None,
-            _ = &mut first_request_deadline, if !got_request.load(Ordering::Relaxed) => {
-                if !got_request.load(Ordering::Relaxed) {
-                    tracing::debug!(peer = %info.peer, "No request in time; closing the connection");
-                    return;
-                }
-            }
-        }
-    };
-    let outcome = match outcome {
-        Some(outcome) => outcome,
-        None => {
-            // HTTP/2 clients get GOAWAY now; HTTP/1.1 clients are told by `Connection: close`
-            // on their next response, and idle ones are closed when the drain time is up (or
-            // at once in a shutdown, where no other process will serve them).
-            if !speaks_h2.load(Ordering::Relaxed) {
-                tokio::select! {
-                    outcome = connection.as_mut() => return log_end(outcome, info),
-                    _ = drain.deadline().cancelled() => {}
-                    _ = drain.close_idle().cancelled() => {}
-                }
-            }
-            connection.as_mut().graceful_shutdown();
-            tokio::select! {
-                outcome = connection.as_mut() => outcome,
-                _ = drain.deadline().cancelled() => return,
-            }
-        }
-    };
-    log_end(outcome, info);
-}
-
-fn log_end(outcome: Result<(), Box<dyn std::error::Error + Send + Sync>>, info: ConnectionInfo) {
-    if let Err(error) = outcome {
-        tracing::debug!(%error, peer = %info.peer, "Connection ended with an error");
     }
 }

@@ -72,7 +72,11 @@ pub struct StateSample {
     pub services: Vec<ServiceSample>,
     /// Host and the certificate's expiry as Unix seconds.
     pub certificate_expiry: Vec<(String, i64)>,
+    /// Client connections open, and how many of them are parked (idle, holding no buffers).
+    pub client_connections: ConnectionCounts,
 }
+
+pub use crate::connection::ConnectionCounts;
 
 #[derive(Debug)]
 pub struct ServiceSample {
@@ -98,6 +102,8 @@ pub struct Metrics {
     deploys: Family<DeployLabels, Counter>,
     deploy_duration: HistogramFamily<ServiceLabels>,
     certificate_expiry: Family<HostLabels, Gauge>,
+    client_connections: Gauge,
+    parked_connections: Gauge,
     /// One scrape at a time: a scrape clears and refills the state gauges.
     scrape: Mutex<()>,
 }
@@ -129,6 +135,8 @@ impl Metrics {
         let deploy_duration: HistogramFamily<ServiceLabels> =
             Family::new_with_constructor(deploy_histogram);
         let certificate_expiry = Family::default();
+        let client_connections = Gauge::default();
+        let parked_connections = Gauge::default();
 
         let kamal = registry.sub_registry_with_prefix("kamal_proxy");
         kamal.register(
@@ -177,6 +185,17 @@ impl Metrics {
             "When each host's TLS certificate expires, as Unix time.",
             certificate_expiry.clone(),
         );
+        berth.register(
+            "client_connections",
+            "Client connections open.",
+            client_connections.clone(),
+        );
+        berth.register(
+            "parked_client_connections",
+            "Idle keep-alive client connections parked: waiting for their next request \
+             without holding read or write buffers.",
+            parked_connections.clone(),
+        );
 
         Self {
             registry,
@@ -189,6 +208,8 @@ impl Metrics {
             deploys,
             deploy_duration,
             certificate_expiry,
+            client_connections,
+            parked_connections,
             scrape: Mutex::new(()),
         }
     }
@@ -270,6 +291,10 @@ impl Metrics {
                 .get_or_create(&HostLabels { host: host.clone() })
                 .set(*expiry);
         }
+        self.client_connections
+            .set(gauge_value(sample.client_connections.open));
+        self.parked_connections
+            .set(gauge_value(sample.client_connections.parked));
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
@@ -335,8 +360,11 @@ mod tests {
                 }],
             }],
             certificate_expiry: vec![("example.com".into(), 1_900_000_000)],
+            client_connections: ConnectionCounts { open: 7, parked: 5 },
         };
         let text = metrics.encode(&sample);
+        assert!(text.contains("berth_client_connections 7"));
+        assert!(text.contains("berth_parked_client_connections 5"));
         assert!(text.contains(r#"kamal_proxy_http_in_flight_requests{service="app"} 2"#));
         assert!(text.contains(r#"berth_target_healthy{service="app",target="a:1"} 1"#));
         assert!(text.contains(

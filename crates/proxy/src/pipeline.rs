@@ -28,7 +28,7 @@ use crate::request_log::RequestRecord;
 use crate::route::{strip_prefix, RouteTableHandle};
 use crate::service::{Admission, Service, ServiceSettings};
 use crate::target::InFlight;
-use crate::tunnel;
+use crate::tunnel::ClientUpgrade;
 use crate::upstream::{describe_error, Outgoing, UpstreamClient};
 
 /// Where a connection came from, as the listener saw it.
@@ -74,9 +74,15 @@ pub trait ChallengeResponder: Send + Sync + 'static {
     fn answer(&self, path: &str) -> Option<String>;
 }
 
-/// Everything a request needs to find its way; cheap to clone per connection.
+/// Everything a request needs to find its way. One shared allocation: cloning it for a
+/// request costs one reference count.
 #[derive(Clone)]
 pub struct Proxy {
+    inner: Arc<ProxyInner>,
+}
+
+#[derive(Clone)]
+struct ProxyInner {
     routes: RouteTableHandle<Service>,
     client: UpstreamClient,
     challenges: Option<Arc<dyn ChallengeResponder>>,
@@ -90,7 +96,7 @@ const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 
 impl Proxy {
     pub fn new(routes: RouteTableHandle<Service>, client: UpstreamClient) -> Self {
-        Self {
+        let inner = ProxyInner {
             routes,
             client,
             challenges: None,
@@ -98,36 +104,39 @@ impl Proxy {
             drain: Drain::new(),
             metrics: None,
             trusted_proxies: Arc::default(),
+        };
+        Self {
+            inner: Arc::new(inner),
         }
     }
 
     /// The drain of the process this proxy serves in.
     pub fn drain(&self) -> &Drain {
-        &self.drain
+        &self.inner.drain
     }
 
     /// Sends requests through `client` (each worker thread has its own pool).
     pub fn with_upstream_client(mut self, client: UpstreamClient) -> Self {
-        self.client = client;
+        Arc::make_mut(&mut self.inner).client = client;
         self
     }
 
     /// Counts requests and upstream response times into `metrics`.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.metrics = Some(metrics);
+        Arc::make_mut(&mut self.inner).metrics = Some(metrics);
         self
     }
 
     /// Believes the X-Forwarded-* headers of requests from these proxies, for every service.
     pub fn with_trusted_proxies(mut self, trusted: TrustedProxies) -> Self {
-        self.trusted_proxies = Arc::new(trusted);
+        Arc::make_mut(&mut self.inner).trusted_proxies = Arc::new(trusted);
         self
     }
 
     /// Answers ACME challenges before routing, and redirects to HTTPS on `https_port`.
     pub fn with_tls(mut self, challenges: Arc<dyn ChallengeResponder>, https_port: u16) -> Self {
-        self.challenges = Some(challenges);
-        self.https_port = https_port;
+        Arc::make_mut(&mut self.inner).challenges = Some(challenges);
+        Arc::make_mut(&mut self.inner).https_port = https_port;
         self
     }
 
@@ -154,7 +163,9 @@ impl Proxy {
             return response;
         }
         let mut response = self.route_and_forward(conn, request).await;
-        if http1 && self.drain.is_started() && response.status() != StatusCode::SWITCHING_PROTOCOLS
+        if http1
+            && self.inner.drain.is_started()
+            && response.status() != StatusCode::SWITCHING_PROTOCOLS
         {
             response
                 .headers_mut()
@@ -173,6 +184,7 @@ impl Proxy {
 
         if !conn.tls && request.uri().path().starts_with(ACME_CHALLENGE_PREFIX) {
             if let Some(answer) = self
+                .inner
                 .challenges
                 .as_ref()
                 .and_then(|c| c.answer(request.uri().path()))
@@ -188,7 +200,7 @@ impl Proxy {
         }
 
         let found = {
-            let routes = self.routes.current();
+            let routes = self.inner.routes.current();
             let host = request_host(&request);
             routes.lookup(host, request.uri().path()).map(|found| {
                 let uri = request.uri();
@@ -209,7 +221,7 @@ impl Proxy {
         let settings = service.settings();
         record.service = service.name().to_string();
         let config = &settings.config;
-        if let Some(metrics) = &self.metrics {
+        if let Some(metrics) = &self.inner.metrics {
             let excluded = config
                 .exclude_metrics_path
                 .iter()
@@ -220,7 +232,7 @@ impl Proxy {
         }
         record.capture_headers("req_", &config.log_request_headers, request.headers());
 
-        if let Some(location) = redirect_location(config, conn, &request, self.https_port) {
+        if let Some(location) = redirect_location(config, conn, &request, self.inner.https_port) {
             record.status = 301;
             record.emit();
             return redirect(location);
@@ -315,7 +327,7 @@ impl Proxy {
         let target = claim.target();
         let upgrade =
             request.version() == Version::HTTP_11 && headers::is_upgrade_request(request.headers());
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+        let client_upgrade = upgrade.then(|| ClientUpgrade::of(&mut request));
 
         let (mut parts, incoming) = request.into_parts();
         let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
@@ -337,7 +349,7 @@ impl Proxy {
         }
         let peer_ip = conn.peer.ip();
         let trusted_peer =
-            !self.trusted_proxies.is_empty() && self.trusted_proxies.contains(peer_ip);
+            !self.inner.trusted_proxies.is_empty() && self.inner.trusted_proxies.contains(peer_ip);
         // What X-Forwarded-For gets appended: the address this request came from, or the
         // one the service's client-IP header names.
         let (client_ip, forwarded_for) = match config
@@ -347,7 +359,9 @@ impl Proxy {
         {
             Some(client_ip) => (client_ip, client_ip),
             None if trusted_peer => (
-                self.trusted_proxies.client_ip(&parts.headers, peer_ip),
+                self.inner
+                    .trusted_proxies
+                    .client_ip(&parts.headers, peer_ip),
                 peer_ip,
             ),
             None => (peer_ip, peer_ip),
@@ -412,7 +426,7 @@ impl Proxy {
         };
 
         let sent_at = std::time::Instant::now();
-        let sent = self.client.send(Request::from_parts(parts, outgoing));
+        let sent = self.inner.client.send(Request::from_parts(parts, outgoing));
         let timeout = config.target_timeout.get();
         let response = tokio::select! {
             result = with_timeout(timeout, sent) => result,
@@ -431,9 +445,8 @@ impl Proxy {
         if let Some(client_upgrade) = client_upgrade {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
-                tunnel::spawn(
-                    &self.drain,
-                    client_upgrade,
+                client_upgrade.join(
+                    &self.inner.drain,
                     upstream_upgrade,
                     target.close_upgrades().clone(),
                 );

@@ -1,0 +1,264 @@
+//! A client connection's byte stream, as hyper sees it. It adds two things to the socket:
+//!
+//! - bytes read before hyper took the connection (while it was parked, or left over in
+//!   hyper's buffer when hyper gave it back) are replayed first;
+//! - reads, writes and requests are counted in an [`Activity`], which the connection's task
+//!   reads to tell when the connection has gone quiet and can be parked.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+/// What a connection's task needs to know to park it: has anything moved, is a request being
+/// served, is a write waiting for a slow client. Written by the connection's own task (the
+/// counters are atomics only because the service must be `Send`).
+#[derive(Debug, Default)]
+pub struct Activity {
+    /// Reads and writes that moved bytes.
+    events: AtomicU64,
+    /// Requests handed to the service so far.
+    requests: AtomicU64,
+    /// Requests whose response body hyper has not yet finished with.
+    in_flight: AtomicUsize,
+    /// A write found the socket full and has not been flushed since.
+    write_blocked: AtomicBool,
+}
+
+impl Activity {
+    /// Changes whenever bytes move or a request starts.
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::Relaxed) + self.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// No request is being served and nothing is waiting to be written.
+    pub fn is_idle(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0 && !self.write_blocked.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request from now until the returned guard is dropped (with its response body).
+    pub fn request_started(self: &Arc<Self>) -> RequestGuard {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        RequestGuard(Arc::clone(self))
+    }
+
+    fn moved_bytes(&self) {
+        // One writer (the connection's task), so no read-modify-write instruction is needed.
+        let events = self.events.load(Ordering::Relaxed);
+        self.events.store(events.wrapping_add(1), Ordering::Relaxed);
+    }
+}
+
+/// A request being served; see [`Activity::request_started`].
+#[derive(Debug)]
+pub struct RequestGuard(Arc<Activity>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// How many bytes a parked connection reads when its client speaks again: enough to tell
+/// HTTP/2's preface, small enough to cost nothing while the connection waits.
+const READ_AHEAD: usize = 64;
+
+/// The client's stream with replayed bytes in front and its activity counted.
+#[derive(Debug)]
+pub struct ClientIo<S> {
+    inner: S,
+    replay: Bytes,
+    activity: Arc<Activity>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> ClientIo<S> {
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            replay: Bytes::new(),
+            activity: Arc::default(),
+        }
+    }
+
+    pub fn activity(&self) -> &Arc<Activity> {
+        &self.activity
+    }
+
+    /// Bytes waiting to be replayed to the next reader.
+    pub fn replayed(&self) -> &[u8] {
+        &self.replay
+    }
+
+    /// Puts bytes hyper read but did not use in front of what is read next. They are copied:
+    /// `bytes` is a view of hyper's whole read buffer, which would otherwise stay allocated
+    /// for as long as the view, even an empty one.
+    pub fn unread(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        let mut joined = BytesMut::with_capacity(bytes.len() + self.replay.len());
+        joined.extend_from_slice(&bytes);
+        joined.extend_from_slice(&self.replay);
+        self.replay = joined.freeze();
+    }
+
+    /// Waits for the client's next bytes and keeps them for replay. Returns how many arrived:
+    /// 0 means the client closed its side. Cancel-safe: bytes are kept only once read.
+    pub async fn read_ahead(&mut self) -> io::Result<usize> {
+        let mut buffer = [0u8; READ_AHEAD];
+        let read = self.inner.read(&mut buffer).await?;
+        if read > 0 {
+            let mut joined = BytesMut::with_capacity(self.replay.len() + read);
+            joined.extend_from_slice(&self.replay);
+            joined.extend_from_slice(&buffer[..read]);
+            self.replay = joined.freeze();
+        }
+        Ok(read)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.replay.is_empty() {
+            let count = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay[..count]);
+            this.replay.advance(count);
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.moved_bytes();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.note_write(&polled);
+        polled
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.note_write(&polled);
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        let blocked = polled.is_pending();
+        if this.activity.write_blocked.load(Ordering::Relaxed) != blocked {
+            this.activity
+                .write_blocked
+                .store(blocked, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl<S> ClientIo<S> {
+    fn note_write(&self, polled: &Poll<io::Result<usize>>) {
+        match polled {
+            Poll::Ready(Ok(written)) if *written > 0 => self.activity.moved_bytes(),
+            Poll::Pending => self.activity.write_blocked.store(true, Ordering::Relaxed),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn replayed_bytes_come_before_the_socket() {
+        let (client, mut server) = tokio::io::duplex(64);
+        let mut io = ClientIo::new(client);
+        server.write_all(b"GET").await.unwrap();
+        assert_eq!(io.read_ahead().await.unwrap(), 3);
+        assert_eq!(io.replayed(), b"GET");
+        io.unread(Bytes::from_static(b"left "));
+        server.write_all(b" /").await.unwrap();
+        drop(server);
+        let mut all = Vec::new();
+        io.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"left GET /");
+    }
+
+    #[tokio::test]
+    async fn activity_counts_bytes_and_requests() {
+        let (client, mut server) = tokio::io::duplex(64);
+        let mut io = ClientIo::new(client);
+        let activity = Arc::clone(io.activity());
+        let start = activity.events();
+        server.write_all(b"x").await.unwrap();
+        let mut byte = [0u8; 1];
+        io.read_exact(&mut byte).await.unwrap();
+        assert_ne!(activity.events(), start);
+
+        assert!(activity.is_idle());
+        let request = activity.request_started();
+        assert!(!activity.is_idle());
+        assert_eq!(activity.requests(), 1);
+        drop(request);
+        assert!(activity.is_idle());
+    }
+
+    #[tokio::test]
+    async fn a_full_socket_is_not_idle_until_flushed() {
+        let (client, mut server) = tokio::io::duplex(4);
+        let mut io = ClientIo::new(client);
+        let activity = Arc::clone(io.activity());
+        let writing = tokio::spawn(async move {
+            io.write_all(b"more than four bytes").await.unwrap();
+            io.flush().await.unwrap();
+            io
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            !activity.is_idle(),
+            "the client has not read: the write waits"
+        );
+        let mut sink = vec![0u8; 20];
+        server.read_exact(&mut sink).await.unwrap();
+        let _io = writing.await.unwrap();
+        assert!(activity.is_idle());
+    }
+}

@@ -1,0 +1,472 @@
+//! Serving one client connection, from its first bytes to its close.
+//!
+//! HTTP/2 is recognised by its connection preface; anything else is served as HTTP/1.1.
+//!
+//! An HTTP/1.1 connection that has been quiet for [`PARK_AFTER_QUIET`] is taken back from
+//! hyper and *parked*. hyper holds an 8 KB read and an 8 KB write buffer for every connection
+//! it serves, busy or idle; a parked keep-alive connection holds little more than its socket
+//! until its client speaks again, and then a fresh hyper connection takes it up, with the
+//! bytes already read replayed. Upgrades (WebSockets) are handed back from hyper the same way
+//! once the 101 is written, and relayed from this task.
+//!
+//! The drain: HTTP/2 clients get GOAWAY at once. HTTP/1.1 clients get `Connection: close` on
+//! their next response (the pipeline adds it), and idle ones are closed when the drain time is
+//! up, or at once in a shutdown, where no other process will serve them.
+
+use std::convert::Infallible;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+use crate::body::{BoxError, ProxyBody};
+use crate::client_io::{Activity, ClientIo, RequestGuard};
+use crate::drain::Drain;
+use crate::pipeline::{ConnectionInfo, Proxy};
+use crate::tunnel::{self, UpgradeHandOff};
+
+/// How long an HTTP/1.1 connection must be quiet (no bytes either way, no request being
+/// served) before it is parked. Long enough that a busy connection is never parked between
+/// its requests, where taking it up again would cost a little time for nothing.
+pub const PARK_AFTER_QUIET: Duration = Duration::from_secs(1);
+
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Client connections of this process, for the metrics. Counted per connection and per
+/// park, never per request.
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+static PARKED: AtomicUsize = AtomicUsize::new(0);
+
+/// How many client connections are open, and how many of those are parked.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ConnectionCounts {
+    pub open: usize,
+    pub parked: usize,
+}
+
+impl ConnectionCounts {
+    pub fn now() -> Self {
+        Self {
+            open: OPEN.load(Ordering::Relaxed),
+            parked: PARKED.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Counts a connection in `counter` for as long as it lives.
+struct Counted(&'static AtomicUsize);
+
+impl Counted {
+    fn new(counter: &'static AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How connections are served: hyper's settings for each protocol, and how long a client may
+/// take to send a request head, which is also how long an idle connection is kept.
+pub struct Protocols {
+    pub http1: http1::Builder,
+    pub http2: http2::Builder<TokioExecutor>,
+    pub header_read_timeout: Duration,
+}
+
+/// Serves one connection until it closes or the drain ends it.
+pub async fn serve<S>(protocols: &Protocols, stream: S, info: ConnectionInfo, proxy: Proxy)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let _open = Counted::new(&OPEN);
+    let mut io = ClientIo::new(stream);
+    let drain = proxy.drain().clone();
+    // hyper's header timer would start only once hyper is given the connection: a client that
+    // never sends a byte is held to the same limit here.
+    if !wait_for_bytes(&mut io, protocols.header_read_timeout, &drain).await {
+        tracing::debug!(peer = %info.peer, "No request in time; closing the connection");
+        return;
+    }
+    match speaks_http2(&mut io, protocols.header_read_timeout).await {
+        // Boxed, as hyper's state is below: it would otherwise be reserved in every
+        // connection's task, parked ones included.
+        Some(true) => Box::pin(serve_http2(protocols, io, info, proxy)).await,
+        Some(false) => serve_http1(protocols, io, info, proxy).await,
+        None => tracing::debug!(peer = %info.peer, "Connection closed during its preface"),
+    }
+}
+
+/// Reads until the bytes seen rule HTTP/2's preface in or out. `None` if the client stops
+/// or goes quiet first.
+async fn speaks_http2<S>(io: &mut ClientIo<S>, timeout: Duration) -> Option<bool>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        let seen = io.replayed();
+        let compared = seen.len().min(HTTP2_PREFACE.len());
+        if seen[..compared] != HTTP2_PREFACE[..compared] {
+            return Some(false);
+        }
+        if compared == HTTP2_PREFACE.len() {
+            return Some(true);
+        }
+        match tokio::time::timeout(timeout, io.read_ahead()).await {
+            Ok(Ok(read)) if read > 0 => {}
+            _ => return None,
+        }
+    }
+}
+
+/// Waits, holding no buffers, until the client sends something (`true`), or until it closes,
+/// `timeout` passes, or the drain says idle connections should go (`false`).
+async fn wait_for_bytes<S>(io: &mut ClientIo<S>, timeout: Duration, drain: &Drain) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if !io.replayed().is_empty() {
+        return true;
+    }
+    tokio::select! {
+        read = io.read_ahead() => matches!(read, Ok(read) if read > 0),
+        _ = tokio::time::sleep(timeout) => false,
+        _ = drain.close_idle().cancelled() => false,
+        _ = drain.deadline().cancelled() => false,
+    }
+}
+
+async fn serve_http2<S>(protocols: &Protocols, io: ClientIo<S>, info: ConnectionInfo, proxy: Proxy)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let drain = proxy.drain().clone();
+    let service = service_fn(move |request: Request<Incoming>| {
+        let proxy = proxy.clone();
+        // Boxed: a request's state then takes memory only while the request is in flight.
+        Box::pin(async move { Ok::<_, Infallible>(proxy.handle(info, request).await) })
+    });
+    let connection = protocols.http2.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        outcome = connection.as_mut() => return log_end(outcome, info),
+        _ = drain.started().cancelled() => {}
+    }
+    connection.as_mut().graceful_shutdown();
+    tokio::select! {
+        outcome = connection.as_mut() => log_end(outcome, info),
+        _ = drain.deadline().cancelled() => {}
+    }
+}
+
+/// How an HTTP/1.1 connection left hyper.
+enum Http1End<S> {
+    /// Closed, by either side or by the drain.
+    Closed,
+    /// Quiet since `quiet_since`: given back to be parked.
+    Parked {
+        connection: Idle<S>,
+        quiet_since: Instant,
+    },
+    /// Switched protocols: given back with the target's side to relay.
+    Upgraded {
+        io: ClientIo<S>,
+        relay: tunnel::PendingRelay,
+    },
+}
+
+/// An HTTP/1.1 connection without hyper: what is kept while it is parked.
+struct Idle<S> {
+    io: ClientIo<S>,
+    service: Http1Service,
+}
+
+/// What the connection's task watches while hyper serves the connection.
+struct Watch {
+    activity: Arc<Activity>,
+    drain: Drain,
+    hand_off: UpgradeHandOff,
+    info: ConnectionInfo,
+}
+
+async fn serve_http1<S>(protocols: &Protocols, io: ClientIo<S>, info: ConnectionInfo, proxy: Proxy)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let watch = Watch {
+        activity: Arc::clone(io.activity()),
+        drain: proxy.drain().clone(),
+        hand_off: UpgradeHandOff::default(),
+        info,
+    };
+    let service = Http1Service {
+        proxy,
+        info,
+        activity: Arc::clone(&watch.activity),
+        hand_off: watch.hand_off.clone(),
+    };
+    let mut idle = Idle { io, service };
+    loop {
+        idle = match with_hyper(protocols, idle, &watch).await {
+            Http1End::Closed => return,
+            Http1End::Upgraded { io, relay } => {
+                return relay_upgrade(io, relay, &watch.drain).await;
+            }
+            Http1End::Parked {
+                mut connection,
+                quiet_since,
+            } => {
+                let idle_left = protocols
+                    .header_read_timeout
+                    .saturating_sub(quiet_since.elapsed());
+                let parked = Counted::new(&PARKED);
+                let woken = wait_for_bytes(&mut connection.io, idle_left, &watch.drain).await;
+                drop(parked);
+                if !woken {
+                    close_quietly(connection.io).await;
+                    return;
+                }
+                connection
+            }
+        };
+    }
+}
+
+// The two functions below are not `async`: what they start is boxed, so that hyper's state
+// (about 2 KB) and a relay's are allocated only while in use, instead of being reserved in
+// every connection's task, parked ones included.
+
+/// Serves the connection with hyper until it closes, parks or upgrades.
+fn with_hyper<'a, S>(
+    protocols: &Protocols,
+    idle: Idle<S>,
+    watch: &'a Watch,
+) -> Pin<Box<dyn std::future::Future<Output = Http1End<S>> + Send + 'a>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // Bytes replayed to hyper are the start of a request head: parking again before a request
+    // starts would restart hyper's header timer, so a client trickling a head could stay on.
+    let may_park_after = watch.activity.requests() + u64::from(!idle.io.replayed().is_empty());
+    let connection = protocols
+        .http1
+        .serve_connection(TokioIo::new(idle.io), idle.service);
+    Box::pin(drive_http1(connection, watch, may_park_after))
+}
+
+fn relay_upgrade<'a, S>(
+    io: ClientIo<S>,
+    relay: tunnel::PendingRelay,
+    drain: &Drain,
+) -> Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    Box::pin(tunnel::relay(io, relay, drain.deadline().clone()))
+}
+
+/// The service hyper calls for each HTTP/1.1 request: it counts the request in `activity`
+/// until hyper has sent its whole response, and leaves `hand_off` on upgrade requests.
+struct Http1Service {
+    proxy: Proxy,
+    info: ConnectionInfo,
+    activity: Arc<Activity>,
+    hand_off: UpgradeHandOff,
+}
+
+type Http1Future =
+    Pin<Box<dyn std::future::Future<Output = Result<Response<ServedBody>, Infallible>> + Send>>;
+
+impl hyper::service::Service<Request<Incoming>> for Http1Service {
+    type Response = Response<ServedBody>;
+    type Error = Infallible;
+    type Future = Http1Future;
+
+    fn call(&self, mut request: Request<Incoming>) -> Http1Future {
+        let guard = self.activity.request_started();
+        if request.headers().contains_key(hyper::header::UPGRADE) {
+            request.extensions_mut().insert(self.hand_off.clone());
+        }
+        let (proxy, info) = (self.proxy.clone(), self.info);
+        // Boxed: a request's state then takes memory only while the request is in flight,
+        // instead of being reserved inside every connection's task, idle ones included.
+        Box::pin(async move {
+            let response = proxy.handle(info, request).await;
+            Ok(response.map(|body| ServedBody {
+                body,
+                _guard: guard,
+            }))
+        })
+    }
+}
+
+/// Runs hyper on the connection until it ends, parks or upgrades.
+async fn drive_http1<S>(
+    mut connection: http1::Connection<TokioIo<ClientIo<S>>, Http1Service>,
+    watch: &Watch,
+    may_park_after: u64,
+) -> Http1End<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Watch {
+        activity,
+        drain,
+        hand_off,
+        info,
+    } = watch;
+    enum Event {
+        Ended(hyper::Result<()>),
+        Tick,
+        DrainStarted,
+        CloseIdle,
+        DrainDeadline,
+    }
+    let mut ticks = tokio::time::interval_at(Instant::now() + PARK_AFTER_QUIET, PARK_AFTER_QUIET);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut events_seen = activity.events();
+    let mut quiet_since = Instant::now();
+    let mut parking = false;
+    let mut draining = drain.is_started();
+    let mut closing = false;
+    let ended = loop {
+        // `biased`: hyper is polled first, so a tick is handled only while hyper is waiting,
+        // never while it holds a finished response it has not yet reported.
+        let event = tokio::select! {
+            biased;
+            ended = poll_fn(|cx| connection.poll_without_shutdown(cx)) => Event::Ended(ended),
+            _ = ticks.tick(), if !parking && !draining => Event::Tick,
+            _ = drain.started().cancelled(), if !draining => Event::DrainStarted,
+            _ = drain.close_idle().cancelled(), if draining && !closing => Event::CloseIdle,
+            _ = drain.deadline().cancelled(), if draining => Event::DrainDeadline,
+        };
+        match event {
+            Event::Ended(ended) => break ended,
+            Event::Tick => {
+                let events = activity.events();
+                if events != events_seen {
+                    events_seen = events;
+                    quiet_since = Instant::now();
+                } else if activity.is_idle() && activity.requests() >= may_park_after {
+                    // Idle: hyper closes its side at once, without writing anything.
+                    Pin::new(&mut connection).graceful_shutdown();
+                    parking = true;
+                }
+            }
+            Event::DrainStarted => draining = true,
+            Event::CloseIdle => {
+                Pin::new(&mut connection).graceful_shutdown();
+                closing = true;
+            }
+            Event::DrainDeadline if !closing => {
+                Pin::new(&mut connection).graceful_shutdown();
+                closing = true;
+            }
+            Event::DrainDeadline => return Http1End::Closed,
+        }
+    };
+    if let Err(error) = ended {
+        tracing::debug!(%error, peer = %info.peer, "Connection ended with an error");
+        return Http1End::Closed;
+    }
+    let parts = connection.into_parts();
+    let mut io = parts.io.into_inner();
+    io.unread(parts.read_buf);
+    if let Some(relay) = hand_off.take() {
+        return Http1End::Upgraded { io, relay };
+    }
+    if parking && !closing {
+        return Http1End::Parked {
+            connection: Idle {
+                io,
+                service: parts.service,
+            },
+            quiet_since,
+        };
+    }
+    close_quietly(io).await;
+    Http1End::Closed
+}
+
+/// Ends the connection with a FIN (or TLS close_notify), as hyper would have.
+async fn close_quietly<S>(mut io: ClientIo<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+}
+
+fn log_end(outcome: Result<(), hyper::Error>, info: ConnectionInfo) {
+    if let Err(error) = outcome {
+        tracing::debug!(%error, peer = %info.peer, "Connection ended with an error");
+    }
+}
+
+/// A response body that keeps its request counted as in flight until hyper is done with it.
+pub struct ServedBody {
+    body: ProxyBody,
+    _guard: RequestGuard,
+}
+
+impl Body for ServedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every connection's task is sized for its largest state; what hyper holds while serving
+    /// is boxed so that a parked connection's task stays small. Guards against a change that
+    /// puts hyper's state (or a `Proxy` by value) back inline.
+    #[test]
+    fn a_connection_task_stays_small() {
+        let protocols = Protocols {
+            http1: http1::Builder::new(),
+            http2: http2::Builder::new(TokioExecutor::new()),
+            header_read_timeout: Duration::from_secs(1),
+        };
+        let client = crate::upstream::upstream_client(Duration::from_secs(1));
+        let proxy = Proxy::new(crate::RouteTableHandle::default(), client);
+        let info = ConnectionInfo {
+            peer: ([127, 0, 0, 1], 1).into(),
+            local_port: 80,
+            tls: false,
+        };
+        let (stream, _peer) = tokio::io::duplex(64);
+        let task = serve(&protocols, stream, info, proxy);
+        let size = std::mem::size_of_val(&task);
+        assert!(size < 2048, "a connection's future takes {size} bytes");
+    }
+}

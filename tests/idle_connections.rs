@@ -1,0 +1,224 @@
+//! Idle keep-alive connections are parked: after a quiet second hyper hands the connection
+//! back and it waits holding no buffers, then a fresh hyper connection takes it up when the
+//! client speaks. Nothing a client sends may be lost or misread across a park: requests after
+//! one, a head split around one, pipelined requests, a WebSocket opened after one; and the
+//! idle timeout still closes parked connections.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::pebble::free_port;
+use common::{get, ProxyProcess, Upstream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+const GET: &[u8] = b"GET /one HTTP/1.1\r\nHost: app.test\r\n\r\n";
+
+/// The parked connection count the metrics report.
+async fn parked(metrics_port: u16) -> usize {
+    let reply = get(
+        SocketAddr::from(([127, 0, 0, 1], metrics_port)),
+        "localhost",
+        "/metrics",
+    )
+    .await;
+    reply
+        .body
+        .lines()
+        .find_map(|line| line.strip_prefix("berth_parked_client_connections "))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("the metrics report parked connections")
+}
+
+async fn wait_until_parked(metrics_port: u16, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while parked(metrics_port).await != count {
+        assert!(
+            Instant::now() < deadline,
+            "never saw {count} parked connections"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Reads more of a response into `pending`; the proxy must not close or stall.
+async fn read_more(stream: &mut TcpStream, pending: &mut Vec<u8>) {
+    let mut chunk = [0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk))
+        .await
+        .expect("the response stalled")
+        .expect("read a response");
+    assert!(read > 0, "the proxy closed the connection");
+    pending.extend_from_slice(&chunk[..read]);
+}
+
+/// Reads one response (head and a Content-Length body) and returns its status and body.
+async fn read_response(stream: &mut TcpStream, pending: &mut Vec<u8>) -> (u16, String) {
+    let head_end = loop {
+        if let Some(at) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        read_more(stream, pending).await;
+    };
+    let head = String::from_utf8_lossy(&pending[..head_end]).into_owned();
+    let status = head[9..12].parse().expect("a status code");
+    let length: usize = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .expect("a Content-Length");
+    while pending.len() < head_end + length {
+        read_more(stream, pending).await;
+    }
+    let body = String::from_utf8_lossy(&pending[head_end..head_end + length]).into_owned();
+    pending.drain(..head_end + length);
+    (status, body)
+}
+
+fn start() -> (ProxyProcess, u16) {
+    let metrics_port = free_port();
+    let proxy = ProxyProcess::start_with(&[&format!("--metrics-port={metrics_port}")]);
+    (proxy, metrics_port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_serves_what_its_client_sends_next() {
+    let (proxy, metrics) = start();
+    let app = Upstream::start("app").await;
+    proxy.deploy("web", &app.target(), &["--host=app.test"]);
+
+    let mut stream = TcpStream::connect(proxy.address()).await.unwrap();
+    let mut pending = Vec::new();
+    stream.write_all(GET).await.unwrap();
+    assert_eq!(read_response(&mut stream, &mut pending).await.0, 200);
+    wait_until_parked(metrics, 1).await;
+
+    // A plain request wakes it.
+    stream.write_all(GET).await.unwrap();
+    assert_eq!(read_response(&mut stream, &mut pending).await.0, 200);
+    assert_eq!(parked(metrics).await, 0);
+    wait_until_parked(metrics, 1).await;
+
+    // Two pipelined requests in one write: both answered, in order.
+    let two = [
+        GET,
+        b"GET /two HTTP/1.1\r\nHost: app.test\r\n\r\n".as_slice(),
+    ]
+    .concat();
+    stream.write_all(&two).await.unwrap();
+    let first = read_response(&mut stream, &mut pending).await;
+    let second = read_response(&mut stream, &mut pending).await;
+    assert_eq!((first.0, second.0), (200, 200));
+    assert!(
+        first.1.contains("/one") && second.1.contains("/two"),
+        "{first:?} {second:?}"
+    );
+    wait_until_parked(metrics, 1).await;
+
+    // A head that starts after the park and pauses longer than the park delay midway.
+    stream
+        .write_all(b"GET /three HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    stream.write_all(b"st: app.test\r\n\r\n").await.unwrap();
+    let third = read_response(&mut stream, &mut pending).await;
+    assert_eq!(third.0, 200);
+    assert!(third.1.contains("/three"), "{third:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_begun_before_the_park_is_finished_after_it() {
+    let (proxy, metrics) = start();
+    let app = Upstream::start("app").await;
+    proxy.deploy("web", &app.target(), &["--host=app.test"]);
+
+    let mut stream = TcpStream::connect(proxy.address()).await.unwrap();
+    let mut pending = Vec::new();
+    stream.write_all(GET).await.unwrap();
+    assert_eq!(read_response(&mut stream, &mut pending).await.0, 200);
+    // The start of the next head sits in hyper's buffer when the connection goes quiet: it
+    // must be carried over to the next hyper connection, not dropped.
+    stream.write_all(b"GET /later HTTP/1.1\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    stream.write_all(b"Host: app.test\r\n\r\n").await.unwrap();
+    let later = read_response(&mut stream, &mut pending).await;
+    assert_eq!(later.0, 200);
+    assert!(later.1.contains("/later"), "{later:?}");
+    wait_until_parked(metrics, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_opens_on_a_connection_that_was_parked() {
+    let (proxy, metrics) = start();
+    let app = Upstream::start("app").await;
+    proxy.deploy("web", &app.target(), &["--host=app.test"]);
+
+    let mut stream = TcpStream::connect(proxy.address()).await.unwrap();
+    let mut pending = Vec::new();
+    stream.write_all(GET).await.unwrap();
+    assert_eq!(read_response(&mut stream, &mut pending).await.0, 200);
+    wait_until_parked(metrics, 1).await;
+
+    let (mut socket, response) = tokio_tungstenite::client_async("ws://app.test/ws", stream)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 101);
+    for text in ["after", "a park"] {
+        socket.send(Message::text(text)).await.unwrap();
+        let echoed = tokio::time::timeout(Duration::from_secs(5), socket.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(echoed.to_text().unwrap(), text);
+    }
+    // A relayed WebSocket is not an idle connection: it is never parked.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(parked(metrics).await, 0);
+    socket.send(Message::text("still there")).await.unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(5), socket.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed.to_text().unwrap(), "still there");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_is_closed_at_the_idle_timeout() {
+    let metrics = free_port();
+    let proxy = ProxyProcess::start_with(&[
+        &format!("--metrics-port={metrics}"),
+        "--header-read-timeout=4s",
+    ]);
+    let app = Upstream::start("app").await;
+    proxy.deploy("web", &app.target(), &["--host=app.test"]);
+
+    let mut stream = TcpStream::connect(proxy.address()).await.unwrap();
+    let mut pending = Vec::new();
+    stream.write_all(GET).await.unwrap();
+    assert_eq!(read_response(&mut stream, &mut pending).await.0, 200);
+    let idle_from = Instant::now();
+    wait_until_parked(metrics, 1).await;
+
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(15), stream.read(&mut byte))
+        .await
+        .expect("a parked connection outlived the idle timeout");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // Parking does not restart the clock: the timeout counts from the last response.
+    let idle_for = idle_from.elapsed();
+    assert!(
+        idle_for >= Duration::from_secs(3) && idle_for < Duration::from_secs(8),
+        "closed after {idle_for:?}"
+    );
+    assert_eq!(parked(metrics).await, 0);
+}
