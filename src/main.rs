@@ -8,12 +8,14 @@
 //! - `metrics_server`: the Prometheus endpoint on `--metrics-port`.
 //! - `workers`: the data plane's threads, one single-threaded runtime per core.
 //! - `handover`: passing the listeners to a new process (upgrades without a gap).
+//! - `memory`: giving memory freed by idle and closed connections back to the system.
 
 mod cli;
 mod commands;
 mod config_file;
 mod daemon;
 mod handover;
+mod memory;
 mod metrics_server;
 mod tls;
 mod workers;

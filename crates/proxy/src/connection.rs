@@ -16,7 +16,7 @@
 use std::convert::Infallible;
 use std::future::poll_fn;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -48,12 +48,16 @@ const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// park, never per request.
 static OPEN: AtomicUsize = AtomicUsize::new(0);
 static PARKED: AtomicUsize = AtomicUsize::new(0);
+static LET_GO: AtomicU64 = AtomicU64::new(0);
 
 /// How many client connections are open, and how many of those are parked.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ConnectionCounts {
     pub open: usize,
     pub parked: usize,
+    /// Times since the process started that a connection closed or parked, each freeing what
+    /// hyper held for it: a sign that memory may be worth giving back to the system.
+    pub let_go: u64,
 }
 
 impl ConnectionCounts {
@@ -61,6 +65,7 @@ impl ConnectionCounts {
         Self {
             open: OPEN.load(Ordering::Relaxed),
             parked: PARKED.load(Ordering::Relaxed),
+            let_go: LET_GO.load(Ordering::Relaxed),
         }
     }
 }
@@ -81,6 +86,30 @@ impl Drop for Counted {
     }
 }
 
+/// Counts a connection that closed or parked (see [`ConnectionCounts::let_go`]).
+fn let_go() {
+    LET_GO.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counts a connection as open for as long as it lives, and as let go when it closes.
+struct OpenConnection {
+    _open: Counted,
+}
+
+impl OpenConnection {
+    fn new() -> Self {
+        Self {
+            _open: Counted::new(&OPEN),
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        let_go();
+    }
+}
+
 /// How connections are served: hyper's settings for each protocol, and how long a client may
 /// take to send a request head, which is also how long an idle connection is kept.
 pub struct Protocols {
@@ -94,7 +123,7 @@ pub async fn serve<S>(protocols: &Protocols, stream: S, info: ConnectionInfo, pr
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let _open = Counted::new(&OPEN);
+    let _open = OpenConnection::new();
     let mut io = ClientIo::new(stream);
     let drain = proxy.drain().clone();
     // hyper's header timer would start only once hyper is given the connection: a client that
@@ -234,6 +263,7 @@ where
                 let idle_left = protocols
                     .header_read_timeout
                     .saturating_sub(quiet_since.elapsed());
+                let_go();
                 let parked = Counted::new(&PARKED);
                 let woken = wait_for_bytes(&mut connection.io, idle_left, &watch.drain).await;
                 drop(parked);

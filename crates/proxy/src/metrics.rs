@@ -360,7 +360,11 @@ mod tests {
                 }],
             }],
             certificate_expiry: vec![("example.com".into(), 1_900_000_000)],
-            client_connections: ConnectionCounts { open: 7, parked: 5 },
+            client_connections: ConnectionCounts {
+                open: 7,
+                parked: 5,
+                let_go: 9,
+            },
         };
         let text = metrics.encode(&sample);
         assert!(text.contains("berth_client_connections 7"));
