@@ -3,7 +3,12 @@
 WORK=$(mktemp -d)
 chmod 755 "$WORK"
 PIDS=()
-cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$WORK"; }
+# Waits for the processes before removing their directory (nginx removes its pid file there).
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null
+  rm -rf "$WORK"
+}
 trap cleanup EXIT
 
 mkdir -p "$WORK/www"
