@@ -6,7 +6,7 @@ PIDS=()
 # Waits for the processes before removing their directory (nginx removes its pid file there).
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait "${PIDS[@]}" 2>/dev/null
+  wait "${PIDS[@]}" 2>/dev/null || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
