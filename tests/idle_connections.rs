@@ -1,7 +1,7 @@
 //! Idle keep-alive connections are parked: after a quiet second hyper hands the connection
 //! back and it waits holding no buffers, then a fresh hyper connection takes it up when the
 //! client speaks. Nothing a client sends may be lost or misread across a park: requests after
-//! one, a head split around one, pipelined requests, a WebSocket opened after one; and the
+//! one, a head split around one, pipelined requests, a WebSocket opened after one, TLS; and the
 //! idle timeout still closes parked connections.
 
 mod common;
@@ -221,4 +221,60 @@ async fn a_parked_connection_is_closed_at_the_idle_timeout() {
         "closed after {idle_for:?}"
     );
     assert_eq!(parked(metrics).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_connection_is_parked_and_taken_up_again() {
+    use std::sync::Arc;
+
+    use rustls::pki_types::ServerName;
+
+    let (proxy, metrics) = start();
+    let app = Upstream::start("app").await;
+    let (cert_pem, key_pem, root) = common::certs::short_lived_certificate("secure.test");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, cert_pem).unwrap();
+    std::fs::write(&key, key_pem).unwrap();
+    proxy.deploy(
+        "web",
+        &app.target(),
+        &[
+            "--host=secure.test",
+            "--tls",
+            &format!("--tls-certificate-path={}", cert.display()),
+            &format!("--tls-private-key-path={}", key.display()),
+        ],
+    );
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root).unwrap();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], proxy.https_port)))
+        .await
+        .unwrap();
+    let name = ServerName::try_from("secure.test").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+
+    for path in ["/before", "/after"] {
+        sender.ready().await.expect("the connection is still open");
+        let request = common::request("GET", "secure.test", path, bytes::Bytes::new());
+        let response = sender.send_request(request).await.unwrap();
+        let reply = common::read_reply(response).await.unwrap();
+        assert_eq!(reply.status, 200);
+        assert!(reply.body.contains(path), "{}", reply.body);
+        if path == "/before" {
+            wait_until_parked(metrics, 1).await;
+        }
+    }
 }

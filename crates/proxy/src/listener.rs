@@ -182,8 +182,12 @@ async fn serve_tls(
     info: ConnectionInfo,
     proxy: Proxy,
 ) {
-    match tls::accept(stream, certificates.as_ref()).await {
-        Ok(stream) => connection::serve(protocols, stream, info, proxy).await,
+    // Boxed: the handshake's state is needed only until it completes.
+    let handshake = Box::pin(tls::accept(stream, certificates.as_ref())).await;
+    match handshake {
+        // Boxed: rustls's connection state is large, and every future that holds the stream
+        // (a parked connection's included) would otherwise be sized for it several times.
+        Ok(stream) => connection::serve(protocols, Box::new(stream), info, proxy).await,
         Err(error) => tracing::debug!(%error, peer = %info.peer, "TLS handshake refused"),
     }
 }
