@@ -426,10 +426,11 @@ impl Proxy {
         };
 
         let sent_at = std::time::Instant::now();
-        let sent = self.inner.client.send(Request::from_parts(parts, outgoing));
-        let timeout = config.target_timeout.get();
+        // Boxed: a future is copied whole each time it moves into its caller's state, and
+        // this one would sit inline in every level of the pipeline above it.
+        let sent = Box::pin(self.inner.client.send(Request::from_parts(parts, outgoing)));
         let response = tokio::select! {
-            result = with_timeout(timeout, sent) => result,
+            result = tokio::time::timeout(time_limit(config.target_timeout.get()), sent) => result.ok(),
             _ = target.cut_requests().cancelled() => return Err(ForwardError::Cut),
         };
         let mut response = match response {
@@ -488,15 +489,14 @@ fn no_body_status(status: StatusCode) -> bool {
         || status == StatusCode::NOT_MODIFIED
 }
 
-/// Runs `future` with a time limit; a zero limit means none.
-async fn with_timeout<F: std::future::Future>(
-    limit: std::time::Duration,
-    future: F,
-) -> Option<F::Output> {
-    if limit.is_zero() {
-        Some(future.await)
+/// A zero timeout means none. Not a wrapper future around the request: that would hold the
+/// request's future twice over in the pipeline's state, which is copied as it moves.
+fn time_limit(timeout: std::time::Duration) -> std::time::Duration {
+    const NONE: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+    if timeout.is_zero() {
+        NONE
     } else {
-        tokio::time::timeout(limit, future).await.ok()
+        timeout
     }
 }
 
