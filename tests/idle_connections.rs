@@ -88,16 +88,54 @@ fn start() -> (ProxyProcess, u16) {
     (proxy, metrics_port)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_parked_connection_serves_what_its_client_sends_next() {
-    let (proxy, metrics) = start();
+/// A proxy with one service and a client connection that has had one answer.
+struct Served {
+    proxy: ProxyProcess,
+    _app: Upstream,
+    stream: TcpStream,
+    pending: Vec<u8>,
+}
+
+async fn one_request_served(proxy: ProxyProcess) -> Served {
     let app = Upstream::start("app").await;
     proxy.deploy("web", &app.target(), &["--host=app.test"]);
-
     let mut stream = TcpStream::connect(proxy.address()).await.unwrap();
     let mut pending = Vec::new();
     stream.write_all(GET).await.unwrap();
     assert_eq!(read_response(&mut stream, &mut pending).await.0, 200);
+    Served {
+        proxy,
+        _app: app,
+        stream,
+        pending,
+    }
+}
+
+/// Sends `text` on the WebSocket and expects it echoed.
+async fn echo<S>(socket: &mut tokio_tungstenite::WebSocketStream<S>, text: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    socket.send(Message::text(text)).await.unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(5), socket.next())
+        .await
+        .expect("an echo in time")
+        .expect("the WebSocket is open")
+        .unwrap();
+    assert_eq!(echoed.to_text().unwrap(), text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_serves_what_its_client_sends_next() {
+    let (proxy, metrics) = start();
+    // Every part is bound: what a pattern leaves out is dropped at once (the proxy with it).
+    let Served {
+        proxy: _proxy,
+        _app,
+        mut stream,
+        mut pending,
+        ..
+    } = one_request_served(proxy).await;
     wait_until_parked(metrics, 1).await;
 
     // A plain request wakes it.
@@ -137,13 +175,14 @@ async fn a_parked_connection_serves_what_its_client_sends_next() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_begun_before_the_park_is_finished_after_it() {
     let (proxy, metrics) = start();
-    let app = Upstream::start("app").await;
-    proxy.deploy("web", &app.target(), &["--host=app.test"]);
-
-    let mut stream = TcpStream::connect(proxy.address()).await.unwrap();
-    let mut pending = Vec::new();
-    stream.write_all(GET).await.unwrap();
-    assert_eq!(read_response(&mut stream, &mut pending).await.0, 200);
+    // Every part is bound: what a pattern leaves out is dropped at once (the proxy with it).
+    let Served {
+        proxy: _proxy,
+        _app,
+        mut stream,
+        mut pending,
+        ..
+    } = one_request_served(proxy).await;
     // The start of the next head sits in hyper's buffer when the connection goes quiet: it
     // must be carried over to the next hyper connection, not dropped.
     stream.write_all(b"GET /later HTTP/1.1\r\n").await.unwrap();
@@ -158,38 +197,19 @@ async fn a_head_begun_before_the_park_is_finished_after_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_opens_on_a_connection_that_was_parked() {
     let (proxy, metrics) = start();
-    let app = Upstream::start("app").await;
-    proxy.deploy("web", &app.target(), &["--host=app.test"]);
-
-    let mut stream = TcpStream::connect(proxy.address()).await.unwrap();
-    let mut pending = Vec::new();
-    stream.write_all(GET).await.unwrap();
-    assert_eq!(read_response(&mut stream, &mut pending).await.0, 200);
+    let served = one_request_served(proxy).await;
     wait_until_parked(metrics, 1).await;
 
-    let (mut socket, response) = tokio_tungstenite::client_async("ws://app.test/ws", stream)
+    let (mut socket, response) = tokio_tungstenite::client_async("ws://app.test/ws", served.stream)
         .await
         .unwrap();
     assert_eq!(response.status(), 101);
-    for text in ["after", "a park"] {
-        socket.send(Message::text(text)).await.unwrap();
-        let echoed = tokio::time::timeout(Duration::from_secs(5), socket.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(echoed.to_text().unwrap(), text);
-    }
+    echo(&mut socket, "after").await;
+    echo(&mut socket, "a park").await;
     // A relayed WebSocket is not an idle connection: it is never parked.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(parked(metrics).await, 0);
-    socket.send(Message::text("still there")).await.unwrap();
-    let echoed = tokio::time::timeout(Duration::from_secs(5), socket.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(echoed.to_text().unwrap(), "still there");
+    echo(&mut socket, "still there").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,13 +219,12 @@ async fn a_parked_connection_is_closed_at_the_idle_timeout() {
         &format!("--metrics-port={metrics}"),
         "--header-read-timeout=4s",
     ]);
-    let app = Upstream::start("app").await;
-    proxy.deploy("web", &app.target(), &["--host=app.test"]);
-
-    let mut stream = TcpStream::connect(proxy.address()).await.unwrap();
-    let mut pending = Vec::new();
-    stream.write_all(GET).await.unwrap();
-    assert_eq!(read_response(&mut stream, &mut pending).await.0, 200);
+    let Served {
+        proxy: _proxy,
+        _app,
+        mut stream,
+        ..
+    } = one_request_served(proxy).await;
     let idle_from = Instant::now();
     wait_until_parked(metrics, 1).await;
 
