@@ -13,18 +13,20 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Headers meant for one hop only (RFC 9110 7.6.1, plus the legacy `keep-alive` and
 /// `proxy-connection`), and `upgrade`, kept only for an upgrade.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Where `name` sits in [`HOP_BY_HOP`], if it is one.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    HOP_BY_HOP.iter().position(|hop| *hop == name.as_str())
 }
 
 /// True for an HTTP/1.1 request asking to switch protocols (WebSocket and the like).
@@ -42,31 +44,53 @@ pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
 /// For an upgrade, `Connection: upgrade` and `Upgrade` are kept so the target can switch.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // One pass over the names, and removals (each a hash lookup) only for what is there:
-    // most messages carry none, or only `Connection: keep-alive`.
-    let present: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| is_hop_by_hop(name))
-        .cloned()
-        .collect();
-    if !present.is_empty() {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .map(str::trim)
-            .filter(|token| !token.eq_ignore_ascii_case("close"))
-            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-            .filter(|name| !is_hop_by_hop(name))
-            .collect();
-        for name in named.iter().chain(&present) {
-            if !(upgrade && name == header::UPGRADE) {
-                headers.remove(name);
-            }
+    // most messages carry none, or only `Connection: keep-alive`. Nothing is allocated.
+    let mut present = [false; HOP_BY_HOP.len()];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(index) = hop_by_hop_index(name) {
+            present[index] = true;
+            any = true;
+        }
+    }
+    if !any {
+        if upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        return;
+    }
+    if present[0] {
+        remove_listed_in_connection(headers);
+    }
+    for (index, name) in HOP_BY_HOP.iter().enumerate() {
+        if present[index] && !(upgrade && *name == "upgrade") {
+            headers.remove(*name);
         }
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Removes the headers the Connection header names. Most list only `keep-alive`, `close`
+/// or `upgrade`, handled with the other hop-by-hop ones; only other names cost allocations.
+fn remove_listed_in_connection(headers: &mut HeaderMap) {
+    // Empty, so not allocated, unless other names are listed.
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|token| {
+            !token.is_empty()
+                && !token.eq_ignore_ascii_case("close")
+                && !HOP_BY_HOP.iter().any(|hop| hop.eq_ignore_ascii_case(token))
+        })
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
     }
 }
 
@@ -110,9 +134,12 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     if let Some(existing) = headers.get(&X_REQUEST_ID).filter(|v| !v.is_empty()) {
         return existing.clone();
     }
-    let mut buffer = uuid::Uuid::encode_buffer();
-    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buffer);
-    let value = HeaderValue::from_str(id).expect("a UUID is a valid header value");
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+    // Owned by a shared buffer from the start, so the clone for the log costs no allocation
+    // (a value copied from a slice is copied again on its first clone).
+    let value = HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text))
+        .expect("a UUID is a valid header value");
     headers.insert(X_REQUEST_ID.clone(), value.clone());
     value
 }
@@ -256,6 +283,33 @@ mod tests {
         remove_hop_by_hop(&mut map, false);
         let names: Vec<&str> = map.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["accept"]);
+    }
+
+    #[test]
+    fn names_listed_in_any_connection_header_are_removed_whatever_their_case() {
+        let mut map = headers(&[
+            ("connection", "Keep-Alive, X-Secret"),
+            ("connection", " close ,x-other"),
+            ("x-secret", "1"),
+            ("x-other", "2"),
+            ("x-kept", "3"),
+        ]);
+        remove_hop_by_hop(&mut map, false);
+        let names: Vec<&str> = map.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-kept"]);
+    }
+
+    #[test]
+    fn an_upgrade_drops_other_names_its_connection_header_lists() {
+        let mut map = headers(&[
+            ("connection", "Upgrade, x-secret"),
+            ("upgrade", "websocket"),
+            ("x-secret", "1"),
+        ]);
+        remove_hop_by_hop(&mut map, true);
+        assert!(!map.contains_key("x-secret"));
+        assert_eq!(map["upgrade"], "websocket");
+        assert_eq!(map["connection"], "upgrade");
     }
 
     #[test]

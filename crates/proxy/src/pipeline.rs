@@ -204,13 +204,15 @@ impl Proxy {
             let host = request_host(&request);
             routes.lookup(host, request.uri().path()).map(|found| {
                 let uri = request.uri();
-                let path_and_query = if found.service.settings().config.strip_path_prefix {
-                    upstream_path(strip_prefix(found.prefix, uri.path()), uri.query())
+                let stripped = if found.service.settings().config.strip_path_prefix {
+                    strip_prefix(found.prefix, uri.path())
                 } else {
-                    // As it came: a cheap clone of the parsed request line.
-                    uri.path_and_query()
-                        .cloned()
-                        .unwrap_or_else(|| upstream_path(uri.path(), uri.query()))
+                    uri.path()
+                };
+                let path_and_query = match uri.path_and_query() {
+                    // As it came (nothing stripped): a cheap clone of the parsed request line.
+                    Some(original) if stripped.len() == uri.path().len() => original.clone(),
+                    _ => upstream_path(stripped, uri.query()),
                 };
                 (Arc::clone(found.service), path_and_query)
             })
@@ -379,15 +381,20 @@ impl Proxy {
         record.request_id = Some(request_id);
 
         let buffering = &config.buffering;
-        let client_body_failed = Arc::new(AtomicBool::new(false));
+        // Only a streamed body can fail as it is read; the flag is not allocated otherwise.
+        let mut client_body_failed: Option<Arc<AtomicBool>> = None;
+        let mut stream_body = |inner: Incoming| {
+            let failed = client_body_failed.get_or_insert_with(Default::default);
+            body::boxed(ClientBody {
+                inner,
+                failed: Arc::clone(failed),
+            })
+        };
         let outgoing = if upgrade {
             Outgoing::Streaming(if incoming.is_end_stream() {
                 body::empty()
             } else {
-                body::boxed(ClientBody {
-                    inner: incoming,
-                    failed: Arc::clone(&client_body_failed),
-                })
+                stream_body(incoming)
             })
         } else if buffering.requests {
             let declared = parts
@@ -419,10 +426,7 @@ impl Proxy {
         } else if incoming.is_end_stream() {
             Outgoing::Whole(Bytes::new())
         } else {
-            Outgoing::Streaming(body::boxed(ClientBody {
-                inner: incoming,
-                failed: Arc::clone(&client_body_failed),
-            }))
+            Outgoing::Streaming(stream_body(incoming))
         };
 
         let sent_at = std::time::Instant::now();
@@ -435,7 +439,11 @@ impl Proxy {
         };
         let mut response = match response {
             None => return Err(ForwardError::Timeout),
-            Some(Err(error)) if client_body_failed.load(Ordering::Relaxed) => {
+            Some(Err(error))
+                if client_body_failed
+                    .as_ref()
+                    .is_some_and(|failed| failed.load(Ordering::Relaxed)) =>
+            {
                 return Err(ForwardError::BadRequestBody(error))
             }
             Some(Err(error)) => return Err(ForwardError::Unreachable(describe_error(&*error))),
@@ -679,6 +687,12 @@ impl Body for ObservedBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.sent += data.len() as u64;
+                }
+                // The last frame: logged now, not when hyper next polls or drops the body. The
+                // record holds slices of the request head, and hyper reads the next request
+                // first; while they live, its read buffer cannot be reused (8 KB allocated).
+                if this.inner.is_end_stream() {
+                    this.finish();
                 }
             }
             Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.finish(),

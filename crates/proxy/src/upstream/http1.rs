@@ -80,11 +80,15 @@ impl Http1Client {
         let idempotent = is_idempotent(request.method());
         let message = Message::encode(&request);
         loop {
-            let (stream, reused) = match self.pool.checkout(&target) {
+            let (pooled, buffer) = self.pool.checkout(&target);
+            let (stream, reused) = match pooled {
                 Some(stream) => (stream, true),
                 None => (self.connect(&target).await?, false),
             };
-            match self.exchange(stream, &target, &message, head_request).await {
+            match self
+                .exchange(stream, buffer, &target, &message, head_request)
+                .await
+            {
                 Ok(response) => return Ok(response),
                 // A pooled connection the target closed as the request went out (its idle
                 // timeout): the request was not seen, so it goes on another connection. Each
@@ -119,6 +123,7 @@ impl Http1Client {
     async fn exchange(
         &self,
         mut stream: TcpStream,
+        mut buffer: BytesMut,
         target: &Authority,
         message: &Message,
         head_request: bool,
@@ -135,7 +140,8 @@ impl Http1Client {
             nothing_received,
             write_failed: false,
         };
-        let mut buffer = BytesMut::with_capacity(READ_SIZE);
+        // A reused buffer is reclaimed whole if the body last read into it is gone.
+        buffer.reserve(READ_SIZE);
         let mut received_any = false;
         let (status, version, mut headers) = 'head: loop {
             // One read may bring an interim response and the final one together.
@@ -188,7 +194,7 @@ impl Http1Client {
         if let Some(data) = whole_body {
             // Bytes beyond the body would be taken for the next response: not reusable.
             if keep_alive && buffer.is_empty() {
-                self.pool.checkin(target, stream);
+                self.pool.checkin(target, stream, buffer);
             }
             if !data.is_empty() {
                 *response.body_mut() = body::full(data);
@@ -311,23 +317,24 @@ fn parse_head(
         Version::HTTP_11
     };
     // Where each name and value sits in the head, so they can be cut from it once frozen.
+    // On the stack: a head rarely has more than a dozen fields.
     let start = buffer.as_ptr() as usize;
     let count = parsed.headers.len();
-    let places: Vec<(usize, usize, usize, usize)> = parsed
-        .headers
-        .iter()
-        .map(|field| {
-            (
-                field.name.as_ptr() as usize - start,
-                field.name.len(),
-                field.value.as_ptr() as usize - start,
-                field.value.len(),
-            )
-        })
-        .collect();
+    let mut places = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    for (place, field) in places.iter_mut().zip(parsed.headers.iter()) {
+        // Offsets within a head of at most MAX_HEAD bytes: they fit a u32.
+        *place = (
+            (field.name.as_ptr() as usize - start) as u32,
+            field.name.len() as u32,
+            (field.value.as_ptr() as usize - start) as u32,
+            field.value.len() as u32,
+        );
+    }
     let head = buffer.split_to(head_len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
-    for &(name_at, name_len, value_at, value_len) in &places {
+    for &(name_at, name_len, value_at, value_len) in &places[..count] {
+        let (name_at, name_len) = (name_at as usize, name_len as usize);
+        let (value_at, value_len) = (value_at as usize, value_len as usize);
         let name = HeaderName::from_bytes(&head[name_at..name_at + name_len])
             .map_err(|_| UpstreamError::InvalidResponse("invalid header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
@@ -428,7 +435,8 @@ impl ResponseBody {
         self.state = BodyState::Done;
         if let Some(stream) = self.stream.take() {
             if self.keep_alive && self.buffer.is_empty() {
-                self.pool.checkin(&self.target, stream);
+                let buffer = std::mem::take(&mut self.buffer);
+                self.pool.checkin(&self.target, stream, buffer);
             }
         }
     }
