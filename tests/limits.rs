@@ -56,6 +56,26 @@ async fn hundreds_of_slow_and_idle_clients_do_not_keep_a_new_one_waiting() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_limit_is_100_header_fields() {
+    let proxy = ProxyProcess::start();
+    let app = Upstream::start("app").await;
+    proxy.deploy("web", &app.target(), &[]);
+
+    let head = |fields: usize| {
+        let many: String = (0..fields).map(|i| format!("X-H{i}: v\r\n")).collect();
+        format!("GET / HTTP/1.1\r\nHost: app.test\r\n{many}\r\n")
+    };
+    // 90 and Host (the test app, itself limited to 100, also gets the X-Forwarded-* ones).
+    assert!(raw(proxy.address(), head(90).as_bytes())
+        .await
+        .starts_with("HTTP/1.1 200"));
+    assert!(raw(proxy.address(), head(101).as_bytes())
+        .await
+        .starts_with("HTTP/1.1 431"));
+    assert_eq!(app.requests(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_heads_and_too_many_headers_get_431() {
     let proxy = ProxyProcess::start_with(&["--max-header-size=8192", "--max-headers=50"]);
     let app = Upstream::start("app").await;

@@ -96,8 +96,12 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes)
-        .max_headers(limits.max_headers)
         .keep_alive(true);
+    // hyper's own limit is the same 100; set explicitly, it builds the header index table
+    // element by element on every request (about 650 instructions) instead of as a constant.
+    if limits.max_headers != DEFAULT_MAX_HEADERS {
+        http1.max_headers(limits.max_headers);
+    }
     let mut http2 = http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
