@@ -1,12 +1,12 @@
 //! Idle keep-alive connections to targets, kept per worker thread and reused newest first,
 //! and the read buffers of finished exchanges, handed to the next one.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use http::uri::Authority;
+use rustc_hash::FxHashMap;
 use tokio::net::TcpStream;
 
 /// Idle connections kept per target; more are closed when they come back.
@@ -24,8 +24,10 @@ pub struct ConnectionPool {
 
 #[derive(Debug)]
 struct Idle {
-    /// Keyed by the authority's text: `Authority`'s own hash lowercases byte by byte.
-    by_target: HashMap<Box<str>, Vec<IdleConnection>>,
+    /// Keyed by the authority's text: `Authority`'s own hash lowercases byte by byte. Fx, not
+    /// SipHash (two hashes per request): the keys are the operator's targets, not input
+    /// an attacker chooses.
+    by_target: FxHashMap<Box<str>, Vec<IdleConnection>>,
     last_sweep: Instant,
     spare_buffers: Vec<BytesMut>,
 }
@@ -41,7 +43,7 @@ impl ConnectionPool {
         ConnectionPool {
             idle_timeout,
             inner: Mutex::new(Idle {
-                by_target: HashMap::new(),
+                by_target: FxHashMap::default(),
                 last_sweep: Instant::now(),
                 spare_buffers: Vec::new(),
             }),
