@@ -128,19 +128,18 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_connection_serves_what_its_client_sends_next() {
     let (proxy, metrics) = start();
-    // Every part is bound: what a pattern leaves out is dropped at once (the proxy with it).
-    let Served {
-        proxy: _proxy,
-        _app,
-        mut stream,
-        mut pending,
-        ..
-    } = one_request_served(proxy).await;
+    // Held whole: the proxy and the app live as long as it does.
+    let mut served = one_request_served(proxy).await;
     wait_until_parked(metrics, 1).await;
 
     // A plain request wakes it.
-    stream.write_all(GET).await.unwrap();
-    assert_eq!(read_response(&mut stream, &mut pending).await.0, 200);
+    served.stream.write_all(GET).await.unwrap();
+    assert_eq!(
+        read_response(&mut served.stream, &mut served.pending)
+            .await
+            .0,
+        200
+    );
     assert_eq!(parked(metrics).await, 0);
     wait_until_parked(metrics, 1).await;
 
@@ -150,9 +149,9 @@ async fn a_parked_connection_serves_what_its_client_sends_next() {
         b"GET /two HTTP/1.1\r\nHost: app.test\r\n\r\n".as_slice(),
     ]
     .concat();
-    stream.write_all(&two).await.unwrap();
-    let first = read_response(&mut stream, &mut pending).await;
-    let second = read_response(&mut stream, &mut pending).await;
+    served.stream.write_all(&two).await.unwrap();
+    let first = read_response(&mut served.stream, &mut served.pending).await;
+    let second = read_response(&mut served.stream, &mut served.pending).await;
     assert_eq!((first.0, second.0), (200, 200));
     assert!(
         first.1.contains("/one") && second.1.contains("/two"),
@@ -161,13 +160,18 @@ async fn a_parked_connection_serves_what_its_client_sends_next() {
     wait_until_parked(metrics, 1).await;
 
     // A head that starts after the park and pauses longer than the park delay midway.
-    stream
+    served
+        .stream
         .write_all(b"GET /three HTTP/1.1\r\nHo")
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    stream.write_all(b"st: app.test\r\n\r\n").await.unwrap();
-    let third = read_response(&mut stream, &mut pending).await;
+    served
+        .stream
+        .write_all(b"st: app.test\r\n\r\n")
+        .await
+        .unwrap();
+    let third = read_response(&mut served.stream, &mut served.pending).await;
     assert_eq!(third.0, 200);
     assert!(third.1.contains("/three"), "{third:?}");
 }
@@ -175,20 +179,22 @@ async fn a_parked_connection_serves_what_its_client_sends_next() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_begun_before_the_park_is_finished_after_it() {
     let (proxy, metrics) = start();
-    // Every part is bound: what a pattern leaves out is dropped at once (the proxy with it).
-    let Served {
-        proxy: _proxy,
-        _app,
-        mut stream,
-        mut pending,
-        ..
-    } = one_request_served(proxy).await;
+    // Held whole: the proxy and the app live as long as it does.
+    let mut served = one_request_served(proxy).await;
     // The start of the next head sits in hyper's buffer when the connection goes quiet: it
     // must be carried over to the next hyper connection, not dropped.
-    stream.write_all(b"GET /later HTTP/1.1\r\n").await.unwrap();
+    served
+        .stream
+        .write_all(b"GET /later HTTP/1.1\r\n")
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(3500)).await;
-    stream.write_all(b"Host: app.test\r\n\r\n").await.unwrap();
-    let later = read_response(&mut stream, &mut pending).await;
+    served
+        .stream
+        .write_all(b"Host: app.test\r\n\r\n")
+        .await
+        .unwrap();
+    let later = read_response(&mut served.stream, &mut served.pending).await;
     assert_eq!(later.0, 200);
     assert!(later.1.contains("/later"), "{later:?}");
     wait_until_parked(metrics, 1).await;
