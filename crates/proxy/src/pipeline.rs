@@ -688,12 +688,6 @@ impl Body for ObservedBody {
                 if let Some(data) = frame.data_ref() {
                     this.sent += data.len() as u64;
                 }
-                // The last frame: logged now, not when hyper next polls or drops the body. The
-                // record holds slices of the request head, and hyper reads the next request
-                // first; while they live, its read buffer cannot be reused (8 KB allocated).
-                if this.inner.is_end_stream() {
-                    this.finish();
-                }
             }
             Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.finish(),
             Poll::Pending => {}
