@@ -221,7 +221,7 @@ impl Proxy {
             return finish_with_error(record, &ErrorPages::default(), StatusCode::NOT_FOUND, None);
         };
         let settings = service.settings();
-        record.service = service.name().to_string();
+        record.service = Some(Arc::clone(service.shared_name()));
         let config = &settings.config;
         if let Some(metrics) = &self.inner.metrics {
             let excluded = config
@@ -267,7 +267,7 @@ impl Proxy {
                 Some("No target is available."),
             );
         };
-        record.target = claim.target().address().to_string();
+        record.target = Some(Arc::clone(claim.target().shared_address()));
 
         match self
             .forward(

@@ -39,8 +39,9 @@ pub struct RequestRecord {
     pub req_content_length: Option<u64>,
     req_content_type: Option<HeaderValue>,
     pub request_id: Option<HeaderValue>,
-    pub service: String,
-    pub target: String,
+    /// Shared with the routing table, so naming them costs no allocation per request.
+    pub service: Option<Arc<str>>,
+    pub target: Option<Arc<str>>,
     pub status: u16,
     pub resp_content_length: Option<u64>,
     pub resp_content_type: Option<HeaderValue>,
@@ -81,8 +82,8 @@ impl RequestRecord {
                 .and_then(|v| v.parse().ok()),
             req_content_type: headers.get(header::CONTENT_TYPE).cloned(),
             request_id: None,
-            service: String::new(),
-            target: String::new(),
+            service: None,
+            target: None,
             status: 0,
             resp_content_length: None,
             resp_content_type: None,
@@ -117,12 +118,12 @@ impl RequestRecord {
             let _ = std::io::stdout().lock().write_all(&buffer);
         });
         if let Some(metrics) = self.metrics.take() {
-            let service = std::mem::take(&mut self.service);
+            let service = self.service.as_deref().unwrap_or_default();
             if let Some(upstream) = self.upstream_duration {
-                let target = std::mem::take(&mut self.target);
-                metrics.observe_upstream(service.clone(), target, upstream);
+                let target = self.target.as_deref().unwrap_or_default();
+                metrics.observe_upstream(service.to_string(), target.to_string(), upstream);
             }
-            metrics.observe_request(service, &self.method, self.status, elapsed);
+            metrics.observe_request(service.to_string(), &self.method, self.status, elapsed);
         }
     }
 
@@ -141,8 +142,8 @@ impl RequestRecord {
         line.string(key!("path"), self.uri.path());
         line.string(key!("request_id"), header_text(self.request_id.as_ref()));
         line.number(key!("status"), u64::from(self.status));
-        line.string(key!("service"), &self.service);
-        line.string(key!("target"), &self.target);
+        line.string(key!("service"), self.service.as_deref().unwrap_or_default());
+        line.string(key!("target"), self.target.as_deref().unwrap_or_default());
         line.number(
             key!("duration"),
             u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
@@ -467,7 +468,7 @@ mod tests {
         let peer: SocketAddr = "10.1.2.3:5555".parse().unwrap();
         let mut record = RequestRecord::begin(&request, peer, 80, "http");
         record.status = 200;
-        record.service = "web".into();
+        record.service = Some("web".into());
         record.extra.push(("req_x_custom".into(), "v".into()));
         record.emitted = true;
         let mut out = Vec::new();

@@ -93,7 +93,7 @@ impl TargetPool {
 }
 
 pub struct Service {
-    name: String,
+    name: Arc<str>,
     settings: ArcSwap<ServiceSettings>,
     pool: ArcSwap<TargetPool>,
     /// Canary targets; they get traffic only while a split is set.
@@ -111,7 +111,7 @@ impl std::fmt::Debug for Service {
 impl Service {
     pub fn new(name: &str, settings: ServiceSettings) -> Self {
         Self {
-            name: name.to_string(),
+            name: name.into(),
             settings: ArcSwap::from_pointee(settings),
             pool: ArcSwap::from_pointee(TargetPool::default()),
             rollout_pool: ArcSwap::from_pointee(TargetPool::default()),
@@ -121,6 +121,11 @@ impl Service {
     }
 
     pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The name as a shared string, for what outlives a borrow (a request's log record).
+    pub fn shared_name(&self) -> &Arc<str> {
         &self.name
     }
 

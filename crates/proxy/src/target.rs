@@ -37,7 +37,7 @@ pub struct HealthReport {
 }
 
 pub struct Target {
-    address: String,
+    address: Arc<str>,
     authority: Authority,
     healthy: AtomicBool,
     report: watch::Sender<HealthReport>,
@@ -73,7 +73,7 @@ impl Target {
             return Err(InvalidTarget(address.to_string()));
         }
         Ok(Self {
-            address: address.to_string(),
+            address: address.into(),
             authority,
             healthy: AtomicBool::new(false),
             report: watch::Sender::new(HealthReport {
@@ -92,6 +92,11 @@ impl Target {
     }
 
     pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The address as a shared string, for what outlives a borrow (a request's log record).
+    pub fn shared_address(&self) -> &Arc<str> {
         &self.address
     }
 
