@@ -12,21 +12,33 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Headers meant for one hop only (RFC 9110 7.6.1, plus the legacy `keep-alive` and
-/// `proxy-connection`), and `upgrade`, kept only for an upgrade.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// `proxy-connection`), and `upgrade`, kept only for an upgrade. As header names, so that
+/// finding and removing them compares names instead of parsing strings.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
-/// Where `name` sits in [`HOP_BY_HOP`], if it is one.
+/// Where `name` sits in [`HOP_BY_HOP`], if it is one. A match on the text, which compiles to
+/// a length test and at most a comparison or two; it runs for every header of every message.
 fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
-    HOP_BY_HOP.iter().position(|hop| *hop == name.as_str())
+    Some(match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authenticate" => 3,
+        "te" => 4,
+        "trailer" => 5,
+        "transfer-encoding" => 6,
+        "upgrade" => 7,
+        _ => return None,
+    })
 }
 
 /// True for an HTTP/1.1 request asking to switch protocols (WebSocket and the like).
@@ -63,8 +75,8 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         remove_listed_in_connection(headers);
     }
     for (index, name) in HOP_BY_HOP.iter().enumerate() {
-        if present[index] && !(upgrade && *name == "upgrade") {
-            headers.remove(*name);
+        if present[index] && !(upgrade && *name == header::UPGRADE) {
+            headers.remove(name);
         }
     }
     if upgrade {
@@ -75,9 +87,17 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 /// Removes the headers the Connection header names. Most list only `keep-alive`, `close`
 /// or `upgrade`, handled with the other hop-by-hop ones; only other names cost allocations.
 fn remove_listed_in_connection(headers: &mut HeaderMap) {
+    let connection = headers.get_all(header::CONNECTION);
+    // The usual value, a single `keep-alive` or `close`, names nothing else.
+    let mut values = connection.iter();
+    if let (Some(only), None) = (values.next(), values.next()) {
+        let value = only.as_bytes();
+        if value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close") {
+            return;
+        }
+    }
     // Empty, so not allocated, unless other names are listed.
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
+    let listed: Vec<HeaderName> = connection
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
@@ -85,7 +105,9 @@ fn remove_listed_in_connection(headers: &mut HeaderMap) {
         .filter(|token| {
             !token.is_empty()
                 && !token.eq_ignore_ascii_case("close")
-                && !HOP_BY_HOP.iter().any(|hop| hop.eq_ignore_ascii_case(token))
+                && !HOP_BY_HOP
+                    .iter()
+                    .any(|hop| hop.as_str().eq_ignore_ascii_case(token))
         })
         .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
         .collect();
@@ -105,15 +127,16 @@ pub fn set_forwarded(
 ) {
     let client = IpText::new(client_ip);
     let client = client.as_str();
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
-        Some(existing) if trust_incoming => {
-            let mut joined = existing.as_bytes().to_vec();
-            joined.extend_from_slice(b", ");
-            joined.extend_from_slice(client.as_bytes());
-            HeaderValue::from_bytes(&joined).ok()
-        }
-        _ => None,
-    };
+    // Looked up only when it is kept: the untrusted case, the usual one, replaces it unread.
+    let existing = trust_incoming
+        .then(|| headers.get(&X_FORWARDED_FOR))
+        .flatten();
+    let forwarded_for = existing.and_then(|existing| {
+        let mut joined = existing.as_bytes().to_vec();
+        joined.extend_from_slice(b", ");
+        joined.extend_from_slice(client.as_bytes());
+        HeaderValue::from_bytes(&joined).ok()
+    });
     let forwarded_for = forwarded_for.unwrap_or_else(|| {
         HeaderValue::from_str(client).expect("an IP address is a valid header value")
     });
@@ -268,6 +291,17 @@ mod tests {
             );
         }
         map
+    }
+
+    #[test]
+    fn each_hop_by_hop_name_is_found_at_its_place() {
+        for (index, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name), Some(index), "{name}");
+        }
+        for name in ["host", "content-length", "x-connection", "tes", "upgrades"] {
+            let name = HeaderName::from_static(name);
+            assert_eq!(hop_by_hop_index(&name), None, "{name}");
+        }
     }
 
     #[test]

@@ -60,8 +60,23 @@ impl RequestRecord {
         local_port: u16,
         scheme: &'static str,
     ) -> Self {
-        let headers = request.headers();
-        let host = headers.get(header::HOST).cloned().or_else(|| {
+        // One pass over the few headers a request has, rather than a hashed lookup for each
+        // of the four the log wants. The first of each counts, as with `HeaderMap::get`.
+        let (mut host, mut user_agent, mut content_length, mut content_type) =
+            (None, None, None, None);
+        for (name, value) in request.headers() {
+            let slot = match *name {
+                header::HOST => &mut host,
+                header::USER_AGENT => &mut user_agent,
+                header::CONTENT_LENGTH => &mut content_length,
+                header::CONTENT_TYPE => &mut content_type,
+                _ => continue,
+            };
+            if slot.is_none() {
+                *slot = Some(value);
+            }
+        }
+        let host = host.cloned().or_else(|| {
             let authority = request.uri().authority()?;
             HeaderValue::from_str(authority.as_str()).ok()
         });
@@ -75,12 +90,11 @@ impl RequestRecord {
             scheme,
             peer,
             client_addr: peer.ip(),
-            user_agent: headers.get(header::USER_AGENT).cloned(),
-            req_content_length: headers
-                .get(header::CONTENT_LENGTH)
+            user_agent: user_agent.cloned(),
+            req_content_length: content_length
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok()),
-            req_content_type: headers.get(header::CONTENT_TYPE).cloned(),
+            req_content_type: content_type.cloned(),
             request_id: None,
             service: None,
             target: None,
@@ -463,6 +477,9 @@ mod tests {
             .uri("/search?q=%22x%22")
             .header("host", "app.example:8080")
             .header("user-agent", "agent \"quoted\"")
+            .header("content-type", "text/plain")
+            .header("content-length", "12")
+            .header("content-type", "text/html")
             .body(())
             .unwrap();
         let peer: SocketAddr = "10.1.2.3:5555".parse().unwrap();
@@ -479,6 +496,8 @@ mod tests {
         assert_eq!(line["path"], "/search");
         assert_eq!(line["query"], "q=%22x%22");
         assert_eq!(line["user_agent"], "agent \"quoted\"");
+        assert_eq!(line["req_content_type"], "text/plain", "the first of two");
+        assert_eq!(line["req_content_length"], 12);
         assert_eq!(line["client_addr"], "10.1.2.3");
         assert_eq!(line["remote_addr"], "10.1.2.3");
         assert_eq!(line["client_port"], 5555);
