@@ -140,8 +140,12 @@ pub fn strip_port(host: &str) -> &str {
             None => host,
         };
     }
-    match host.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+    // On bytes: a `str` search for a char walks UTF-8 machinery, and this runs twice a
+    // request. `:` is ASCII, so the split falls on a char boundary.
+    match host.bytes().rposition(|b| b == b':') {
+        Some(colon) if host.as_bytes()[colon + 1..].iter().all(u8::is_ascii_digit) => {
+            &host[..colon]
+        }
         _ => host,
     }
 }
@@ -259,5 +263,8 @@ mod tests {
         assert_eq!(strip_port("a.test:8080"), "a.test");
         assert_eq!(strip_port("a.test"), "a.test");
         assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("a.test:"), "a.test");
+        assert_eq!(strip_port("a.test:8o"), "a.test:8o");
+        assert_eq!(strip_port("é.test:1"), "é.test");
     }
 }

@@ -143,18 +143,16 @@ impl Http1Client {
         // A reused buffer is reclaimed whole if the body last read into it is gone.
         buffer.reserve(READ_SIZE);
         let mut received_any = false;
-        let (status, version, mut headers) = 'head: loop {
+        let mut head = 'head: loop {
             // One read may bring an interim response and the final one together.
-            while let Some((status, version, headers)) =
-                parse_head(&mut buffer).map_err(|error| failed(error, false))?
-            {
-                if status == StatusCode::SWITCHING_PROTOCOLS {
+            while let Some(head) = parse_head(&mut buffer).map_err(|error| failed(error, false))? {
+                if head.status == StatusCode::SWITCHING_PROTOCOLS {
                     let error = UpstreamError::InvalidResponse("switching protocols unasked");
                     return Err(failed(error, false));
                 }
                 // 100 Continue, 103 Early Hints: not passed on, as with hyper's client.
-                if !status.is_informational() {
-                    break 'head (status, version, headers);
+                if !head.status.is_informational() {
+                    break 'head head;
                 }
             }
             if buffer.capacity() - buffer.len() < 1024 {
@@ -174,14 +172,15 @@ impl Http1Client {
             }
         };
 
-        let framing = body_framing(head_request, status, &mut headers)
+        let framing = body_framing(head_request, head.status, &mut head.headers)
             .map_err(|error| failed(error, false))?;
-        let keep_alive = version == Version::HTTP_11
-            && !connection_says_close(&headers)
-            && !matches!(framing, Framing::UntilClose);
+        let close =
+            head.connection_close || (head.connection_kept && connection_says_close(&head.headers));
+        let keep_alive =
+            head.version == Version::HTTP_11 && !close && !matches!(framing, Framing::UntilClose);
         let mut response = Response::new(body::empty());
-        *response.status_mut() = status;
-        *response.headers_mut() = headers;
+        *response.status_mut() = head.status;
+        *response.headers_mut() = head.headers;
 
         let whole_body = match framing {
             Framing::Empty => Some(Bytes::new()),
@@ -283,11 +282,26 @@ fn method_expects_body(method: &Method) -> bool {
     matches!(*method, Method::POST | Method::PUT | Method::PATCH)
 }
 
+/// A target's response head.
+struct Head {
+    status: StatusCode,
+    version: Version,
+    /// The fields, less those for this hop only that [`parse_head`] could settle by itself.
+    headers: HeaderMap,
+    /// `Connection: close` was among them.
+    connection_close: bool,
+    /// A Connection field with some other value is still in `headers`.
+    connection_kept: bool,
+}
+
 /// Parses a complete response head off the front of `buffer`, if it holds one. Header values
 /// share the head's memory rather than being copied.
-fn parse_head(
-    buffer: &mut BytesMut,
-) -> Result<Option<(StatusCode, Version, HeaderMap)>, UpstreamError> {
+///
+/// The usual `Connection: keep-alive` or `close`, and `Keep-Alive`, are read here and left
+/// out: the client gets its own connection management, and leaving them out spares the map
+/// an entry and the forwarding a removal. Any other Connection value stays, for the
+/// forwarding to remove what it names.
+fn parse_head(buffer: &mut BytesMut) -> Result<Option<Head>, UpstreamError> {
     // Left uninitialised: filling 128 slots would cost more than parsing a small head.
     let mut slots = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut []);
@@ -330,18 +344,37 @@ fn parse_head(
             field.value.len() as u32,
         );
     }
-    let head = buffer.split_to(head_len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
+    let bytes = buffer.split_to(head_len).freeze();
+    let mut head = Head {
+        status,
+        version,
+        headers: HeaderMap::with_capacity(count),
+        connection_close: false,
+        connection_kept: false,
+    };
     for &(name_at, name_len, value_at, value_len) in &places[..count] {
         let (name_at, name_len) = (name_at as usize, name_len as usize);
         let (value_at, value_len) = (value_at as usize, value_len as usize);
-        let name = HeaderName::from_bytes(&head[name_at..name_at + name_len])
+        let name = HeaderName::from_bytes(&bytes[name_at..name_at + name_len])
             .map_err(|_| UpstreamError::InvalidResponse("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
+        let text = &bytes[value_at..value_at + value_len];
+        if name == header::CONNECTION {
+            if text.eq_ignore_ascii_case(b"close") {
+                head.connection_close = true;
+                continue;
+            }
+            if text.eq_ignore_ascii_case(b"keep-alive") {
+                continue;
+            }
+            head.connection_kept = true;
+        } else if name.as_str() == "keep-alive" {
+            continue;
+        }
+        let value = HeaderValue::from_maybe_shared(bytes.slice(value_at..value_at + value_len))
             .map_err(|_| UpstreamError::InvalidResponse("invalid header value"))?;
-        headers.append(name, value);
+        head.headers.append(name, value);
     }
-    Ok(Some((status, version, headers)))
+    Ok(Some(head))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -538,4 +571,55 @@ fn is_idempotent(method: &Method) -> bool {
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Head {
+        let mut buffer = BytesMut::from(text);
+        let head = parse_head(&mut buffer).unwrap().expect("a complete head");
+        assert_eq!(
+            &buffer[..],
+            b"body",
+            "the head is taken off the front, the body left"
+        );
+        head
+    }
+
+    #[test]
+    fn the_usual_connection_fields_are_read_and_left_out() {
+        let head = parse(
+            "HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: keep-alive\r\n\
+             Keep-Alive: timeout=5\r\nETag: \"x\"\r\n\r\nbody",
+        );
+        assert_eq!(head.status, StatusCode::OK);
+        assert!(!head.connection_close && !head.connection_kept);
+        let names: Vec<&str> = head.headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["content-length", "etag"]);
+
+        let head = parse("HTTP/1.1 200 OK\r\nconnection: CLOSE\r\n\r\nbody");
+        assert!(head.connection_close && !head.connection_kept);
+        assert!(head.headers.is_empty());
+    }
+
+    #[test]
+    fn a_connection_field_naming_other_fields_is_kept_for_the_forwarding() {
+        let head = parse("HTTP/1.1 200 OK\r\nConnection: close, x-trace\r\nX-Trace: 1\r\n\r\nbody");
+        assert!(head.connection_kept && !head.connection_close);
+        assert!(connection_says_close(&head.headers));
+        assert_eq!(head.headers.len(), 2);
+    }
+
+    #[test]
+    fn a_partial_head_waits_for_more() {
+        let mut buffer = BytesMut::from("HTTP/1.1 200 OK\r\nContent-Len");
+        assert!(parse_head(&mut buffer).unwrap().is_none());
+        assert_eq!(
+            &buffer[..],
+            b"HTTP/1.1 200 OK\r\nContent-Len",
+            "nothing taken"
+        );
+    }
 }
