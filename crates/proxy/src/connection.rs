@@ -24,9 +24,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper::{Request, Response};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
@@ -336,7 +337,14 @@ impl hyper::service::Service<Request<Incoming>> for Http1Service {
         // Boxed: a request's state then takes memory only while the request is in flight,
         // instead of being reserved inside every connection's task, idle ones included.
         Box::pin(async move {
-            let response = proxy.handle(info, request).await;
+            let mut response = proxy.handle(info, request).await;
+            // While the process drains, responses ask the client to reconnect, which takes
+            // it to the process that is taking over.
+            if proxy.drain().is_started() && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             Ok(response.map(|body| ServedBody {
                 body,
                 _guard: guard,

@@ -140,21 +140,19 @@ impl Proxy {
         self
     }
 
-    /// Serves one request. Never fails: every problem becomes an error page. While the process
-    /// drains, HTTP/1 responses say `Connection: close` so the client moves to the new process.
+    /// Serves one request. Never fails: every problem becomes an error page.
     pub async fn handle(
         &self,
         conn: ConnectionInfo,
         request: Request<Incoming>,
     ) -> Response<ProxyBody> {
-        let http1 = request.version() < Version::HTTP_2;
+        let scheme = if conn.tls { "https" } else { "http" };
         if let Err(reason) = headers::check_request_head(&request) {
-            let scheme = if conn.tls { "https" } else { "http" };
             let record = RequestRecord::begin(&request, conn.peer, conn.local_port, scheme);
             let pages = ErrorPages::default();
             let mut response =
                 finish_with_error(record, &pages, StatusCode::BAD_REQUEST, Some(reason));
-            if http1 {
+            if request.version() < Version::HTTP_2 {
                 // What follows on this connection cannot be trusted to be framed as we think.
                 response
                     .headers_mut()
@@ -162,24 +160,6 @@ impl Proxy {
             }
             return response;
         }
-        let mut response = self.route_and_forward(conn, request).await;
-        if http1
-            && self.inner.drain.is_started()
-            && response.status() != StatusCode::SWITCHING_PROTOCOLS
-        {
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        response
-    }
-
-    async fn route_and_forward(
-        &self,
-        conn: ConnectionInfo,
-        request: Request<Incoming>,
-    ) -> Response<ProxyBody> {
-        let scheme = if conn.tls { "https" } else { "http" };
         let mut record = RequestRecord::begin(&request, conn.peer, conn.local_port, scheme);
 
         if !conn.tls && request.uri().path().starts_with(ACME_CHALLENGE_PREFIX) {
