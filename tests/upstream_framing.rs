@@ -219,6 +219,11 @@ async fn every_response_framing_arrives_whole() {
             .unwrap();
         assert_eq!(reply.status, 200, "{host}");
         assert_eq!(reply.body, "", "{host}");
+        assert_eq!(
+            reply.headers.get("content-length").map(|v| v.as_bytes()),
+            Some(&b"1234"[..]),
+            "{host}: a HEAD answer keeps the length a GET would have"
+        );
 
         for (path, status) in [("/no-content", 204), ("/not-modified", 304)] {
             let reply = client.get(host, path).await.unwrap();

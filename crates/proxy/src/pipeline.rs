@@ -29,7 +29,7 @@ use crate::route::{strip_prefix, RouteTableHandle};
 use crate::service::{Admission, Service, ServiceSettings};
 use crate::target::InFlight;
 use crate::tunnel::ClientUpgrade;
-use crate::upstream::{describe_error, Outgoing, UpstreamClient};
+use crate::upstream::{describe_error, Outgoing, Received, UpstreamClient};
 
 /// Where a connection came from, as the listener saw it.
 #[derive(Debug, Clone, Copy)]
@@ -443,24 +443,32 @@ impl Proxy {
             }
         }
 
-        let (mut parts, incoming) = response.into_parts();
+        let (mut parts, received) = response.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers, false);
-        let outgoing = if buffering.responses {
-            let buffered = buffer_body(incoming, buffering.memory, buffering.max_response_body)
-                .await
-                .map_err(|e| match e {
-                    BufferError::TooLarge(_) => ForwardError::BodyTooLarge,
-                    BufferError::Read(e) => ForwardError::Unreachable(describe_error(&*e)),
-                    BufferError::Spill(e) => ForwardError::Internal(e.to_string()),
-                })?;
-            if !no_body_status(parts.status) {
-                parts
-                    .headers
-                    .insert(header::CONTENT_LENGTH, HeaderValue::from(buffered.len));
+        let outgoing = match received {
+            Received::Whole(bytes) => {
+                let max = buffering.max_response_body;
+                if buffering.responses && max > 0 && bytes.len() as u64 > max {
+                    return Err(ForwardError::BodyTooLarge);
+                }
+                Received::Whole(bytes).into_body()
             }
-            buffered.into_body()
-        } else {
-            incoming
+            Received::Streaming(incoming) if buffering.responses => {
+                let buffered = buffer_body(incoming, buffering.memory, buffering.max_response_body)
+                    .await
+                    .map_err(|e| match e {
+                        BufferError::TooLarge(_) => ForwardError::BodyTooLarge,
+                        BufferError::Read(e) => ForwardError::Unreachable(describe_error(&*e)),
+                        BufferError::Spill(e) => ForwardError::Internal(e.to_string()),
+                    })?;
+                if !no_body_status(parts.status) {
+                    parts
+                        .headers
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(buffered.len));
+                }
+                buffered.into_body()
+            }
+            Received::Streaming(incoming) => incoming,
         };
         Ok(Forwarded::Response(Response::from_parts(parts, outgoing)))
     }

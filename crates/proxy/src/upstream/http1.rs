@@ -21,8 +21,9 @@ use tokio::net::TcpStream;
 
 use super::chunked::{ChunkedDecoder, Decoded};
 use super::pool::ConnectionPool;
+use super::Received;
 use super::TCP_KEEPALIVE;
-use crate::body::{self, ProxyBody};
+use crate::body;
 
 /// Largest response head accepted from a target.
 const MAX_HEAD: usize = 64 * 1024;
@@ -67,10 +68,7 @@ impl Http1Client {
         }
     }
 
-    pub async fn send(
-        &self,
-        request: Request<Bytes>,
-    ) -> Result<Response<ProxyBody>, UpstreamError> {
+    pub async fn send(&self, request: Request<Bytes>) -> Result<Response<Received>, UpstreamError> {
         let target = request
             .uri()
             .authority()
@@ -127,7 +125,7 @@ impl Http1Client {
         target: &Authority,
         message: &Message,
         head_request: bool,
-    ) -> Result<Response<ProxyBody>, Failed> {
+    ) -> Result<Response<Received>, Failed> {
         if let Err(error) = message.write_to(&mut stream).await {
             return Err(Failed {
                 error: error.into(),
@@ -178,7 +176,7 @@ impl Http1Client {
             head.connection_close || (head.connection_kept && connection_says_close(&head.headers));
         let keep_alive =
             head.version == Version::HTTP_11 && !close && !matches!(framing, Framing::UntilClose);
-        let mut response = Response::new(body::empty());
+        let mut response = Response::new(Received::Whole(Bytes::new()));
         *response.status_mut() = head.status;
         *response.headers_mut() = head.headers;
 
@@ -195,9 +193,7 @@ impl Http1Client {
             if keep_alive && buffer.is_empty() {
                 self.pool.checkin(target, stream, buffer);
             }
-            if !data.is_empty() {
-                *response.body_mut() = body::full(data);
-            }
+            *response.body_mut() = Received::Whole(data);
             return Ok(response);
         }
         let state = match framing {
@@ -205,14 +201,14 @@ impl Http1Client {
             Framing::Chunked => BodyState::Chunked(ChunkedDecoder::new()),
             Framing::UntilClose | Framing::Empty => BodyState::UntilClose,
         };
-        *response.body_mut() = body::boxed(ResponseBody {
+        *response.body_mut() = Received::Streaming(body::boxed(ResponseBody {
             stream: Some(stream),
             buffer,
             state,
             keep_alive,
             pool: Arc::clone(&self.pool),
             target: target.clone(),
-        });
+        }));
         Ok(response)
     }
 }

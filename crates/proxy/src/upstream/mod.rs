@@ -36,6 +36,25 @@ pub enum Outgoing {
     Streaming(ProxyBody),
 }
 
+/// A target's response body, as the client hands it on.
+pub enum Received {
+    /// Read whole, with the response head: most small responses. Buffering it would only
+    /// copy it, and its length is already the one the target declared.
+    Whole(Bytes),
+    /// Still arriving.
+    Streaming(ProxyBody),
+}
+
+impl Received {
+    pub fn into_body(self) -> ProxyBody {
+        match self {
+            Received::Whole(bytes) if bytes.is_empty() => body::empty(),
+            Received::Whole(bytes) => body::full(bytes),
+            Received::Streaming(body) => body,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct UpstreamClient {
     streaming: Client<HttpConnector, ProxyBody>,
@@ -63,7 +82,7 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 impl UpstreamClient {
     /// Sends a request to the target its URI names (`http://host:port/path`).
-    pub async fn send(&self, request: Request<Outgoing>) -> Result<Response<ProxyBody>, BoxError> {
+    pub async fn send(&self, request: Request<Outgoing>) -> Result<Response<Received>, BoxError> {
         let (parts, outgoing) = request.into_parts();
         match outgoing {
             Outgoing::Whole(bytes) => {
@@ -71,7 +90,7 @@ impl UpstreamClient {
             }
             Outgoing::Streaming(body) => {
                 let response = self.request(Request::from_parts(parts, body)).await?;
-                Ok(response.map(body::boxed))
+                Ok(response.map(|body| Received::Streaming(body::boxed(body))))
             }
         }
     }
