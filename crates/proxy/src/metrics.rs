@@ -6,11 +6,11 @@
 //! scraped, from a [`StateSample`] the caller provides, so the request path pays nothing for
 //! them and they can never drift from the state they describe.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::Method;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -27,9 +27,20 @@ const REQUEST_BUCKETS: [f64; 11] = [
 /// Deploys wait on health checks and drains: seconds to minutes.
 const DEPLOY_BUCKETS: [f64; 10] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
 
+/// A service or target name shared with the routing table: labelling a request costs a
+/// reference count, not a copy of the name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct SharedName(Arc<str>);
+
+impl EncodeLabelValue for SharedName {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&&*self.0, encoder)
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    service: String,
+    service: SharedName,
     method: &'static str,
     status: u16,
 }
@@ -41,8 +52,8 @@ struct ServiceLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TargetLabels {
-    service: String,
-    target: String,
+    service: SharedName,
+    target: SharedName,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -214,16 +225,16 @@ impl Metrics {
         }
     }
 
-    /// Counts one finished request. Takes the service name by value: the caller is done with it.
+    /// Counts one finished request.
     pub fn observe_request(
         &self,
-        service: String,
+        service: &Arc<str>,
         method: &Method,
         status: u16,
         duration: Duration,
     ) {
         let labels = RequestLabels {
-            service,
+            service: SharedName(Arc::clone(service)),
             method: normalize_method(method),
             status,
         };
@@ -234,8 +245,11 @@ impl Metrics {
     }
 
     /// Records how long a target took to send its response head.
-    pub fn observe_upstream(&self, service: String, target: String, duration: Duration) {
-        let labels = TargetLabels { service, target };
+    pub fn observe_upstream(&self, service: &Arc<str>, target: &Arc<str>, duration: Duration) {
+        let labels = TargetLabels {
+            service: SharedName(Arc::clone(service)),
+            target: SharedName(Arc::clone(target)),
+        };
         self.upstream_duration
             .get_or_create(&labels)
             .observe(duration.as_secs_f64());
@@ -275,8 +289,8 @@ impl Metrics {
                 .set(gauge_value(total));
             for target in &service.targets {
                 let labels = TargetLabels {
-                    service: service.name.clone(),
-                    target: target.address.clone(),
+                    service: SharedName(service.name.as_str().into()),
+                    target: SharedName(target.address.as_str().into()),
                 };
                 self.target_healthy
                     .get_or_create(&labels)
@@ -330,9 +344,9 @@ mod tests {
     #[test]
     fn request_metrics_use_kamal_proxy_names_and_labels() {
         let metrics = Metrics::new();
-        metrics.observe_request("app".into(), &Method::GET, 200, Duration::from_millis(3));
+        metrics.observe_request(&"app".into(), &Method::GET, 200, Duration::from_millis(3));
         metrics.observe_request(
-            "app".into(),
+            &"app".into(),
             &Method::from_bytes(b"BREW").unwrap(),
             404,
             Duration::from_millis(3),

@@ -131,13 +131,12 @@ impl RequestRecord {
             // A failed write to stdout (closed pipe) must not disturb the request.
             let _ = std::io::stdout().lock().write_all(&buffer);
         });
-        if let Some(metrics) = self.metrics.take() {
-            let service = self.service.as_deref().unwrap_or_default();
-            if let Some(upstream) = self.upstream_duration {
-                let target = self.target.as_deref().unwrap_or_default();
-                metrics.observe_upstream(service.to_string(), target.to_string(), upstream);
+        // Only routed requests are counted, so a record with metrics names its service.
+        if let (Some(metrics), Some(service)) = (self.metrics.take(), &self.service) {
+            if let (Some(upstream), Some(target)) = (self.upstream_duration, &self.target) {
+                metrics.observe_upstream(service, target, upstream);
             }
-            metrics.observe_request(service.to_string(), &self.method, self.status, elapsed);
+            metrics.observe_request(service, &self.method, self.status, elapsed);
         }
     }
 
