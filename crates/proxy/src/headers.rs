@@ -41,15 +41,21 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     })
 }
 
+/// The options the Connection fields list, trimmed: `keep-alive`, `close`, `upgrade`, or
+/// names of other fields meant for this hop only.
+pub fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+}
+
 /// True for an HTTP/1.1 request asking to switch protocols (WebSocket and the like).
 pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+        && connection_options(headers).any(|option| option.eq_ignore_ascii_case("upgrade"))
 }
 
 /// Removes headers meant for one hop only, including those the Connection header names.
@@ -87,9 +93,8 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 /// Removes the headers the Connection header names. Most list only `keep-alive`, `close`
 /// or `upgrade`, handled with the other hop-by-hop ones; only other names cost allocations.
 fn remove_listed_in_connection(headers: &mut HeaderMap) {
-    let connection = headers.get_all(header::CONNECTION);
     // The usual value, a single `keep-alive` or `close`, names nothing else.
-    let mut values = connection.iter();
+    let mut values = headers.get_all(header::CONNECTION).iter();
     if let (Some(only), None) = (values.next(), values.next()) {
         let value = only.as_bytes();
         if value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close") {
@@ -97,11 +102,7 @@ fn remove_listed_in_connection(headers: &mut HeaderMap) {
         }
     }
     // Empty, so not allocated, unless other names are listed.
-    let listed: Vec<HeaderName> = connection
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(str::trim)
+    let listed: Vec<HeaderName> = connection_options(headers)
         .filter(|token| {
             !token.is_empty()
                 && !token.eq_ignore_ascii_case("close")

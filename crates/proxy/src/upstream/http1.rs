@@ -172,8 +172,7 @@ impl Http1Client {
 
         let framing = body_framing(head_request, head.status, &mut head.headers)
             .map_err(|error| failed(error, false))?;
-        let close =
-            head.connection_close || (head.connection_kept && connection_says_close(&head.headers));
+        let close = head.connection_close || connection_says_close(&head.headers);
         let keep_alive =
             head.version == Version::HTTP_11 && !close && !matches!(framing, Framing::UntilClose);
         let mut response = Response::new(Received::Whole(Bytes::new()));
@@ -284,10 +283,8 @@ struct Head {
     version: Version,
     /// The fields, less those for this hop only that [`parse_head`] could settle by itself.
     headers: HeaderMap,
-    /// `Connection: close` was among them.
+    /// `Connection: close` was among them (and so left out).
     connection_close: bool,
-    /// A Connection field with some other value is still in `headers`.
-    connection_kept: bool,
 }
 
 /// Parses a complete response head off the front of `buffer`, if it holds one. Header values
@@ -346,7 +343,6 @@ fn parse_head(buffer: &mut BytesMut) -> Result<Option<Head>, UpstreamError> {
         version,
         headers: HeaderMap::with_capacity(count),
         connection_close: false,
-        connection_kept: false,
     };
     for &(name_at, name_len, value_at, value_len) in &places[..count] {
         let (name_at, name_len) = (name_at as usize, name_len as usize);
@@ -362,7 +358,6 @@ fn parse_head(buffer: &mut BytesMut) -> Result<Option<Head>, UpstreamError> {
             if text.eq_ignore_ascii_case(b"keep-alive") {
                 continue;
             }
-            head.connection_kept = true;
         } else if name.as_str() == "keep-alive" {
             continue;
         }
@@ -433,12 +428,7 @@ fn body_framing(
 }
 
 fn connection_says_close(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("close"))
+    crate::headers::connection_options(headers).any(|option| option.eq_ignore_ascii_case("close"))
 }
 
 enum BodyState {
@@ -591,19 +581,19 @@ mod tests {
              Keep-Alive: timeout=5\r\nETag: \"x\"\r\n\r\nbody",
         );
         assert_eq!(head.status, StatusCode::OK);
-        assert!(!head.connection_close && !head.connection_kept);
+        assert!(!head.connection_close && !head.headers.contains_key(header::CONNECTION));
         let names: Vec<&str> = head.headers.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["content-length", "etag"]);
 
         let head = parse("HTTP/1.1 200 OK\r\nconnection: CLOSE\r\n\r\nbody");
-        assert!(head.connection_close && !head.connection_kept);
+        assert!(head.connection_close && !head.headers.contains_key(header::CONNECTION));
         assert!(head.headers.is_empty());
     }
 
     #[test]
     fn a_connection_field_naming_other_fields_is_kept_for_the_forwarding() {
         let head = parse("HTTP/1.1 200 OK\r\nConnection: close, x-trace\r\nX-Trace: 1\r\n\r\nbody");
-        assert!(head.connection_kept && !head.connection_close);
+        assert!(head.headers.contains_key(header::CONNECTION) && !head.connection_close);
         assert!(connection_says_close(&head.headers));
         assert_eq!(head.headers.len(), 2);
     }
