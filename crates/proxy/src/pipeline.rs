@@ -451,7 +451,7 @@ impl Proxy {
                 if buffering.responses && max > 0 && bytes.len() as u64 > max {
                     return Err(ForwardError::BodyTooLarge);
                 }
-                Received::Whole(bytes).into_body()
+                body::full(bytes)
             }
             Received::Streaming(incoming) if buffering.responses => {
                 let buffered = buffer_body(incoming, buffering.memory, buffering.max_response_body)

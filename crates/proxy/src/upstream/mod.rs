@@ -45,16 +45,6 @@ pub enum Received {
     Streaming(ProxyBody),
 }
 
-impl Received {
-    pub fn into_body(self) -> ProxyBody {
-        match self {
-            Received::Whole(bytes) if bytes.is_empty() => body::empty(),
-            Received::Whole(bytes) => body::full(bytes),
-            Received::Streaming(body) => body,
-        }
-    }
-}
-
 #[derive(Clone)]
 pub struct UpstreamClient {
     streaming: Client<HttpConnector, ProxyBody>,
