@@ -16,12 +16,19 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates libcap2-bin \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/proxy /usr/local/bin/proxy
+# The user owns the kamal-proxy-config volume, so it must have kamal-proxy's uid and gid or a
+# swap in either direction leaves the state and certificates unreadable (state 0600/0644,
+# certs/ 0700). kamal-proxy's image runs `useradd kamal-proxy` on ubuntu:noble, where uid and
+# gid 1000 already belong to `ubuntu`, so its user is 1001:1001; Debian has no such user, so
+# the ids are given here.
 RUN ln -s proxy /usr/local/bin/kamal-proxy \
  && setcap cap_net_bind_service=+ep /usr/local/bin/proxy \
- && useradd --create-home --home-dir /home/kamal-proxy --shell /usr/sbin/nologin kamal-proxy \
+ && groupadd --gid 1001 kamal-proxy \
+ && useradd --uid 1001 --gid 1001 --create-home --home-dir /home/kamal-proxy --shell /usr/sbin/nologin kamal-proxy \
  && mkdir -p /home/kamal-proxy/.config/kamal-proxy \
+ && chmod 0700 /home/kamal-proxy/.config/kamal-proxy \
  && chown -R kamal-proxy:kamal-proxy /home/kamal-proxy
-USER kamal-proxy
+USER kamal-proxy:kamal-proxy
 ENV HOME=/home/kamal-proxy
 WORKDIR /home/kamal-proxy
 VOLUME /home/kamal-proxy/.config/kamal-proxy

@@ -128,11 +128,12 @@ fn describe_progress(progress: &DeployProgress) -> String {
 }
 
 fn deploy_request(args: DeployArgs) -> DeployRequest {
-    let acme_cache_path = args.tls.then(|| {
+    // Resolved here, as kamal-proxy's client does, so the state file holds the path.
+    let acme_cache_path = Some(
         args.tls_acme_cache_path
             .clone()
-            .unwrap_or_else(|| paths::certificates_dir().display().to_string())
-    });
+            .unwrap_or_else(|| paths::certificates_dir().display().to_string()),
+    );
     let config = ServiceConfig {
         hosts: args.hosts,
         path_prefixes: args.path_prefixes,
@@ -140,7 +141,9 @@ fn deploy_request(args: DeployArgs) -> DeployRequest {
         tls: TlsConfig {
             enabled: args.tls,
             redirect: args.tls_redirect,
-            staging: args.tls_staging,
+            acme_directory: args
+                .tls_staging
+                .then(|| berth_acme::LETS_ENCRYPT_STAGING.to_string()),
             on_demand_url: args.tls_on_demand_url,
             certificate_path: args.tls_certificate_path,
             private_key_path: args.tls_private_key_path,

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use berth_acme::{Certificates, OnDemand, TlsSource, LETS_ENCRYPT_STAGING};
+use berth_acme::{Certificates, OnDemand, TlsSource};
 use berth_control::protocol::CertificateStatus;
 use berth_control::TlsProvider;
 use berth_proxy::config::ServiceConfig;
@@ -41,6 +41,16 @@ impl ChallengeResponder for TlsBridge {
 }
 
 impl TlsProvider for TlsBridge {
+    fn complete(&self, config: &mut ServiceConfig) {
+        let settings = self.0.settings();
+        if config.tls.acme_directory.is_none() {
+            config.tls.acme_directory = Some(settings.directory_key().to_string());
+        }
+        if config.tls.acme_cache_path.is_none() {
+            config.tls.acme_cache_path = Some(settings.cache.display().to_string());
+        }
+    }
+
     fn check(&self, config: &ServiceConfig) -> Result<(), String> {
         match (&config.tls.certificate_path, &config.tls.private_key_path) {
             (Some(certificate), Some(key)) => {
@@ -61,11 +71,11 @@ impl TlsProvider for TlsBridge {
                     private_key: private_key.clone(),
                 },
                 _ => TlsSource::Acme {
-                    directory: if config.tls.staging {
-                        LETS_ENCRYPT_STAGING.to_string()
-                    } else {
-                        settings.directory.clone()
-                    },
+                    directory: config
+                        .tls
+                        .acme_directory
+                        .clone()
+                        .unwrap_or_else(|| settings.directory_key().to_string()),
                     cache: config
                         .tls
                         .acme_cache_path

@@ -146,12 +146,8 @@ async fn a_state_file_it_cannot_read_is_set_aside_and_the_daemon_starts() {
     let home = tempfile::tempdir().unwrap();
     let dir = home.path().join(".config/kamal-proxy");
     std::fs::create_dir_all(&dir).unwrap();
-    // What kamal-proxy itself leaves behind: a JSON list of its own service objects.
-    std::fs::write(
-        dir.join("kamal-proxy.state"),
-        r#"[{"name":"app-web","active_target":"10.0.0.5:80"}]"#,
-    )
-    .unwrap();
+    // JSON, but no state file any version of kamal-proxy or Berth wrote.
+    std::fs::write(dir.join("kamal-proxy.state"), r#"[{"name":42}]"#).unwrap();
     let proxy = ProxyProcess::start_in_home(home);
     assert!(
         proxy.ok(&["list"]).lines().count() == 1,

@@ -146,12 +146,19 @@ async fn a_rollout_takes_its_share_of_visitors_and_all_allowlisted_ones() {
             "main"
         );
     }
+    // As in kamal-proxy, the rollout targets stay, with no split, so `rollout set` works again.
     let status: serde_json::Value = serde_json::from_str(&proxy.ok(&["status", "--json"])).unwrap();
-    assert!(status["routes"][0].get("rollout").is_none(), "{status}");
-    let state = std::fs::read_to_string(proxy.state_path()).unwrap();
-    assert!(
-        !state.contains(&canary.target()),
-        "the rollout is gone from the state: {state}"
+    let rollout = &status["routes"][0]["rollout"];
+    assert!(rollout["split"].is_null(), "{status}");
+    assert_eq!(rollout["targets"][0]["address"], canary.target());
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(proxy.state_path()).unwrap()).unwrap();
+    assert_eq!(state[0]["rollout_targets"][0], canary.target(), "{state}");
+    assert!(state[0]["rollout_controller"].is_null(), "{state}");
+    proxy.ok(&["rollout", "set", "shop", "--list=staff"]);
+    assert_eq!(
+        served_by(&mut connection, Some("kamal-rollout=staff")).await,
+        "canary"
     );
 }
 

@@ -116,9 +116,10 @@ async fn tls_service_gets_a_certificate_serves_https_and_reuses_it_after_restart
     );
     assert!(certificate["expires"].as_str().is_some());
     let certs = proxy.home().join(".config/kamal-proxy/certs");
+    // kamal-proxy's layout: one file per host, key then chain.
     let key = walk(&certs)
         .into_iter()
-        .find(|p| p.ends_with("app.test/key.pem"))
+        .find(|p| p.ends_with("app.test"))
         .expect("stored key");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
@@ -185,9 +186,15 @@ async fn a_stored_certificate_due_for_renewal_is_renewed() {
         &proxy.home().join(".config/kamal-proxy/certs"),
         &pebble.directory_url(),
     );
-    std::fs::create_dir_all(store.dir().join("renew.test")).unwrap();
-    std::fs::write(store.dir().join("renew.test/cert.pem"), &old_pem).unwrap();
-    std::fs::write(store.dir().join("renew.test/key.pem"), &old_key).unwrap();
+    std::fs::create_dir_all(store.dir()).unwrap();
+    std::fs::write(store.host_file("renew.test"), format!("{old_key}{old_pem}")).unwrap();
+    // The ACME account kamal-proxy left (autocert's SEC1 key): renewal uses it, not a new one.
+    let account_key = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/kamal-proxy/certs/e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855/acme_account+key"
+    ))
+    .unwrap();
+    std::fs::write(store.dir().join("acme_account+key"), &account_key).unwrap();
 
     proxy.deploy("web", &app.target(), &["--host=renew.test", "--tls"]);
     let root = pebble.issuing_root().await;
@@ -220,8 +227,21 @@ async fn a_stored_certificate_due_for_renewal_is_renewed() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let stored = std::fs::read_to_string(store.dir().join("renew.test/cert.pem")).unwrap();
-    assert_ne!(stored, old_pem, "the renewed certificate was stored");
+    let stored = std::fs::read_to_string(store.host_file("renew.test")).unwrap();
+    assert_eq!(
+        std::fs::read(store.dir().join("acme_account+key")).unwrap(),
+        account_key,
+        "the adopted account key was kept"
+    );
+    assert!(proxy
+        .log_lines()
+        .iter()
+        .all(|l| l["message"] != "ACME account created"));
+    let old_first_line = old_pem.lines().nth(1).unwrap();
+    assert!(
+        stored.contains("-----BEGIN CERTIFICATE-----") && !stored.contains(old_first_line),
+        "the renewed certificate was stored"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

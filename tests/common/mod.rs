@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod kamal_proxy;
 pub mod load;
 pub mod pebble;
 pub mod upstream;
@@ -55,6 +56,18 @@ impl ProxyProcess {
     /// Starts the daemon in a home directory the test prepared.
     pub fn start_in_home(home: tempfile::TempDir) -> Self {
         Self::start_in(std::sync::Arc::new(home), 0, 0, Vec::new(), None)
+    }
+
+    /// Starts the daemon in a home directory other processes use too (kamal-proxy, in a
+    /// swap), on the given ports (0 = free ones), with extra `run` flags.
+    pub fn start_in_shared_home(
+        home: std::sync::Arc<tempfile::TempDir>,
+        port: u16,
+        https_port: u16,
+        extra_args: &[&str],
+    ) -> Self {
+        let extra_args = extra_args.iter().map(|a| a.to_string()).collect();
+        Self::start_in(home, port, https_port, extra_args, None)
     }
 
     /// Starts the daemon as a user whom file permissions bind: the test's own, or `nobody`
@@ -324,7 +337,7 @@ impl Drop for ProxyProcess {
     }
 }
 
-fn env_for(home: &Path) -> Vec<(String, String)> {
+pub fn env_for(home: &Path) -> Vec<(String, String)> {
     vec![
         ("HOME".into(), home.display().to_string()),
         (

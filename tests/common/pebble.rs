@@ -248,6 +248,28 @@ pub async fn https_get_with_alpn(
     roots: &[CertificateDer<'static>],
     offered: &[&[u8]],
 ) -> Result<HttpsReply, String> {
+    https_request(port, host, path, roots, offered, &[]).await
+}
+
+/// Like `https_get`, sending `headers` too (over HTTP/1.1).
+pub async fn https_get_with_headers(
+    port: u16,
+    host: &str,
+    path: &str,
+    roots: &[CertificateDer<'static>],
+    headers: &[(&str, &str)],
+) -> Result<HttpsReply, String> {
+    https_request(port, host, path, roots, &[b"http/1.1"], headers).await
+}
+
+async fn https_request(
+    port: u16,
+    host: &str,
+    path: &str,
+    roots: &[CertificateDer<'static>],
+    offered: &[&[u8]],
+    headers: &[(&str, &str)],
+) -> Result<HttpsReply, String> {
     let mut store = rustls::RootCertStore::empty();
     for root in roots {
         store.add(root.clone()).map_err(|e| e.to_string())?;
@@ -291,10 +313,11 @@ pub async fn https_get_with_alpn(
             .await
             .map_err(|e| e.to_string())?;
         tokio::spawn(connection);
-        let request = hyper::Request::get(path)
-            .header("host", host)
-            .body(Empty::<Bytes>::new())
-            .unwrap();
+        let mut request = hyper::Request::get(path).header("host", host);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(Empty::<Bytes>::new()).unwrap();
         sender
             .send_request(request)
             .await

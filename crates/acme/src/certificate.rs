@@ -113,14 +113,29 @@ impl Certificate {
     pub fn is_due_for_renewal(&self) -> bool {
         SystemTime::now() >= self.renew_at()
     }
+
+    pub fn is_expired(&self) -> bool {
+        SystemTime::now() >= self.not_after
+    }
+
+    /// Whether the certificate names `host`, itself or by a wildcard one label up.
+    pub fn covers(&self, host: &str) -> bool {
+        let wildcard = host
+            .split_once('.')
+            .map(|(_, domain)| format!("*.{domain}"));
+        self.names
+            .iter()
+            .any(|name| name == host || Some(name) == wildcard.as_ref())
+    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn self_signed(hours_valid: i64, hours_left: i64) -> (String, String) {
-        let mut params = rcgen::CertificateParams::new(vec!["a.test".to_string()]).unwrap();
+    /// A self-signed certificate for `host` (chain PEM, PKCS#8 key PEM).
+    pub(crate) fn self_signed(host: &str, hours_valid: i64, hours_left: i64) -> (String, String) {
+        let mut params = rcgen::CertificateParams::new(vec![host.to_string()]).unwrap();
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(hours_valid - hours_left);
         params.not_after = now + time::Duration::hours(hours_left);
@@ -131,15 +146,17 @@ mod tests {
 
     #[test]
     fn parses_pem_and_reads_validity_and_names() {
-        let (chain, key) = self_signed(90 * 24, 80 * 24);
+        let (chain, key) = self_signed("a.test", 90 * 24, 80 * 24);
         let certificate = Certificate::from_pem(&chain, &key).unwrap();
         assert_eq!(certificate.names, vec!["a.test"]);
         assert!(!certificate.is_due_for_renewal());
+        assert!(certificate.covers("a.test"));
+        assert!(!certificate.covers("b.test"));
     }
 
     #[test]
     fn a_certificate_with_a_third_of_its_life_left_is_due() {
-        let (chain, key) = self_signed(3, 1);
+        let (chain, key) = self_signed("a.test", 3, 1);
         assert!(Certificate::from_pem(&chain, &key)
             .unwrap()
             .is_due_for_renewal());
@@ -147,8 +164,8 @@ mod tests {
 
     #[test]
     fn a_key_from_another_certificate_is_refused() {
-        let (chain, _) = self_signed(10, 5);
-        let (_, other_key) = self_signed(10, 5);
+        let (chain, _) = self_signed("a.test", 10, 5);
+        let (_, other_key) = self_signed("a.test", 10, 5);
         assert!(matches!(
             Certificate::from_pem(&chain, &other_key),
             Err(CertificateError::KeyMismatch)

@@ -11,9 +11,10 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use instant_acme::{
-    Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
-    NewOrder, OrderStatus, RetryPolicy,
+    Account, AuthorizationStatus, ChallengeType, Identifier, Key, NewAccount, NewOrder,
+    OrderStatus, RetryPolicy,
 };
+use rustls::pki_types::PrivateKeyDer;
 use rustls::sign::CertifiedKey;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -21,9 +22,6 @@ use tokio_util::sync::CancellationToken;
 use crate::certificate::{Certificate, CertificateError};
 use crate::challenge::Challenges;
 use crate::store::CertStore;
-
-pub const LETS_ENCRYPT_PRODUCTION: &str = "https://acme-v02.api.letsencrypt.org/directory";
-pub const LETS_ENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
 
 /// How long a TLS handshake may wait for a certificate that is being obtained.
 const HANDSHAKE_WAIT: Duration = Duration::from_secs(20);
@@ -34,7 +32,7 @@ const ORDER_TIMEOUT: Duration = Duration::from_secs(120);
 /// Run-wide ACME settings.
 #[derive(Debug, Clone)]
 pub struct AcmeSettings {
-    /// The directory used unless a service asks for staging.
+    /// The directory URL new deploys use unless they ask for staging.
     pub directory: String,
     /// Extra root certificate (PEM) to trust when talking to the ACME server.
     pub ca_root: Option<PathBuf>,
@@ -43,10 +41,18 @@ pub struct AcmeSettings {
     pub cache: PathBuf,
 }
 
+impl AcmeSettings {
+    /// The run-wide directory as a service stores it (see [`crate::directory_key`]).
+    pub fn directory_key(&self) -> &str {
+        crate::directory_key(&self.directory)
+    }
+}
+
 /// How a host gets its certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TlsSource {
     Acme {
+        /// The directory key (`""` = Let's Encrypt production, else the directory URL).
         directory: String,
         cache: PathBuf,
     },
@@ -362,7 +368,11 @@ impl Certificates {
                 tokio::time::sleep(wait).await;
                 continue;
             }
-            tracing::info!(host, directory, "Requesting certificate");
+            tracing::info!(
+                host,
+                directory = crate::directory_url(directory),
+                "Requesting certificate"
+            );
             match self.order(host, directory, &store).await {
                 Ok(certificate) => {
                     retry_in = FIRST_RETRY;
@@ -469,6 +479,8 @@ impl Certificates {
         answered
     }
 
+    /// The ACME account for `directory` (a directory key): the one whose key the store
+    /// holds (kamal-proxy's, after a swap), else a new one whose key is stored.
     async fn account(&self, directory: &str, store: &CertStore) -> Result<Account, String> {
         let mut accounts = self.accounts.lock().await;
         if let Some(account) = accounts.get(directory) {
@@ -478,15 +490,18 @@ impl Certificates {
             Some(root) => Account::builder_with_root(root),
             None => Account::builder(),
         };
-        let account = match store
-            .load_account()
-            .and_then(|text| serde_json::from_str::<AccountCredentials>(&text).ok())
-        {
-            Some(credentials) => builder()
-                .map_err(|e| describe(&e))?
-                .from_credentials(credentials)
-                .await
-                .map_err(|e| describe(&e))?,
+        let url = crate::directory_url(directory).to_string();
+        let account = match store.load_account_key() {
+            Some(pkcs8) => {
+                let key = Key::from_pkcs8_der(pkcs8.clone_key()).map_err(|e| describe(&e))?;
+                // Finds the account registered with this key, or registers one.
+                let (account, _) = builder()
+                    .map_err(|e| describe(&e))?
+                    .create_from_key((key, PrivateKeyDer::Pkcs8(pkcs8)), url)
+                    .await
+                    .map_err(|e| describe(&e))?;
+                account
+            }
             None => {
                 let contact = self
                     .settings
@@ -502,15 +517,14 @@ impl Certificates {
                             terms_of_service_agreed: true,
                             only_return_existing: false,
                         },
-                        directory.to_string(),
+                        url,
                         None,
                     )
                     .await
                     .map_err(|e| describe(&e))?;
-                let saved = serde_json::to_string(&credentials).map_err(|e| e.to_string())?;
                 store
-                    .save_account(&saved)
-                    .map_err(|e| format!("cannot store account: {e}"))?;
+                    .save_account_key(credentials.private_key())
+                    .map_err(|e| format!("cannot store account key: {e}"))?;
                 tracing::info!(directory, "ACME account created");
                 account
             }

@@ -6,18 +6,39 @@
 //!   failures with backoff, and hands them to TLS handshakes (waiting, bounded, for one that
 //!   is on its way).
 //! - [`Certificate`]: a parsed chain and key, ready for rustls.
-//! - `store`: the on-disk cache (one folder per ACME directory; owner-only files).
+//! - [`CertStore`]: the on-disk cache in kamal-proxy's layout (one folder per ACME directory,
+//!   one file per host; owner-only files), so certificates survive a swap either way.
 //! - `challenge`: the HTTP-01 answers the HTTP listener serves.
 
 mod certificate;
 mod certificates;
 mod challenge;
+mod key_pem;
 mod store;
 
 pub use certificate::{Certificate, CertificateError};
-pub use certificates::{
-    AcmeSettings, CertificateInfo, Certificates, OnDemand, TlsSource, LETS_ENCRYPT_PRODUCTION,
-    LETS_ENCRYPT_STAGING,
-};
+pub use certificates::{AcmeSettings, CertificateInfo, Certificates, OnDemand, TlsSource};
 pub use challenge::CHALLENGE_PATH_PREFIX;
 pub use store::CertStore;
+
+pub const LETS_ENCRYPT_PRODUCTION: &str = "https://acme-v02.api.letsencrypt.org/directory";
+pub const LETS_ENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
+
+/// A directory URL as kamal-proxy stores it in a service's `acme_directory` (and names its
+/// certificate folder after): `""` for Let's Encrypt production, else the URL.
+pub fn directory_key(url: &str) -> &str {
+    if url == LETS_ENCRYPT_PRODUCTION {
+        ""
+    } else {
+        url
+    }
+}
+
+/// The directory URL a stored `acme_directory` stands for.
+pub fn directory_url(key: &str) -> &str {
+    if key.is_empty() {
+        LETS_ENCRYPT_PRODUCTION
+    } else {
+        key
+    }
+}

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use berth_proxy::config::{
-    is_valid_host_pattern, normalize_host, normalize_path_prefix, ServiceConfig,
+    is_valid_host_pattern, normalize_host, normalize_path_prefix, ServiceConfig, TlsConfig,
     DEFAULT_DRAIN_TIMEOUT,
 };
 use berth_proxy::health::spawn_health_check;
@@ -27,7 +27,7 @@ use crate::protocol::{
     CertificateStatus, DeployProgress, DeployRequest, RolloutDeployRequest, RolloutSetRequest,
     RolloutStatus, RouteStatus, ServiceList, ServiceSummary, StatusReport, TargetStatus,
 };
-use crate::state::{PersistedPause, ServiceState, State, StateError, StateFile};
+use crate::state::{PersistedPause, ServiceState, State, StateError, StateFile, UnknownKeys};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -48,6 +48,9 @@ pub enum RegistryError {
 /// What the registry needs from whoever provides certificates (wired in by the binary, so
 /// this crate knows nothing of ACME).
 pub trait TlsProvider: Send + Sync + 'static {
+    /// Fills in what a deploy left to the daemon (the ACME directory and certificate cache),
+    /// so the state file names them as kamal-proxy's does.
+    fn complete(&self, config: &mut ServiceConfig);
     /// Refuses TLS settings that cannot work, such as an unreadable certificate file.
     fn check(&self, config: &ServiceConfig) -> Result<(), String>;
     /// Told after every change, with every service's settings.
@@ -60,7 +63,10 @@ struct Entry {
     targets: Vec<String>,
     pause: PersistedPause,
     rollout_targets: Vec<String>,
+    rollout_read_targets: Vec<String>,
     rollout: Option<RolloutSplit>,
+    /// Keys of the saved service Berth does not know, written back as they were.
+    unknown: UnknownKeys,
 }
 
 pub struct Registry {
@@ -152,6 +158,9 @@ impl Registry {
         for mut saved in state.services {
             // A hand-edited file may hold what no deploy would accept; serving it could
             // shadow another service's routes, so it is left out, loudly.
+            if let Some(tls) = &self.tls {
+                tls.complete(&mut saved.config);
+            }
             let checked = validate_service_name(&saved.name)
                 .and_then(|()| normalize_config(saved.config.clone()))
                 .and_then(|config| {
@@ -214,7 +223,9 @@ impl Registry {
                     targets: saved.targets,
                     pause: saved.pause,
                     rollout_targets: saved.rollout_targets,
+                    rollout_read_targets: saved.rollout_read_targets,
                     rollout: saved.rollout,
+                    unknown: saved.unknown,
                 },
             );
         }
@@ -244,7 +255,16 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         let _admitted = self.admit_change().await?;
         validate_service_name(name)?;
-        let config = normalize_config(request.config)?;
+        let mut config = request.config;
+        if let Some(tls) = &self.tls {
+            tls.complete(&mut config);
+        }
+        let config = normalize_config(config)?;
+        if config.tls.enabled && !serves_root_path(&config) {
+            return Err(RegistryError::Invalid(
+                "TLS settings must be specified on the root path service".into(),
+            ));
+        }
         if request.targets.is_empty() {
             return Err(RegistryError::Invalid(
                 "at least one target is required".into(),
@@ -282,52 +302,13 @@ impl Registry {
             return Err(error);
         }
 
-        let old_targets = {
-            let mut entries = self.lock_entries();
-            // Checked again: another service may have claimed the host while we waited.
-            if let Err(error) = check_conflicts(&entries, name, &config) {
+        let old_targets = match self.swap_in(name, &request.targets, config, error_pages, &targets)
+        {
+            Ok(old) => old,
+            Err(error) => {
                 targets.iter().for_each(|target| target.retire());
                 return Err(error);
             }
-            let mut next_state = snapshot(&entries);
-            match next_state.services.iter_mut().find(|s| s.name == name) {
-                Some(existing) => {
-                    existing.targets = request.targets.clone();
-                    existing.config = config.clone();
-                }
-                None => next_state.services.push(ServiceState {
-                    name: name.to_string(),
-                    targets: request.targets.clone(),
-                    config: config.clone(),
-                    ..ServiceState::default()
-                }),
-            }
-            if let Err(error) = self.state_file.save(&next_state) {
-                targets.iter().for_each(|target| target.retire());
-                return Err(error.into());
-            }
-            let settings = ServiceSettings {
-                config,
-                error_pages,
-            };
-            let entry = entries.entry(name.to_string()).or_insert_with(|| Entry {
-                service: Arc::new(Service::new(
-                    name,
-                    ServiceSettings {
-                        config: ServiceConfig::default(),
-                        error_pages: ErrorPages::default(),
-                    },
-                )),
-                targets: Vec::new(),
-                pause: PersistedPause::Running,
-                rollout_targets: Vec::new(),
-                rollout: None,
-            });
-            entry.service.set_settings(settings);
-            entry.targets = request.targets.clone();
-            let old = entry.service.replace_targets(targets);
-            self.publish(&entries);
-            old
         };
 
         self.progress
@@ -341,6 +322,75 @@ impl Registry {
             "Deployed"
         );
         Ok(())
+    }
+
+    /// The deploy's commit: saves the new targets and settings, then makes them serve (and
+    /// gives the host's path services the root service's TLS settings, as kamal-proxy does).
+    /// Returns the targets replaced.
+    fn swap_in(
+        &self,
+        name: &str,
+        addresses: &[String],
+        config: ServiceConfig,
+        error_pages: ErrorPages,
+        targets: &[Arc<Target>],
+    ) -> Result<Vec<Arc<Target>>, RegistryError> {
+        let mut entries = self.lock_entries();
+        // Checked again: another service may have claimed the host while we waited.
+        check_conflicts(&entries, name, &config)?;
+        let config = inherit_root_tls(&entries, name, config);
+        let followers = path_services_following(&entries, name, &config);
+        let mut next_state = snapshot(&entries);
+        match next_state.services.iter_mut().find(|s| s.name == name) {
+            Some(existing) => {
+                existing.targets = addresses.to_vec();
+                existing.config = config.clone();
+            }
+            None => next_state.services.push(ServiceState {
+                name: name.to_string(),
+                targets: addresses.to_vec(),
+                config: config.clone(),
+                ..ServiceState::default()
+            }),
+        }
+        for (follower, follower_config) in &followers {
+            if let Some(saved) = next_state.services.iter_mut().find(|s| &s.name == follower) {
+                saved.config = follower_config.clone();
+            }
+        }
+        self.state_file.save(&next_state)?;
+        for (follower, follower_config) in followers {
+            if let Some(entry) = entries.get(&follower) {
+                let error_pages = entry.service.settings().error_pages.clone();
+                entry.service.set_settings(ServiceSettings {
+                    config: follower_config,
+                    error_pages,
+                });
+            }
+        }
+        let entry = entries.entry(name.to_string()).or_insert_with(|| Entry {
+            service: Arc::new(Service::new(
+                name,
+                ServiceSettings {
+                    config: ServiceConfig::default(),
+                    error_pages: ErrorPages::default(),
+                },
+            )),
+            targets: Vec::new(),
+            pause: PersistedPause::Running,
+            rollout_targets: Vec::new(),
+            rollout_read_targets: Vec::new(),
+            rollout: None,
+            unknown: UnknownKeys::default(),
+        });
+        entry.service.set_settings(ServiceSettings {
+            config,
+            error_pages,
+        });
+        entry.targets = addresses.to_vec();
+        let old = entry.service.replace_targets(targets.to_vec());
+        self.publish(&entries);
+        Ok(old)
     }
 
     /// Takes a service out of routing and forgets it; its targets drain in the background.
@@ -486,21 +536,16 @@ impl Registry {
         Ok(())
     }
 
-    /// Ends the rollout: all traffic goes to the main targets, and the rollout targets drain
-    /// and are forgotten.
+    /// Ends the split: all traffic goes to the main targets. The rollout targets stay (as in
+    /// kamal-proxy), so a later `rollout set` sends traffic to them again.
     pub async fn rollout_stop(&self, name: &str) -> Result<(), RegistryError> {
         let _admitted = self.admit_change().await?;
         let lock = self.service_lock(name);
         let _changing = lock.lock().await;
         let service = self.service(name)?;
-        self.change_rollout(name, |rollout_targets, rollout| {
-            rollout_targets.clear();
-            *rollout = None;
-        })?;
+        self.change_rollout(name, |_, rollout| *rollout = None)?;
         service.set_rollout_split(None);
-        let old = service.replace_rollout_targets(Vec::new());
         tracing::info!(service = name, "Rollout stopped");
-        drain_all(&old, DEFAULT_DRAIN_TIMEOUT.get()).await;
         Ok(())
     }
 
@@ -686,7 +731,6 @@ fn target_status(target: &Target) -> TargetStatus {
 
 fn snapshot(entries: &BTreeMap<String, Entry>) -> State {
     State {
-        version: 0,
         services: entries
             .iter()
             .map(|(name, entry)| ServiceState {
@@ -695,7 +739,9 @@ fn snapshot(entries: &BTreeMap<String, Entry>) -> State {
                 config: entry.service.settings().config.clone(),
                 pause: entry.pause.clone(),
                 rollout_targets: entry.rollout_targets.clone(),
+                rollout_read_targets: entry.rollout_read_targets.clone(),
                 rollout: entry.rollout.clone(),
+                unknown: entry.unknown.clone(),
             })
             .collect(),
     }
@@ -734,6 +780,73 @@ fn check_conflicts(
         }
     }
     Ok(())
+}
+
+fn serves_root_path(config: &ServiceConfig) -> bool {
+    config.path_prefixes.iter().any(|prefix| prefix == "/")
+}
+
+fn shares_a_host(a: &ServiceConfig, b: &ServiceConfig) -> bool {
+    a.hosts.iter().any(|host| b.hosts.contains(host))
+}
+
+/// The TLS settings a path service takes from its host's root service: one host is served
+/// with one certificate and one redirect policy, whichever service a path reaches.
+fn take_tls_from(tls: &mut TlsConfig, root: &TlsConfig) {
+    tls.enabled = root.enabled;
+    tls.redirect = root.redirect;
+    tls.acme_directory.clone_from(&root.acme_directory);
+    tls.acme_cache_path.clone_from(&root.acme_cache_path);
+    tls.certificate_path.clone_from(&root.certificate_path);
+    tls.private_key_path.clone_from(&root.private_key_path);
+}
+
+/// A service without the root path, on a host whose root service is another, takes that
+/// service's TLS settings (kamal-proxy stores and lists them as the path service's own).
+fn inherit_root_tls(
+    entries: &BTreeMap<String, Entry>,
+    name: &str,
+    mut config: ServiceConfig,
+) -> ServiceConfig {
+    if serves_root_path(&config) {
+        return config;
+    }
+    let root = entries.iter().find_map(|(other, entry)| {
+        let settings = entry.service.settings();
+        (other != name
+            && serves_root_path(&settings.config)
+            && shares_a_host(&settings.config, &config))
+        .then(|| settings.config.tls.clone())
+    });
+    if let Some(root) = root {
+        take_tls_from(&mut config.tls, &root);
+    }
+    config
+}
+
+/// The path services on `root`'s hosts whose TLS settings change with it, with their new
+/// settings.
+fn path_services_following(
+    entries: &BTreeMap<String, Entry>,
+    name: &str,
+    root: &ServiceConfig,
+) -> Vec<(String, ServiceConfig)> {
+    if !serves_root_path(root) {
+        return Vec::new();
+    }
+    entries
+        .iter()
+        .filter(|(other, _)| other.as_str() != name)
+        .filter_map(|(other, entry)| {
+            let current = &entry.service.settings().config;
+            if serves_root_path(current) || !shares_a_host(current, root) {
+                return None;
+            }
+            let mut config = current.clone();
+            take_tls_from(&mut config.tls, &root.tls);
+            (config != *current).then(|| (other.clone(), config))
+        })
+        .collect()
 }
 
 fn validate_service_name(name: &str) -> Result<(), RegistryError> {
@@ -787,9 +900,6 @@ pub fn normalize_config(mut config: ServiceConfig) -> Result<ServiceConfig, Regi
     if tls.enabled {
         if config.hosts.is_empty() && tls.on_demand_url.is_none() {
             return invalid("host must be set when using TLS");
-        }
-        if !config.path_prefixes.iter().any(|p| p == "/") {
-            return invalid("TLS settings must be specified on the root path service");
         }
         if tls.on_demand_url.is_some() && (!config.hosts.is_empty() || custom_certificate) {
             return invalid("tls-on-demand-url cannot be used with hosts or custom certificates");
@@ -878,15 +988,10 @@ mod tests {
     }
 
     #[test]
-    fn tls_needs_a_host_and_the_root_path() {
+    fn tls_needs_a_host() {
         let mut tls_without_host = config(&[]);
         tls_without_host.tls.enabled = true;
         assert!(normalize_config(tls_without_host).is_err());
-
-        let mut tls_on_subpath = config(&["a.test"]);
-        tls_on_subpath.tls.enabled = true;
-        tls_on_subpath.path_prefixes = vec!["/api".into()];
-        assert!(normalize_config(tls_on_subpath).is_err());
 
         let mut wildcard = config(&["*.a.test"]);
         wildcard.tls.enabled = true;

@@ -72,7 +72,10 @@ impl Default for ServiceConfig {
 pub struct TlsConfig {
     pub enabled: bool,
     pub redirect: bool,
-    pub staging: bool,
+    /// The ACME directory as kamal-proxy stores it: `""` for Let's Encrypt production, else
+    /// its URL (Let's Encrypt staging with `--tls-staging`). `None` until a deploy gives it
+    /// the daemon's default.
+    pub acme_directory: Option<String>,
     pub on_demand_url: Option<String>,
     pub certificate_path: Option<String>,
     pub private_key_path: Option<String>,
@@ -85,7 +88,7 @@ impl Default for TlsConfig {
         Self {
             enabled: false,
             redirect: true,
-            staging: false,
+            acme_directory: None,
             on_demand_url: None,
             certificate_path: None,
             private_key_path: None,

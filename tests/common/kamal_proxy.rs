@@ -1,0 +1,130 @@
+//! The real kamal-proxy (`../shared/peers/kamal-proxy`, or `$KAMAL_PROXY_BIN`), run beside
+//! `proxy` on the same home and socket, for swaps in both directions. Tests that need it skip
+//! with a message when it is absent.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+/// The reference binary, if this checkout has one beside it.
+pub fn binary() -> Option<PathBuf> {
+    let path = std::env::var_os("KAMAL_PROXY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peers/kamal-proxy")
+        });
+    if path.exists() {
+        Some(path)
+    } else {
+        eprintln!(
+            "SKIPPED: the reference kamal-proxy is not at {} (set KAMAL_PROXY_BIN to run this test)",
+            path.display()
+        );
+        None
+    }
+}
+
+/// A running `kamal-proxy run`, killed when dropped.
+pub struct KamalProxy {
+    binary: PathBuf,
+    child: Option<Child>,
+    home: PathBuf,
+    log: PathBuf,
+}
+
+impl KamalProxy {
+    /// Starts it with `home` as HOME (the socket inside it, as `proxy` uses) and waits until
+    /// it answers on its socket.
+    pub fn start(binary: &Path, home: &Path, http_port: u16, https_port: u16) -> Self {
+        let log = home.join(format!(
+            "kamal-proxy-{http_port}-{}.log",
+            std::process::id()
+        ));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(binary)
+            .args(["run", "--http-port", &http_port.to_string()])
+            .args(["--https-port", &https_port.to_string()])
+            .envs(super::env_for(home))
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("start kamal-proxy");
+        let proxy = Self {
+            binary: binary.to_path_buf(),
+            child: Some(child),
+            home: home.to_path_buf(),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !proxy.cli(&["list"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "kamal-proxy did not start:\n{}",
+                proxy.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        proxy
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let run = || {
+            Command::new(&self.binary)
+                .args(args)
+                .envs(super::env_for(&self.home))
+                .env("NO_COLOR", "1")
+                .output()
+                .expect("run kamal-proxy CLI")
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(_) => tokio::task::block_in_place(run),
+            Err(_) => run(),
+        }
+    }
+
+    /// Runs a CLI command and fails the test unless it exits 0.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let output = self.cli(args);
+        assert!(
+            output.status.success(),
+            "`kamal-proxy {}` failed: {}\n--- kamal-proxy log ---\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits for it to exit, as `kamal proxy reboot` stops the container.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+impl Drop for KamalProxy {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
