@@ -93,10 +93,13 @@ pub struct RolloutSetArgs {
     /// `kamal-rollout` cookie values always sent to the rollout targets (comma-separated)
     #[arg(long = "list", value_name = "VALUES", value_delimiter = ',')]
     pub allowlist: Vec<String>,
+    /// Give visitors without a `kamal-rollout` cookie a random one, so the percentage applies to all traffic (Berth only; kamal-proxy sends them to the main targets)
+    #[arg(long)]
+    pub assign_cookies: bool,
 }
 
-/// Options of `run`. Each may also come from the environment as `KAMAL_PROXY_<NAME>` or
-/// `<NAME>` (flag first, then the prefixed variable, then the plain one).
+/// Options of `run`. Each may also come from the environment as `KAMAL_PROXY_<NAME>`;
+/// kamal-proxy's own (`HTTP_PORT`, `HTTPS_PORT`, `METRICS_PORT`, `DEBUG`) also as `<NAME>`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Port to serve HTTP on [env: HTTP_PORT] [default: 80]
@@ -108,34 +111,37 @@ pub struct RunArgs {
     /// Port for Prometheus metrics, 0 for none [env: METRICS_PORT] [default: 0]
     #[arg(long, value_name = "PORT")]
     pub metrics_port: Option<u16>,
-    /// Address to listen on [env: BIND] [default: all addresses]
+    /// Address to listen on [env: KAMAL_PROXY_BIND] [default: all addresses]
     #[arg(long, value_name = "ADDRESS")]
     pub bind: Option<IpAddr>,
     /// Log at debug level [env: DEBUG]
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
     pub debug: Option<bool>,
-    /// ACME directory URL for automatic certificates [env: ACME_DIRECTORY] [default: Let's Encrypt production]
+    /// ACME directory URL for automatic certificates [env: KAMAL_PROXY_ACME_DIRECTORY] [default: Let's Encrypt production]
     #[arg(long, value_name = "URL")]
     pub acme_directory: Option<String>,
-    /// PEM file with a root certificate to trust when talking to the ACME server (for test servers) [env: ACME_CA_ROOT]
+    /// PEM file with a root certificate to trust when talking to the ACME server (for test servers) [env: KAMAL_PROXY_ACME_CA_ROOT]
     #[arg(long, value_name = "PATH")]
     pub acme_ca_root: Option<std::path::PathBuf>,
-    /// Contact email for the ACME account [env: ACME_EMAIL]
+    /// Contact email for the ACME account [env: KAMAL_PROXY_ACME_EMAIL]
     #[arg(long, value_name = "EMAIL")]
     pub acme_email: Option<String>,
-    /// Time a client has to send a request head; also how long an idle keep-alive connection is kept [env: HEADER_READ_TIMEOUT] [default: 30s]
+    /// Time a client has to send a request head [env: KAMAL_PROXY_HEADER_READ_TIMEOUT] [default: 30s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub header_read_timeout: Option<GoDuration>,
-    /// Largest request head in bytes, at least 8192; larger ones get 431 [env: MAX_HEADER_SIZE] [default: 65536]
+    /// How long an idle keep-alive connection is kept between requests; keep it above the idle timeout of any load balancer in front [env: KAMAL_PROXY_IDLE_TIMEOUT] [default: 75s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub idle_timeout: Option<GoDuration>,
+    /// Largest request head in bytes, at least 8192; larger ones get 431 [env: KAMAL_PROXY_MAX_HEADER_SIZE] [default: 65536]
     #[arg(long, value_name = "BYTES")]
     pub max_header_size: Option<usize>,
-    /// Most header fields in a request; more get 431 [env: MAX_HEADERS] [default: 100]
+    /// Most header fields in a request; more get 431 [env: KAMAL_PROXY_MAX_HEADERS] [default: 100]
     #[arg(long, value_name = "COUNT")]
     pub max_headers: Option<usize>,
-    /// Most open client connections; beyond it new ones wait until one closes [env: MAX_CONNECTIONS] [default: 16384]
+    /// Most open client connections; beyond it new ones wait until one closes [env: KAMAL_PROXY_MAX_CONNECTIONS] [default: 16384]
     #[arg(long, value_name = "COUNT")]
     pub max_connections: Option<usize>,
-    /// Longest time to connect to a target before answering 502 [env: TARGET_CONNECT_TIMEOUT] [default: 5s]
+    /// Longest time to connect to a target before answering 502 [env: KAMAL_PROXY_TARGET_CONNECT_TIMEOUT] [default: 5s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub target_connect_timeout: Option<GoDuration>,
     /// Read run options from this TOML file (flags and environment take precedence); see proxy.toml.example
@@ -144,16 +150,16 @@ pub struct RunArgs {
     /// Take over from the proxy running on the same control socket without dropping a request
     #[arg(long)]
     pub upgrade: bool,
-    /// How long the old process drains after handing over [env: UPGRADE_DRAIN_TIMEOUT] [default: 30s]
+    /// How long the old process drains after handing over [env: KAMAL_PROXY_UPGRADE_DRAIN_TIMEOUT] [default: 30s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub upgrade_drain_timeout: Option<GoDuration>,
     /// Enable HTTP/3 (accepted for compatibility; not supported, ignored)
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
     pub http3: Option<bool>,
-    /// Require a PROXY protocol header (v1 or v2) on every connection, as a TCP load balancer sends; connections without one are closed [env: PROXY_PROTOCOL] [default: false]
+    /// Require a PROXY protocol header (v1 or v2) on every connection, as a TCP load balancer sends; connections without one are closed [env: KAMAL_PROXY_PROXY_PROTOCOL] [default: false]
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
     pub proxy_protocol: Option<bool>,
-    /// Address ranges (CIDR or single addresses, comma-separated) of proxies in front of this one whose X-Forwarded-For is believed, for every service [env: TRUSTED_PROXIES] [default: none]
+    /// Address ranges (CIDR or single addresses, comma-separated) of proxies in front of this one whose X-Forwarded-For is believed, for every service [env: KAMAL_PROXY_TRUSTED_PROXIES] [default: none]
     #[arg(long, value_name = "RANGES")]
     pub trusted_proxies: Option<IpRanges>,
 }

@@ -57,6 +57,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             let request = RolloutSetRequest {
                 percent: args.percent.unwrap_or(0),
                 allowlist: args.allowlist,
+                assign_cookies: args.assign_cookies,
             };
             client.rollout_set(&args.service, &request).await?;
         }

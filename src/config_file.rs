@@ -26,6 +26,7 @@ pub struct RunFile {
     pub acme_email: Option<String>,
     pub upgrade_drain_timeout: Option<GoDuration>,
     pub header_read_timeout: Option<GoDuration>,
+    pub idle_timeout: Option<GoDuration>,
     pub max_header_size: Option<usize>,
     pub max_headers: Option<usize>,
     pub max_connections: Option<usize>,

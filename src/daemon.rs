@@ -46,6 +46,9 @@ pub struct RunOptions {
     pub target_connect_timeout: Duration,
     pub proxy_protocol: bool,
     pub trusted_proxies: TrustedProxies,
+    /// Environment values that could not be read and were replaced by the default (logged
+    /// once logging is set up).
+    pub warnings: Vec<String>,
 }
 
 impl RunOptions {
@@ -55,14 +58,40 @@ impl RunOptions {
             Some(path) => RunFile::load(path)?,
             None => RunFile::default(),
         };
-        let debug = layered_bool(args.debug, "DEBUG", file.debug)?;
+        let mut warnings = Vec::new();
+        let debug = args
+            .debug
+            .or_else(|| {
+                let text = kamal_env::<String>("DEBUG", &mut warnings)?;
+                let value = parse_bool(&text).ok();
+                if value.is_none() {
+                    warnings.push(format!(
+                        "DEBUG={text:?} is not a boolean; using the default"
+                    ));
+                }
+                value
+            })
+            .or(file.debug)
+            .unwrap_or(false);
         let proxy_protocol =
             layered_bool(args.proxy_protocol, "PROXY_PROTOCOL", file.proxy_protocol)?;
+        let http_port = args
+            .http_port
+            .or_else(|| kamal_env("HTTP_PORT", &mut warnings))
+            .or(file.http_port);
+        let https_port = args
+            .https_port
+            .or_else(|| kamal_env("HTTPS_PORT", &mut warnings))
+            .or(file.https_port);
+        let metrics_port = args
+            .metrics_port
+            .or_else(|| kamal_env("METRICS_PORT", &mut warnings))
+            .or(file.metrics_port);
         Ok(Self {
-            http_port: layered(args.http_port, "HTTP_PORT", file.http_port)?.unwrap_or(80),
-            https_port: layered(args.https_port, "HTTPS_PORT", file.https_port)?.unwrap_or(443),
-            metrics_port: layered(args.metrics_port, "METRICS_PORT", file.metrics_port)?
-                .unwrap_or(0),
+            warnings,
+            http_port: http_port.unwrap_or(80),
+            https_port: https_port.unwrap_or(443),
+            metrics_port: metrics_port.unwrap_or(0),
             bind: layered(args.bind, "BIND", file.bind)?,
             debug,
             upgrade: args.upgrade,
@@ -108,6 +137,11 @@ impl RunOptions {
                     Some(0) => anyhow::bail!("--max-connections must be at least 1"),
                     count => count.unwrap_or(listener::DEFAULT_MAX_CONNECTIONS),
                 },
+            )
+            .with_idle_timeout(
+                layered(args.idle_timeout, "IDLE_TIMEOUT", file.idle_timeout)?
+                    .map(|d| d.get())
+                    .unwrap_or(listener::DEFAULT_IDLE_TIMEOUT),
             ),
             target_connect_timeout: layered(
                 args.target_connect_timeout,
@@ -134,7 +168,9 @@ impl RunOptions {
     }
 }
 
-/// The flag if given, else the environment (`KAMAL_PROXY_<NAME>`, then `<NAME>`), else the file.
+/// The flag if given, else the environment (`KAMAL_PROXY_<NAME>`), else the file. Berth's own
+/// options are read only with the prefix: a host's unrelated `PROXY_PROTOCOL=true` must not
+/// change how the proxy listens.
 fn layered<T: FromStr>(flag: Option<T>, name: &str, file: Option<T>) -> anyhow::Result<Option<T>>
 where
     T::Err: std::fmt::Display,
@@ -148,7 +184,7 @@ where
 /// A boolean from the flag, the environment (`true`/`false`, `1`/`0`, ...) or the file;
 /// false when none sets it.
 fn layered_bool(flag: Option<bool>, name: &str, file: Option<bool>) -> anyhow::Result<bool> {
-    Ok(match (flag, env_text(name)) {
+    Ok(match (flag, prefixed_env(name)) {
         (Some(value), _) => value,
         (None, Some((key, text))) => {
             parse_bool(&text).map_err(|e| anyhow::anyhow!("{key}: {e}"))?
@@ -157,28 +193,40 @@ fn layered_bool(flag: Option<bool>, name: &str, file: Option<bool>) -> anyhow::R
     })
 }
 
-/// `KAMAL_PROXY_<NAME>` first, then `<NAME>`; returns which one was set.
-fn env_text(name: &str) -> Option<(String, String)> {
-    [format!("KAMAL_PROXY_{name}"), name.to_string()]
-        .into_iter()
-        .find_map(|key| {
-            std::env::var(&key)
-                .ok()
-                .filter(|v| !v.is_empty())
-                .map(|v| (key, v))
-        })
+/// `KAMAL_PROXY_<NAME>`, when set and not empty; returns the variable's name too.
+fn prefixed_env(name: &str) -> Option<(String, String)> {
+    let key = format!("KAMAL_PROXY_{name}");
+    let value = std::env::var(&key).ok().filter(|v| !v.is_empty())?;
+    Some((key, value))
 }
 
 fn env_value<T: FromStr>(name: &str) -> anyhow::Result<Option<T>>
 where
     T::Err: std::fmt::Display,
 {
-    match env_text(name) {
+    match prefixed_env(name) {
         None => Ok(None),
         Some((key, text)) => text
             .parse()
             .map(Some)
             .map_err(|e| anyhow::anyhow!("invalid value {text:?} for {key}: {e}")),
+    }
+}
+
+/// One of kamal-proxy's own variables (`HTTP_PORT`, `HTTPS_PORT`, `METRICS_PORT`, `DEBUG`),
+/// read as kamal-proxy reads them: `KAMAL_PROXY_<NAME>`, then `<NAME>`; a value that does not
+/// parse is replaced by the default, with a warning, instead of stopping the daemon.
+fn kamal_env<T: FromStr>(name: &str, warnings: &mut Vec<String>) -> Option<T> {
+    let (key, text) = prefixed_env(name).or_else(|| {
+        let value = std::env::var(name).ok().filter(|v| !v.is_empty())?;
+        Some((name.to_string(), value))
+    })?;
+    match text.parse() {
+        Ok(value) => Some(value),
+        Err(_) => {
+            warnings.push(format!("{key}={text:?} is not valid; using the default"));
+            None
+        }
     }
 }
 
@@ -188,9 +236,7 @@ pub fn init_logging(debug: bool) {
         tracing_subscriber::EnvFilter::new(format!("{level},hyper=info,hyper_util=info"))
     });
     tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
+        .event_format(crate::log_format::KamalJson)
         .with_env_filter(filter)
         .with_writer(|| LossyStdout)
         .init();
@@ -223,7 +269,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let client = upstream_client(options.target_connect_timeout);
     let state_file = StateFile::new(paths::state_path());
     let socket_path = paths::socket_path();
-    let certificates = Arc::new(TlsBridge(Certificates::new(options.acme.clone())));
+    let certificates = Arc::new(TlsBridge::new(Certificates::new(options.acme.clone())));
     let metrics = (options.metrics_port != 0).then(|| Arc::new(Metrics::new()));
     let mut registry = Registry::new(routes.clone(), client.clone(), state_file.clone())
         .with_tls(certificates.clone());
@@ -264,7 +310,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     };
     let http_address = http.local_addr()?;
     let https_address = https.local_addr()?;
-    certificates.0.set_local_http(reachable(http_address));
+    certificates
+        .certificates
+        .set_local_http(reachable(http_address));
     let listeners = handover::Listeners {
         http: http.as_fd().try_clone_to_owned()?,
         https: https.as_fd().try_clone_to_owned()?,

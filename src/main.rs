@@ -15,6 +15,7 @@ mod commands;
 mod config_file;
 mod daemon;
 mod handover;
+mod log_format;
 mod memory;
 mod metrics_server;
 mod tls;
@@ -44,6 +45,9 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Run(args) => daemon::RunOptions::resolve(args).and_then(|options| {
             daemon::init_logging(options.debug);
+            for warning in &options.warnings {
+                tracing::warn!(warning = %warning, "Environment value ignored");
+            }
             runtime.block_on(daemon::run(options))
         }),
         command => runtime.block_on(commands::run(command)),

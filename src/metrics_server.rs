@@ -113,7 +113,7 @@ fn sample_state(registry: &Registry, certificates: &TlsBridge) -> StateSample {
         });
         if route.tls {
             let expiry = certificates
-                .0
+                .certificates
                 .info(&route.host)
                 .and_then(|info| info.not_after)
                 .and_then(|at| at.duration_since(UNIX_EPOCH).ok())

@@ -16,7 +16,21 @@ use berth_proxy::pipeline::ChallengeResponder;
 use berth_proxy::CertificateSource;
 use rustls::sign::CertifiedKey;
 
-pub struct TlsBridge(pub Arc<Certificates>);
+pub struct TlsBridge {
+    pub certificates: Arc<Certificates>,
+    /// The host whose certificate a client that sends no server name gets: the first TLS
+    /// service's first host, by service name (kamal-proxy shows its first TLS service's).
+    default_host: std::sync::RwLock<Option<String>>,
+}
+
+impl TlsBridge {
+    pub fn new(certificates: Arc<Certificates>) -> Self {
+        Self {
+            certificates,
+            default_host: std::sync::RwLock::new(None),
+        }
+    }
+}
 
 impl CertificateSource for TlsBridge {
     fn certificate_for<'a>(
@@ -24,25 +38,35 @@ impl CertificateSource for TlsBridge {
         server_name: &'a str,
     ) -> Pin<Box<dyn Future<Output = Option<Arc<CertifiedKey>>> + Send + 'a>> {
         Box::pin(async move {
-            if let Some(found) = self.0.certificate_for(server_name).await {
+            if server_name.is_empty() {
+                let default = self
+                    .default_host
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()?;
+                return self.certificates.certificate_for(&default).await;
+            }
+            if let Some(found) = self.certificates.certificate_for(server_name).await {
                 return Some(found);
             }
             // A custom wildcard certificate covers one label below its domain.
             let (_, domain) = server_name.split_once('.')?;
-            self.0.certificate_for(&format!("*.{domain}")).await
+            self.certificates
+                .certificate_for(&format!("*.{domain}"))
+                .await
         })
     }
 }
 
 impl ChallengeResponder for TlsBridge {
     fn answer(&self, path: &str) -> Option<String> {
-        self.0.challenge_answer(path)
+        self.certificates.challenge_answer(path)
     }
 }
 
 impl TlsProvider for TlsBridge {
     fn complete(&self, config: &mut ServiceConfig) {
-        let settings = self.0.settings();
+        let settings = self.certificates.settings();
         if config.tls.acme_directory.is_none() {
             config.tls.acme_directory = Some(settings.directory_key().to_string());
         }
@@ -61,7 +85,13 @@ impl TlsProvider for TlsBridge {
     }
 
     fn services_changed(&self, configs: &[&ServiceConfig]) {
-        let settings = self.0.settings();
+        let settings = self.certificates.settings();
+        let default_host = configs
+            .iter()
+            .filter(|c| c.tls.enabled)
+            .find_map(|c| c.hosts.iter().find(|h| !h.starts_with("*.")))
+            .cloned();
+        *self.default_host.write().unwrap_or_else(|e| e.into_inner()) = default_host;
         let mut wanted = HashMap::new();
         let mut on_demand = None;
         for config in configs.iter().filter(|c| c.tls.enabled) {
@@ -97,11 +127,11 @@ impl TlsProvider for TlsBridge {
                 wanted.insert(host.clone(), source.clone());
             }
         }
-        self.0.sync(wanted, on_demand);
+        self.certificates.sync(wanted, on_demand);
     }
 
     fn certificate_status(&self, host: &str) -> Option<CertificateStatus> {
-        let info = self.0.info(host)?;
+        let info = self.certificates.info(host)?;
         Some(CertificateStatus {
             state: info.state,
             issuer: info.issuer,

@@ -178,17 +178,65 @@ fn help_exits_0_and_commands_without_a_daemon_explain_why_they_failed() {
 }
 
 #[test]
-fn run_rejects_a_bad_port_from_the_environment_by_name() {
+fn run_rejects_a_bad_value_of_its_own_prefixed_variables_by_name() {
     let home = tempfile::tempdir().unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_proxy"))
-        .arg("run")
+        .args(["run", "--bind=127.0.0.1", "--http-port=0", "--https-port=0"])
         .env("HOME", home.path())
         .env("KAMAL_PROXY_SOCKET", home.path().join("p.sock"))
-        .env("HTTP_PORT", "eighty")
+        .env("KAMAL_PROXY_MAX_CONNECTIONS", "many")
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
-    assert!(stderr(&output).contains("HTTP_PORT"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("KAMAL_PROXY_MAX_CONNECTIONS"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kamal_proxys_variables_fall_back_to_defaults_and_unprefixed_berth_ones_are_ignored() {
+    // As kamal-proxy: an unparsable METRICS_PORT or DEBUG means the default, with a warning.
+    // An unrelated PROXY_PROTOCOL=true on the host must not make the proxy expect PROXY
+    // headers: Berth's own variables need the KAMAL_PROXY_ prefix.
+    let home = tempfile::tempdir().unwrap();
+    let log = std::fs::File::create(home.path().join("log")).unwrap();
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_proxy"))
+        .args(["run", "--bind=127.0.0.1", "--http-port=0", "--https-port=0"])
+        .env("HOME", home.path())
+        .env("KAMAL_PROXY_SOCKET", home.path().join("p.sock"))
+        .env("METRICS_PORT", "nine")
+        .env("DEBUG", "perhaps")
+        .env("PROXY_PROTOCOL", "true")
+        .env_remove("HTTP_PORT")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let started = loop {
+        let text = std::fs::read_to_string(home.path().join("log")).unwrap();
+        if let Some(line) = text.lines().find(|l| l.contains("Proxy started")) {
+            break serde_json::from_str::<serde_json::Value>(line).unwrap();
+        }
+        assert!(
+            daemon.try_wait().unwrap().is_none(),
+            "the daemon exited:\n{text}"
+        );
+        assert!(std::time::Instant::now() < deadline, "no start:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = std::fs::read_to_string(home.path().join("log")).unwrap();
+    assert!(
+        text.contains("METRICS_PORT") && text.contains("DEBUG"),
+        "{text}"
+    );
+    let address: std::net::SocketAddr = started["http"].as_str().unwrap().parse().unwrap();
+    let reply = get(address, "nothing.test", "/").await;
+    assert_eq!(reply.status, 404, "a plain request is answered");
+    let _ = daemon.kill();
+    let _ = daemon.wait();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -294,7 +342,7 @@ fn started_http_port(
         let started = text
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|l| l["message"] == "Proxy started");
+            .find(|l| l["msg"] == "Proxy started");
         if let Some(line) = started {
             break Ok(line["http"]
                 .as_str()

@@ -168,7 +168,7 @@ async fn a_flapping_health_check_moves_traffic_and_fails_no_request() {
         .log_lines()
         .iter()
         .filter(|line| {
-            line["message"] == "Target health changed" && line["address"] == flapping.target()
+            line["msg"] == "Target health changed" && line["address"] == flapping.target()
         })
         .count();
     assert!(

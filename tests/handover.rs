@@ -114,7 +114,7 @@ async fn handover_under_load_drops_no_request() {
         .unwrap();
     assert_eq!(echoed.to_text().unwrap(), "new process");
     assert!(
-        new.log_lines().iter().any(|l| l["message"] == "Request"),
+        new.log_lines().iter().any(|l| l["msg"] == "Request"),
         "requests reached the new process"
     );
 }
@@ -264,7 +264,7 @@ async fn sigusr2_starts_a_successor_that_takes_over() {
     let successor_pid = old
         .log_lines()
         .iter()
-        .filter(|l| l["message"] == "Proxy started" && l["upgrade"] == true)
+        .filter(|l| l["msg"] == "Proxy started" && l["upgrade"] == true)
         .filter_map(|l| l["pid"].as_u64())
         .next()
         .unwrap_or_else(|| panic!("no successor started:\n{}", old.log()));

@@ -129,7 +129,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits_0() {
     let stopped = proxy
         .log_lines()
         .into_iter()
-        .find(|line| line["message"] == "Stopped")
+        .find(|line| line["msg"] == "Stopped")
         .expect("a Stopped line");
     assert_eq!(
         stopped["finished_in_time"], true,

@@ -69,13 +69,15 @@ fn forwarded_for(report: &serde_json::Value) -> &str {
 }
 
 /// The `client_addr` of the last request log line for `/report`.
-fn logged_client(proxy: &ProxyProcess) -> String {
+/// The last request line's `key`: `client_addr` (the connection's client, from the PROXY
+/// header) or `remote_addr` (the client the request names, as kamal-proxy logs it).
+fn logged(proxy: &ProxyProcess, key: &str) -> String {
     proxy
         .log_lines()
         .iter()
         .rev()
-        .find(|line| line["message"] == "Request" && line["path"] == "/report")
-        .map(|line| line["client_addr"].as_str().unwrap_or_default().to_string())
+        .find(|line| line["msg"] == "Request" && line["path"] == "/report")
+        .map(|line| line[key].as_str().unwrap_or_default().to_string())
         .unwrap_or_default()
 }
 
@@ -107,7 +109,7 @@ async fn proxy_protocol_headers_carry_the_client_address_and_are_required() {
     .await
     .expect("answered");
     assert_eq!(forwarded_for(&report), "203.0.113.7");
-    assert_eq!(logged_client(&proxy), "203.0.113.7");
+    assert_eq!(logged(&proxy, "client_addr"), "203.0.113.7");
 
     // v2 from a trusted proxy: its X-Forwarded-For is kept and names the client.
     let report = plain(
@@ -118,7 +120,8 @@ async fn proxy_protocol_headers_carry_the_client_address_and_are_required() {
     .await
     .expect("answered");
     assert_eq!(forwarded_for(&report), "198.51.100.4, 10.1.2.3");
-    assert_eq!(logged_client(&proxy), "198.51.100.4");
+    assert_eq!(logged(&proxy, "client_addr"), "10.1.2.3");
+    assert_eq!(logged(&proxy, "remote_addr"), "198.51.100.4");
 
     // v1 UNKNOWN (the balancer's own health check) keeps the socket's address.
     let report = plain(&proxy, b"PROXY UNKNOWN\r\n", "")

@@ -87,8 +87,23 @@ async fn a_rollout_takes_its_share_of_visitors_and_all_allowlisted_ones() {
             "canary"
         );
     }
-    // Anonymous visitors (no cookie): about a quarter go to the rollout, and each is given a
-    // cookie that keeps it on its side.
+    // Anonymous visitors (no cookie) go to the main targets, with no cookie, as in kamal-proxy.
+    for _ in 0..20 {
+        assert_eq!(
+            visit(&mut connection, None).await,
+            ("main".to_string(), None)
+        );
+    }
+    // With --assign-cookies, about a quarter go to the rollout, and each is given a cookie
+    // that keeps it on its side.
+    proxy.ok(&[
+        "rollout",
+        "set",
+        "shop",
+        "--percent=25",
+        "--list=staff,qa",
+        "--assign-cookies",
+    ]);
     let mut anonymous_to_canary = 0;
     let mut given = Vec::new();
     for _ in 0..400 {

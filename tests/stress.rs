@@ -142,7 +142,7 @@ async fn twenty_deploys_under_mixed_load_fail_no_request() {
     let deploys = proxy
         .log_lines()
         .iter()
-        .filter(|line| line["message"] == "Deployed")
+        .filter(|line| line["msg"] == "Deployed")
         .count();
     assert_eq!(deploys, 21);
 }

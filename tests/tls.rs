@@ -141,7 +141,7 @@ async fn tls_service_gets_a_certificate_serves_https_and_reuses_it_after_restart
         !proxy
             .log_lines()
             .iter()
-            .any(|l| l["message"] == "Requesting certificate"),
+            .any(|l| l["msg"] == "Requesting certificate"),
         "a new order was placed after restart:\n{}",
         proxy.log()
     );
@@ -236,7 +236,7 @@ async fn a_stored_certificate_due_for_renewal_is_renewed() {
     assert!(proxy
         .log_lines()
         .iter()
-        .all(|l| l["message"] != "ACME account created"));
+        .all(|l| l["msg"] != "ACME account created"));
     let old_first_line = old_pem.lines().nth(1).unwrap();
     assert!(
         stored.contains("-----BEGIN CERTIFICATE-----") && !stored.contains(old_first_line),
@@ -360,7 +360,7 @@ async fn acme_failures_stay_with_their_host() {
         proxy
             .log_lines()
             .iter()
-            .any(|l| l["message"] == "Certificate order failed" && l["host"] == "rejected.test"),
+            .any(|l| l["msg"] == "Certificate order failed" && l["host"] == "rejected.test"),
         "the failure with the server's detail is logged"
     );
     assert!(https_get(

@@ -128,3 +128,85 @@ impl Drop for KamalProxy {
         }
     }
 }
+
+/// One of the two proxies a parity test runs the same input through.
+pub enum Peer {
+    Berth(super::ProxyProcess),
+    KamalProxy {
+        process: KamalProxy,
+        http_port: u16,
+        https_port: u16,
+        _home: tempfile::TempDir,
+    },
+}
+
+impl Peer {
+    /// Berth, and the real kamal-proxy when it is at hand, each on its own home and ports.
+    pub fn both() -> Vec<Peer> {
+        let mut peers = vec![Peer::Berth(super::ProxyProcess::start())];
+        if let Some(binary) = binary() {
+            let home = tempfile::tempdir().unwrap();
+            let (http_port, https_port) = (super::pebble::free_port(), super::pebble::free_port());
+            let process = KamalProxy::start(&binary, home.path(), http_port, https_port);
+            peers.push(Peer::KamalProxy {
+                process,
+                http_port,
+                https_port,
+                _home: home,
+            });
+        }
+        peers
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Peer::Berth(_) => "berth",
+            Peer::KamalProxy { .. } => "kamal-proxy",
+        }
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        match self {
+            Peer::Berth(proxy) => proxy.ok(args),
+            Peer::KamalProxy { process, .. } => process.ok(args),
+        }
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        match self {
+            Peer::Berth(proxy) => proxy.cli(args),
+            Peer::KamalProxy { process, .. } => process.cli(args),
+        }
+    }
+
+    /// `deploy` with a fast health check, as `ProxyProcess::deploy`.
+    pub fn deploy(&self, service: &str, target: &str, extra: &[&str]) -> String {
+        let target = format!("--target={target}");
+        let mut args = vec!["deploy", service, &target, "--health-check-interval=100ms"];
+        args.extend_from_slice(extra);
+        self.ok(&args)
+    }
+
+    pub fn address(&self) -> std::net::SocketAddr {
+        match self {
+            Peer::Berth(proxy) => proxy.address(),
+            Peer::KamalProxy { http_port, .. } => {
+                std::net::SocketAddr::from(([127, 0, 0, 1], *http_port))
+            }
+        }
+    }
+
+    pub fn https_port(&self) -> u16 {
+        match self {
+            Peer::Berth(proxy) => proxy.https_port,
+            Peer::KamalProxy { https_port, .. } => *https_port,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        match self {
+            Peer::Berth(proxy) => proxy.log(),
+            Peer::KamalProxy { process, .. } => process.log(),
+        }
+    }
+}

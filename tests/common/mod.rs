@@ -163,7 +163,7 @@ impl ProxyProcess {
                 }
             }
             for line in self.log_lines() {
-                if line["message"] == "Proxy started" {
+                if line["msg"] == "Proxy started" {
                     let port = |key: &str| {
                         line[key]
                             .as_str()

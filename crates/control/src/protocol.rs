@@ -81,6 +81,9 @@ pub struct RolloutSetRequest {
     pub percent: u32,
     #[serde(default)]
     pub allowlist: Vec<String>,
+    /// Give visitors without the cookie a random one (Berth's own; off as in kamal-proxy).
+    #[serde(default)]
+    pub assign_cookies: bool,
 }
 
 /// What a deploy under way waits for.

@@ -20,7 +20,6 @@ use berth_proxy::{
     ServiceSettings, Target,
 };
 use futures_util::future::join_all;
-use tokio::time::Instant;
 
 use crate::progress::DeployTracker;
 use crate::protocol::{
@@ -210,7 +209,7 @@ impl Registry {
             service.set_pause_state(match &saved.pause {
                 PersistedPause::Running => PauseState::Running,
                 PersistedPause::Paused { max_pause } => PauseState::Paused {
-                    until: Instant::now() + max_pause.get(),
+                    max_pause: max_pause.get(),
                 },
                 PersistedPause::Stopped { message } => PauseState::Stopped {
                     message: message.clone(),
@@ -453,9 +452,7 @@ impl Registry {
         let persisted = PersistedPause::Paused {
             max_pause: berth_proxy::GoDuration(max_pause),
         };
-        let live = PauseState::Paused {
-            until: Instant::now() + max_pause,
-        };
+        let live = PauseState::Paused { max_pause };
         let service = self.set_pause(name, persisted, live)?;
         service.wait_idle(drain_timeout).await;
         Ok(())
@@ -522,8 +519,9 @@ impl Registry {
         request: RolloutSetRequest,
     ) -> Result<(), RegistryError> {
         let _admitted = self.admit_change().await?;
-        let split = RolloutSplit::new(request.percent, request.allowlist)
+        let mut split = RolloutSplit::new(request.percent, request.allowlist)
             .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        split.assign_cookies = request.assign_cookies;
         let lock = self.service_lock(name);
         let _changing = lock.lock().await;
         let service = self.service(name)?;
@@ -908,16 +906,19 @@ pub fn normalize_config(mut config: ServiceConfig) -> Result<ServiceConfig, Regi
             return invalid("automatic TLS certificates cannot be used with wildcard hosts");
         }
     }
+    // Without hosts, kamal-proxy takes any canonical host (every host redirects to it).
     if let Some(canonical) = &tls.canonical_host {
-        if !config.hosts.contains(&normalize_host(canonical)) {
+        if !config.hosts.is_empty() && !config.hosts.contains(&normalize_host(canonical)) {
             return invalid("canonical host must be one of the service's hosts");
         }
     }
+    // Kamal can pass `--buffer-requests=false --max-request-body=N`; kamal-proxy keeps the
+    // limit and ignores it, and so do we (it applies only to a buffered body).
     if config.buffering.max_request_body > 0 && !config.buffering.requests {
-        return invalid("max-request-body can only be set when request buffering is enabled");
+        tracing::warn!("max-request-body has no effect without request buffering");
     }
     if config.buffering.max_response_body > 0 && !config.buffering.responses {
-        return invalid("max-response-body can only be set when response buffering is enabled");
+        tracing::warn!("max-response-body has no effect without response buffering");
     }
     Ok(config)
 }
@@ -1003,6 +1004,17 @@ mod tests {
         let mut c = config(&["a.test"]);
         c.tls.canonical_host = Some("b.test".into());
         assert!(normalize_config(c).is_err());
+        // Without hosts, as kamal-proxy does, any canonical host is taken.
+        let mut any_host = config(&[]);
+        any_host.tls.canonical_host = Some("b.test".into());
+        assert!(normalize_config(any_host).is_ok());
+    }
+
+    #[test]
+    fn a_body_limit_without_buffering_is_kept_and_ignored_as_kamal_proxy_does() {
+        let mut c = config(&["a.test"]);
+        c.buffering.max_request_body = 10;
+        assert_eq!(normalize_config(c).unwrap().buffering.max_request_body, 10);
     }
 
     #[test]

@@ -111,12 +111,13 @@ impl Drop for OpenConnection {
     }
 }
 
-/// How connections are served: hyper's settings for each protocol, and how long a client may
-/// take to send a request head, which is also how long an idle connection is kept.
+/// How connections are served: hyper's settings for each protocol, how long a client may
+/// take to send a request head, and how long an idle keep-alive connection is kept.
 pub struct Protocols {
     pub http1: http1::Builder,
     pub http2: http2::Builder<TokioExecutor>,
     pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
 }
 
 /// Serves one connection until it closes or the drain ends it.
@@ -261,9 +262,7 @@ where
                 mut connection,
                 quiet_since,
             } => {
-                let idle_left = protocols
-                    .header_read_timeout
-                    .saturating_sub(quiet_since.elapsed());
+                let idle_left = protocols.idle_timeout.saturating_sub(quiet_since.elapsed());
                 let_go();
                 let parked = Counted::new(&PARKED);
                 let woken = wait_for_bytes(&mut connection.io, idle_left, &watch.drain).await;
@@ -494,6 +493,7 @@ mod tests {
             http1: http1::Builder::new(),
             http2: http2::Builder::new(TokioExecutor::new()),
             header_read_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
         };
         let client = crate::upstream::upstream_client(Duration::from_secs(1));
         let proxy = Proxy::new(crate::RouteTableHandle::default(), client);

@@ -1,5 +1,6 @@
 //! HTML error pages: built in, or `<status>.html` files from a service's `--error-pages`
-//! directory. Templates may use `{{ .Status }}`, `{{ .StatusText }}` and `{{ .Message }}`.
+//! directory: Go templates, as in kamal-proxy (see [`crate::page_template`] for what they may
+//! use), with `.Message` (the stop message, else empty), `.Status` and `.StatusText`.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -7,6 +8,7 @@ use std::path::Path;
 use http::{header, HeaderValue, Response, StatusCode};
 
 use crate::body::{self, ProxyBody};
+use crate::page_template::{PageData, PageTemplate, TemplateError};
 
 const BUILT_IN: &str = r#"<!DOCTYPE html>
 <html lang="en">
@@ -31,22 +33,30 @@ p { color: #666; }
 "#;
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot read error pages from {path}: {source}")]
-pub struct ErrorPagesError {
-    path: String,
-    source: std::io::Error,
+pub enum ErrorPagesError {
+    #[error("cannot read error pages from {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("error page {path}, {source}")]
+    Template { path: String, source: TemplateError },
 }
 
 /// A service's custom error page templates, by status code.
 #[derive(Debug, Default, Clone)]
 pub struct ErrorPages {
-    custom: HashMap<u16, String>,
+    custom: HashMap<u16, PageTemplate>,
 }
 
+static BUILT_IN_PAGE: std::sync::LazyLock<PageTemplate> =
+    std::sync::LazyLock::new(|| PageTemplate::parse(BUILT_IN).expect("the built-in page parses"));
+
 impl ErrorPages {
-    /// Reads every `<status>.html` in `dir`.
+    /// Reads and parses every `<status>.html` in `dir`; a page that cannot be evaluated is
+    /// refused, naming the file and line.
     pub fn load(dir: &Path) -> Result<Self, ErrorPagesError> {
-        let wrap = |source| ErrorPagesError {
+        let wrap = |source| ErrorPagesError::Read {
             path: dir.display().to_string(),
             source,
         };
@@ -60,7 +70,13 @@ impl ErrorPages {
                 .and_then(|stem| stem.parse::<u16>().ok())
                 .filter(|code| (400..600).contains(code));
             if let Some(status) = status {
-                custom.insert(status, std::fs::read_to_string(&path).map_err(wrap)?);
+                let source = std::fs::read_to_string(&path).map_err(wrap)?;
+                let page =
+                    PageTemplate::parse(&source).map_err(|source| ErrorPagesError::Template {
+                        path: path.display().to_string(),
+                        source,
+                    })?;
+                custom.insert(status, page);
             }
         }
         Ok(Self { custom })
@@ -68,16 +84,20 @@ impl ErrorPages {
 
     /// An HTML response for `status`, with `message` (escaped) in the page.
     pub fn render(&self, status: StatusCode, message: Option<&str>) -> Response<ProxyBody> {
-        let template = self
-            .custom
-            .get(&status.as_u16())
-            .map(String::as_str)
-            .unwrap_or(BUILT_IN);
-        let message = message.unwrap_or_else(|| default_message(status));
-        let html = template
-            .replace("{{ .Status }}", status.as_str())
-            .replace("{{ .StatusText }}", status.canonical_reason().unwrap_or(""))
-            .replace("{{ .Message }}", &escape_html(message));
+        let status_text = status.canonical_reason().unwrap_or("");
+        let html = match self.custom.get(&status.as_u16()) {
+            // As in kamal-proxy, a custom page gets a message only when there is one.
+            Some(page) => page.render(&PageData {
+                message: message.unwrap_or(""),
+                status: status.as_u16(),
+                status_text,
+            }),
+            None => BUILT_IN_PAGE.render(&PageData {
+                message: message.unwrap_or_else(|| default_message(status)),
+                status: status.as_u16(),
+                status_text,
+            }),
+        };
         let mut response = Response::new(body::full(html));
         *response.status_mut() = status;
         let headers = response.headers_mut();
@@ -100,21 +120,6 @@ fn default_message(status: StatusCode) -> &'static str {
         504 => "The application took too long to respond.",
         _ => "",
     }
-}
-
-fn escape_html(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -147,5 +152,16 @@ mod tests {
         assert_eq!(html, "down: upgrading");
         let html = text(pages.render(StatusCode::NOT_FOUND, None)).await;
         assert!(html.contains("404 Not Found"));
+    }
+
+    #[test]
+    fn a_page_that_cannot_be_evaluated_is_refused_naming_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("502.html"), "<p>\n{{ template \"x\" }}</p>").unwrap();
+        let error = ErrorPages::load(dir.path()).unwrap_err().to_string();
+        assert!(
+            error.contains("502.html") && error.contains("line 2"),
+            "{error}"
+        );
     }
 }

@@ -10,11 +10,15 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_REQUEST_START: HeaderName = HeaderName::from_static("x-request-start");
+static X_KAMAL_TARGET: HeaderName = HeaderName::from_static("x-kamal-target");
 
 /// Headers meant for one hop only (RFC 9110 7.6.1, plus the legacy `keep-alive` and
-/// `proxy-connection`), and `upgrade`, kept only for an upgrade. As header names, so that
-/// finding and removing them compares names instead of parsing strings.
-static HOP_BY_HOP: [HeaderName; 8] = [
+/// `proxy-connection`), and `upgrade`, kept only for an upgrade; also the client's
+/// `proxy-authorization` (credentials for this proxy, not the app) and `forwarded` (which
+/// kamal-proxy drops, so apps read only the X-Forwarded-* the proxy vouches for). As header
+/// names, so that finding and removing them compares names instead of parsing strings.
+static HOP_BY_HOP: [HeaderName; 10] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -23,6 +27,8 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("forwarded"),
 ];
 
 /// Where `name` sits in [`HOP_BY_HOP`], if it is one. A match on the text, which compiles to
@@ -37,6 +43,8 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
         "trailer" => 5,
         "transfer-encoding" => 6,
         "upgrade" => 7,
+        "proxy-authorization" => 8,
+        "forwarded" => 9,
         _ => return None,
     })
 }
@@ -80,10 +88,19 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if present[0] {
         remove_listed_in_connection(headers);
     }
+    // `TE: trailers` says the client takes trailers, which the proxy passes on.
+    let te_trailers = present[4]
+        && headers
+            .get_all(header::TE)
+            .iter()
+            .any(|value| value.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for (index, name) in HOP_BY_HOP.iter().enumerate() {
         if present[index] && !(upgrade && *name == header::UPGRADE) {
             headers.remove(name);
         }
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -117,29 +134,38 @@ fn remove_listed_in_connection(headers: &mut HeaderMap) {
     }
 }
 
-/// Sets X-Forwarded-For/Proto/Host. With `trust_incoming`, values from the client are kept
-/// (the client address is appended to X-Forwarded-For); otherwise they are replaced.
+/// Sets X-Forwarded-For/Proto/Host as kamal-proxy does. With `trust_incoming`, values from
+/// the client are kept: X-Forwarded-For (all its lines, joined) or, when given, the client-IP
+/// header's value, with the peer appended; otherwise they are replaced.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
-    client_ip: IpAddr,
+    peer: IpAddr,
     scheme: &'static str,
     host: Option<&HeaderValue>,
     trust_incoming: bool,
+    client_ip_header: Option<&str>,
 ) {
-    let client = IpText::new(client_ip);
-    let client = client.as_str();
+    let peer = IpText::new(peer);
+    let peer = peer.as_str();
     // Looked up only when it is kept: the untrusted case, the usual one, replaces it unread.
-    let existing = trust_incoming
-        .then(|| headers.get(&X_FORWARDED_FOR))
-        .flatten();
-    let forwarded_for = existing.and_then(|existing| {
-        let mut joined = existing.as_bytes().to_vec();
-        joined.extend_from_slice(b", ");
-        joined.extend_from_slice(client.as_bytes());
-        HeaderValue::from_bytes(&joined).ok()
-    });
-    let forwarded_for = forwarded_for.unwrap_or_else(|| {
-        HeaderValue::from_str(client).expect("an IP address is a valid header value")
+    let kept = if trust_incoming {
+        let from_header = client_ip_header.and_then(|name| headers.get(name));
+        match from_header {
+            Some(value) => joined(std::iter::once(value), peer),
+            None => {
+                let mut lines = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+                lines
+                    .peek()
+                    .is_some()
+                    .then(|| joined(lines, peer))
+                    .flatten()
+            }
+        }
+    } else {
+        None
+    };
+    let forwarded_for = kept.unwrap_or_else(|| {
+        HeaderValue::from_str(peer).expect("an IP address is a valid header value")
     });
     headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
     if !(trust_incoming && headers.contains_key(&X_FORWARDED_PROTO)) {
@@ -151,6 +177,54 @@ pub fn set_forwarded(
             None => headers.remove(&X_FORWARDED_HOST),
         };
     }
+}
+
+/// `a, b, ..., last`: header lines joined as one list, with `last` appended.
+fn joined<'a>(lines: impl Iterator<Item = &'a HeaderValue>, last: &str) -> Option<HeaderValue> {
+    let mut text = Vec::new();
+    for line in lines {
+        text.extend_from_slice(line.as_bytes());
+        text.extend_from_slice(b", ");
+    }
+    text.extend_from_slice(last.as_bytes());
+    HeaderValue::from_bytes(&text).ok()
+}
+
+/// The headers kamal-proxy adds for the app: `X-Request-Start: t=<unix ms>` when the request
+/// has none (APM queue-time metrics read it), and `X-Kamal-Target` naming the target, after
+/// the client's value only when its forwarded headers are trusted.
+pub fn set_kamal_headers(headers: &mut HeaderMap, target: &HeaderValue, trust_incoming: bool) {
+    if headers
+        .get(&X_REQUEST_START)
+        .is_none_or(|value| value.is_empty())
+    {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let mut text = itoa::Buffer::new();
+        let mut value = Vec::with_capacity(16);
+        value.extend_from_slice(b"t=");
+        value.extend_from_slice(text.format(now).as_bytes());
+        if let Ok(value) = HeaderValue::from_bytes(&value) {
+            headers.insert(X_REQUEST_START.clone(), value);
+        }
+    }
+    let kept = trust_incoming
+        .then(|| {
+            let mut lines = headers.get_all(&X_KAMAL_TARGET).iter().peekable();
+            let target = target.to_str().ok()?;
+            lines
+                .peek()
+                .is_some()
+                .then(|| joined(lines, target))
+                .flatten()
+        })
+        .flatten();
+    headers.insert(
+        X_KAMAL_TARGET.clone(),
+        kept.unwrap_or_else(|| target.clone()),
+    );
 }
 
 /// Returns the request's X-Request-ID, adding a new UUID when it has none.
@@ -364,8 +438,9 @@ mod tests {
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-proto", "https"),
         ]);
-        set_forwarded(&mut trusted, ip, "http", Some(&host), true);
-        assert_eq!(trusted["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
+        trusted.append("x-forwarded-for", HeaderValue::from_static("5.6.7.8"));
+        set_forwarded(&mut trusted, ip, "http", Some(&host), true, None);
+        assert_eq!(trusted["x-forwarded-for"], "1.2.3.4, 5.6.7.8, 10.0.0.9");
         assert_eq!(trusted["x-forwarded-proto"], "https");
         assert_eq!(trusted["x-forwarded-host"], "app.test");
 
@@ -373,9 +448,57 @@ mod tests {
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-proto", "https"),
         ]);
-        set_forwarded(&mut untrusted, ip, "http", Some(&host), false);
+        set_forwarded(
+            &mut untrusted,
+            ip,
+            "http",
+            Some(&host),
+            false,
+            Some("x-real-ip"),
+        );
         assert_eq!(untrusted["x-forwarded-for"], "10.0.0.9");
         assert_eq!(untrusted["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn a_client_ip_header_replaces_forwarded_for_when_trusted_as_in_kamal_proxy() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let mut map = headers(&[("x-forwarded-for", "1.2.3.4"), ("x-real-ip", "9.9.9.9")]);
+        set_forwarded(&mut map, ip, "http", None, true, Some("x-real-ip"));
+        assert_eq!(map["x-forwarded-for"], "9.9.9.9, 127.0.0.1");
+    }
+
+    #[test]
+    fn kamal_headers_name_the_target_and_the_request_start() {
+        let mut trusted = headers(&[("x-kamal-target", "evil"), ("x-request-start", "")]);
+        let target = HeaderValue::from_static("10.0.0.1:3000");
+        set_kamal_headers(&mut trusted, &target, true);
+        assert_eq!(trusted["x-kamal-target"], "evil, 10.0.0.1:3000");
+        let start = trusted["x-request-start"].to_str().unwrap();
+        assert!(
+            start.starts_with("t=") && start[2..].parse::<u64>().is_ok(),
+            "{start}"
+        );
+
+        let mut untrusted = headers(&[("x-kamal-target", "evil"), ("x-request-start", "t=1")]);
+        set_kamal_headers(&mut untrusted, &target, false);
+        assert_eq!(untrusted["x-kamal-target"], "10.0.0.1:3000");
+        assert_eq!(untrusted["x-request-start"], "t=1");
+    }
+
+    #[test]
+    fn proxy_credentials_and_forwarded_are_dropped_and_te_trailers_kept() {
+        let mut map = headers(&[
+            ("proxy-authorization", "Basic x"),
+            ("forwarded", "for=1.1.1.1"),
+            ("te", "trailers"),
+        ]);
+        remove_hop_by_hop(&mut map, false);
+        assert!(!map.contains_key("proxy-authorization") && !map.contains_key("forwarded"));
+        assert_eq!(map["te"], "trailers");
+        let mut other = headers(&[("te", "gzip")]);
+        remove_hop_by_hop(&mut other, false);
+        assert!(!other.contains_key("te"));
     }
 
     #[test]

@@ -15,7 +15,8 @@
 //!   away gently, wait for open work up to a deadline.
 //! - [`metrics`]: Prometheus counters and histograms, and the gauges filled in at scrape.
 //! - [`tls`]: TLS termination with the certificate chosen by server name.
-//! - `buffer`, `headers`, `tunnel`, `error_page`, `request_log`: the layers the pipeline uses.
+//! - `buffer`, `headers`, `tunnel`, `error_page` (with `page_template`, the Go template
+//!   subset custom pages use), `request_log`: the layers the pipeline uses.
 //! - [`GoDuration`] and [`config`]: the service options a deploy sets.
 //!
 //! The data plane never waits on the control plane: the control plane builds a new
@@ -34,6 +35,7 @@ pub mod health;
 mod ip_text;
 pub mod listener;
 pub mod metrics;
+mod page_template;
 pub mod pipeline;
 pub mod proxy_protocol;
 mod request_log;

@@ -33,9 +33,12 @@ pub fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
 /// Limits that keep slow, idle or hostile clients from using up the proxy.
 #[derive(Debug, Clone)]
 pub struct ServerLimits {
-    /// Time a client has to send a request head. hyper also applies it while a keep-alive
-    /// connection waits for its next request, so it is the idle timeout too.
+    /// Time a client has to send a request head (and its first bytes after connecting).
     pub header_read_timeout: Duration,
+    /// How long a keep-alive connection may stay quiet between requests. Longer than the
+    /// idle timeouts of common load balancers (60 s), so none reuses a connection the proxy
+    /// has just closed; nginx uses 75 s. kamal-proxy never closes idle connections.
+    pub idle_timeout: Duration,
     /// Largest request head, in bytes (at least 8 KiB); larger ones get 431.
     pub max_header_bytes: usize,
     /// Most header fields in a request; more get 431.
@@ -46,6 +49,7 @@ pub struct ServerLimits {
 }
 
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 pub const MIN_MAX_HEADER_BYTES: usize = 8 * 1024;
 pub const DEFAULT_MAX_HEADERS: usize = 100;
@@ -60,10 +64,16 @@ impl ServerLimits {
     ) -> Self {
         Self {
             header_read_timeout,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_header_bytes: max_header_bytes.max(MIN_MAX_HEADER_BYTES),
             max_headers,
             connections: Arc::new(tokio::sync::Semaphore::new(max_connections)),
         }
+    }
+
+    pub fn with_idle_timeout(mut self, idle_timeout: Duration) -> Self {
+        self.idle_timeout = idle_timeout;
+        self
     }
 }
 
@@ -110,6 +120,7 @@ pub async fn serve(
         http1,
         http2,
         header_read_timeout: limits.header_read_timeout,
+        idle_timeout: limits.idle_timeout,
     });
     let drain = proxy.drain().clone();
 
@@ -137,6 +148,9 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        // A dual-stack socket reports IPv4 clients as `::ffff:a.b.c.d`; apps and logs want
+        // the plain IPv4 address, as kamal-proxy gives them.
+        let peer = std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let mut info = ConnectionInfo {
             peer,
             local_port,

@@ -44,6 +44,8 @@ pub struct ConnectionInfo {
 enum ForwardError {
     #[error("body larger than the service allows")]
     BodyTooLarge,
+    #[error("response body larger than the service allows")]
+    ResponseTooLarge,
     #[error("malformed request body: {0}")]
     BadRequestBody(BoxError),
     #[error("target unreachable: {0}")]
@@ -60,9 +62,12 @@ impl ForwardError {
     fn status(&self) -> StatusCode {
         match self {
             ForwardError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            // The client asked for nothing too large: kamal-proxy answers 500.
+            ForwardError::ResponseTooLarge => StatusCode::INTERNAL_SERVER_ERROR,
             ForwardError::BadRequestBody(_) => StatusCode::BAD_REQUEST,
-            ForwardError::Unreachable(_) | ForwardError::Cut => StatusCode::BAD_GATEWAY,
-            ForwardError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ForwardError::Unreachable(_) => StatusCode::BAD_GATEWAY,
+            // As kamal-proxy: a request cut by a drain timed out waiting for its target.
+            ForwardError::Timeout | ForwardError::Cut => StatusCode::GATEWAY_TIMEOUT,
             ForwardError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -170,6 +175,7 @@ impl Proxy {
                 .and_then(|c| c.answer(request.uri().path()))
             {
                 record.status = 200;
+                record.resp_content_length = Some(answer.len() as u64);
                 record.emit();
                 let mut response = Response::new(body::full(answer));
                 response
@@ -220,8 +226,13 @@ impl Proxy {
             return redirect(location);
         }
 
-        match service.admit().await {
+        match service.admit(request.uri().path()).await {
             Admission::Proceed => {}
+            Admission::HealthCheck => {
+                record.status = 200;
+                record.emit();
+                return Response::new(body::empty());
+            }
             Admission::Stopped(message) => {
                 let status = StatusCode::SERVICE_UNAVAILABLE;
                 return finish_with_error(
@@ -332,31 +343,23 @@ impl Proxy {
         let peer_ip = conn.peer.ip();
         let trusted_peer =
             !self.inner.trusted_proxies.is_empty() && self.inner.trusted_proxies.contains(peer_ip);
-        // What X-Forwarded-For gets appended: the address this request came from, or the
-        // one the service's client-IP header names.
-        let (client_ip, forwarded_for) = match config
-            .client_ip_header
-            .as_deref()
+        let client_ip_header = config.client_ip_header.as_deref();
+        // The log's remote_addr, as kamal-proxy gives it: the client-IP header's address, else
+        // the first X-Forwarded-For entry, else the peer.
+        record.remote_addr = client_ip_header
             .and_then(|name| headers::client_ip_from_header(&parts.headers, name))
-        {
-            Some(client_ip) => (client_ip, client_ip),
-            None if trusted_peer => (
-                self.inner
-                    .trusted_proxies
-                    .client_ip(&parts.headers, peer_ip),
-                peer_ip,
-            ),
-            None => (peer_ip, peer_ip),
-        };
-        record.client_addr = client_ip;
+            .or_else(|| headers::client_ip_from_header(&parts.headers, "x-forwarded-for"));
+        let trust_incoming = config.forward_headers || trusted_peer;
         let scheme = if conn.tls { "https" } else { "http" };
         headers::set_forwarded(
             &mut parts.headers,
-            forwarded_for,
+            peer_ip,
             scheme,
             original_host.as_ref(),
-            config.forward_headers || trusted_peer,
+            trust_incoming,
+            client_ip_header,
         );
+        headers::set_kamal_headers(&mut parts.headers, target.address_header(), trust_incoming);
         let request_id = headers::ensure_request_id(&mut parts.headers);
         record.request_id = Some(request_id);
 
@@ -449,15 +452,18 @@ impl Proxy {
             Received::Whole(bytes) => {
                 let max = buffering.max_response_body;
                 if buffering.responses && max > 0 && bytes.len() as u64 > max {
-                    return Err(ForwardError::BodyTooLarge);
+                    return Err(ForwardError::ResponseTooLarge);
                 }
                 body::full(bytes)
             }
-            Received::Streaming(incoming) if buffering.responses => {
+            // An event stream never ends: held whole, it would never deliver an event.
+            Received::Streaming(incoming)
+                if buffering.responses && !is_event_stream(&parts.headers) =>
+            {
                 let buffered = buffer_body(incoming, buffering.memory, buffering.max_response_body)
                     .await
                     .map_err(|e| match e {
-                        BufferError::TooLarge(_) => ForwardError::BodyTooLarge,
+                        BufferError::TooLarge(_) => ForwardError::ResponseTooLarge,
                         BufferError::Read(e) => ForwardError::Unreachable(describe_error(&*e)),
                         BufferError::Spill(e) => ForwardError::Internal(e.to_string()),
                     })?;
@@ -477,6 +483,18 @@ impl Proxy {
 enum Forwarded {
     Response(Response<ProxyBody>),
     Upgraded(Response<ProxyBody>),
+}
+
+fn is_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| {
+            value
+                .trim_start()
+                .get(..17)
+                .is_some_and(|kind| kind.eq_ignore_ascii_case("text/event-stream"))
+        })
 }
 
 fn no_body_status(status: StatusCode) -> bool {
@@ -582,8 +600,11 @@ fn finish_with_error(
 ) -> Response<ProxyBody> {
     record.status = status.as_u16();
     record.resp_content_type = Some(HeaderValue::from_static("text/html; charset=utf-8"));
+    let page = pages.render(status, message);
+    // The bytes written, as kamal-proxy logs them for its error pages too.
+    record.resp_content_length = page.body().size_hint().exact();
     record.emit();
-    pages.render(status, message)
+    page
 }
 
 /// A streamed request body on its way to the target. Remembers whether reading it from the

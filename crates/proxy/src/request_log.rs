@@ -2,7 +2,8 @@
 //!
 //! Written directly rather than through `tracing`, because the `req_<header>` and
 //! `resp_<header>` fields are named at deploy time and tracing fields are fixed at compile time.
-//! The line carries the same `timestamp`/`level`/`message` keys as the daemon's other logs.
+//! The line has kamal-proxy's shape, since log pipelines are keyed on it: `time`, `level`,
+//! `msg` first (as the daemon's other lines), then kamal-proxy's fields in its order.
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -34,9 +35,11 @@ pub struct RequestRecord {
     pub proto: Version,
     pub scheme: &'static str,
     pub peer: SocketAddr,
-    pub client_addr: IpAddr,
+    /// The client as the request names it (client-IP header, X-Forwarded-For), if it does.
+    pub remote_addr: Option<IpAddr>,
     user_agent: Option<HeaderValue>,
-    pub req_content_length: Option<u64>,
+    /// As Go reports it: the declared length, -1 for a chunked body, 0 for none.
+    pub req_content_length: i64,
     req_content_type: Option<HeaderValue>,
     pub request_id: Option<HeaderValue>,
     /// Shared with the routing table, so naming them costs no allocation per request.
@@ -64,12 +67,17 @@ impl RequestRecord {
         // of the four the log wants. The first of each counts, as with `HeaderMap::get`.
         let (mut host, mut user_agent, mut content_length, mut content_type) =
             (None, None, None, None);
+        let mut chunked = false;
         for (name, value) in request.headers() {
             let slot = match *name {
                 header::HOST => &mut host,
                 header::USER_AGENT => &mut user_agent,
                 header::CONTENT_LENGTH => &mut content_length,
                 header::CONTENT_TYPE => &mut content_type,
+                header::TRANSFER_ENCODING => {
+                    chunked = true;
+                    continue;
+                }
                 _ => continue,
             };
             if slot.is_none() {
@@ -89,11 +97,12 @@ impl RequestRecord {
             proto: request.version(),
             scheme,
             peer,
-            client_addr: peer.ip(),
+            remote_addr: None,
             user_agent: user_agent.cloned(),
             req_content_length: content_length
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok()),
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(if chunked { -1 } else { 0 }),
             req_content_type: content_type.cloned(),
             request_id: None,
             service: None,
@@ -108,13 +117,16 @@ impl RequestRecord {
         }
     }
 
-    /// Copies the named headers into `<prefix><lowercase name>` fields.
+    /// Copies the named headers into `<prefix><lowercase name>` fields; `""` for one the
+    /// message lacks, as kamal-proxy logs it.
     pub fn capture_headers(&mut self, prefix: &str, names: &[String], headers: &HeaderMap) {
         for name in names {
-            if let Some(value) = headers.get(name.as_str()).and_then(|v| v.to_str().ok()) {
-                let key = format!("{prefix}{}", name.to_ascii_lowercase().replace('-', "_"));
-                self.extra.push((key, value.to_string()));
-            }
+            let value = headers
+                .get(name.as_str())
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            let key = format!("{prefix}{}", name.to_ascii_lowercase().replace('-', "_"));
+            self.extra.push((key, value.to_string()));
         }
     }
 
@@ -147,7 +159,7 @@ impl RequestRecord {
         line.constant(concat!(
             key!("level"),
             "\"INFO\"",
-            key!("message"),
+            key!("msg"),
             "\"Request\""
         ));
         line.string(key!("host"), crate::route::strip_port(host));
@@ -162,10 +174,7 @@ impl RequestRecord {
             u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
         );
         line.string(key!("method"), self.method.as_str());
-        line.number(
-            key!("req_content_length"),
-            self.req_content_length.unwrap_or(0),
-        );
+        line.signed(key!("req_content_length"), self.req_content_length);
         line.string(
             key!("req_content_type"),
             header_text(self.req_content_type.as_ref()),
@@ -178,9 +187,15 @@ impl RequestRecord {
             key!("resp_content_type"),
             header_text(self.resp_content_type.as_ref()),
         );
-        line.string(key!("client_addr"), IpText::new(self.client_addr).as_str());
-        line.number(key!("client_port"), u64::from(self.peer.port()));
-        line.string(key!("remote_addr"), IpText::new(self.peer.ip()).as_str());
+        line.string(key!("client_addr"), IpText::new(self.peer.ip()).as_str());
+        line.string(
+            key!("client_port"),
+            itoa::Buffer::new().format(self.peer.port()),
+        );
+        line.string(
+            key!("remote_addr"),
+            IpText::new(self.remote_addr.unwrap_or(self.peer.ip())).as_str(),
+        );
         line.string(key!("user_agent"), header_text(self.user_agent.as_ref()));
         line.string(key!("proto"), proto_name(self.proto));
         line.string(key!("scheme"), self.scheme);
@@ -212,10 +227,10 @@ struct JsonObject<'a> {
 }
 
 impl<'a> JsonObject<'a> {
-    /// Opens the object with `"timestamp"`: RFC 3339 in UTC with microseconds, as
+    /// Opens the object with `"time"`: RFC 3339 in UTC with microseconds, as
     /// `2026-11-22T10:00:00.123456Z`.
     fn start(out: &'a mut Vec<u8>, now: SystemTime) -> Self {
-        out.extend_from_slice(b"{\"timestamp\":\"");
+        out.extend_from_slice(b"{\"time\":\"");
         let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
         let seconds = since_epoch.as_secs();
         let (cached_second, mut date_time) = SECOND.get();
@@ -254,6 +269,12 @@ impl<'a> JsonObject<'a> {
 
     /// `key` is a [`key!`] fragment.
     fn number(&mut self, key: &'static str, value: u64) {
+        self.out.extend_from_slice(key.as_bytes());
+        self.out
+            .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+    }
+
+    fn signed(&mut self, key: &'static str, value: i64) {
         self.out.extend_from_slice(key.as_bytes());
         self.out
             .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
@@ -442,9 +463,9 @@ mod tests {
             .filter_map(|before| before.rsplit('"').next())
             .collect();
         let expected = [
-            "timestamp",
+            "time",
             "level",
-            "message",
+            "msg",
             "host",
             "port",
             "path",
@@ -499,11 +520,11 @@ mod tests {
         assert_eq!(line["req_content_length"], 12);
         assert_eq!(line["client_addr"], "10.1.2.3");
         assert_eq!(line["remote_addr"], "10.1.2.3");
-        assert_eq!(line["client_port"], 5555);
+        assert_eq!(line["client_port"], "5555");
         assert_eq!(line["duration"], 1_500_000);
         assert_eq!(line["status"], 200);
         assert_eq!(line["req_x_custom"], "v");
-        let timestamp = line["timestamp"].as_str().unwrap();
+        let timestamp = line["time"].as_str().unwrap();
         let parsed = humantime::parse_rfc3339(timestamp).unwrap();
         let age = SystemTime::now().duration_since(parsed).unwrap();
         assert!(age < std::time::Duration::from_secs(60), "{timestamp}");

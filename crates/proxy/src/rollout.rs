@@ -5,10 +5,11 @@
 //! value goes there when its FNV-1a hash falls in the first `percent` of the hash space. The
 //! same value always lands on the same side, so a user stays on one version.
 //!
-//! A request without the cookie is an anonymous visitor: while a percentage is set, it gets a
-//! new random value, is routed by it like any other, and the response sets the cookie, so the
-//! visitor stays on that side for the rest of the rollout. (kamal-proxy sends such requests to
-//! the main targets, which makes the percentage apply only to apps that set the cookie.)
+//! A request without the cookie goes to the main targets, as in kamal-proxy, so responses
+//! to anonymous visitors (public, cacheable pages) carry no cookie. With `assign_cookies`
+//! (`rollout set --assign-cookies`, Berth's own), such a visitor instead gets a new random
+//! value while a percentage is set, is routed by it like any other, and the response sets the
+//! cookie, so the percentage applies to all traffic and each visitor stays on its side.
 
 use http::{header, HeaderMap};
 use serde::{Deserialize, Serialize};
@@ -34,6 +35,9 @@ pub struct RolloutSplit {
     /// Cookie values always sent to the rollout.
     #[serde(default)]
     pub allowlist: Vec<String>,
+    /// Give visitors without the cookie a random one (opt-in; kamal-proxy never does).
+    #[serde(default)]
+    pub assign_cookies: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +50,11 @@ impl RolloutSplit {
             .ok()
             .filter(|p| *p <= 100)
             .ok_or(InvalidPercent(percent))?;
-        Ok(Self { percent, allowlist })
+        Ok(Self {
+            percent,
+            allowlist,
+            assign_cookies: false,
+        })
     }
 
     /// Which side a request with these headers goes to.
@@ -57,7 +65,7 @@ impl RolloutSplit {
                 set_cookie: None,
             };
         }
-        if self.percent == 0 {
+        if self.percent == 0 || !self.assign_cookies {
             return Assignment::default();
         }
         let mut buffer = uuid::Uuid::encode_buffer();
@@ -146,8 +154,17 @@ mod tests {
     }
 
     #[test]
-    fn anonymous_visitors_get_a_cookie_that_keeps_them_on_their_side() {
-        let split = RolloutSplit::new(25, vec![]).unwrap();
+    fn anonymous_visitors_go_to_the_main_targets_without_a_cookie_as_in_kamal_proxy() {
+        let split = RolloutSplit::new(100, vec![]).unwrap();
+        for _ in 0..100 {
+            assert_eq!(split.assign(&HeaderMap::new()), Assignment::default());
+        }
+    }
+
+    #[test]
+    fn with_assign_cookies_anonymous_visitors_get_a_cookie_that_keeps_them_on_their_side() {
+        let mut split = RolloutSplit::new(25, vec![]).unwrap();
+        split.assign_cookies = true;
         let mut to_rollout = 0;
         for _ in 0..2_000 {
             let assignment = split.assign(&HeaderMap::new());
@@ -158,7 +175,8 @@ mod tests {
             to_rollout += usize::from(assignment.rollout);
         }
         assert!((380..620).contains(&to_rollout), "{to_rollout}");
-        let allowlist_only = RolloutSplit::new(0, vec!["staff".into()]).unwrap();
+        let mut allowlist_only = RolloutSplit::new(0, vec!["staff".into()]).unwrap();
+        allowlist_only.assign_cookies = true;
         assert_eq!(
             allowlist_only.assign(&HeaderMap::new()),
             Assignment::default()

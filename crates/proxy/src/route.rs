@@ -111,24 +111,21 @@ impl<S> RouteTable<S> {
         } else {
             host
         };
-        let found = self
+        // The most specific host pattern that exists decides, even when none of its paths
+        // match (then 404): a request for a known host never reaches another app.
+        let routes = self
             .exact
             .get(host)
-            .and_then(|routes| routes.lookup(path))
             .or_else(|| {
                 let (_, domain) = host.split_once('.')?;
-                self.wildcard.get(domain)?.lookup(path)
+                self.wildcard.get(domain)
             })
-            .or_else(|| self.any_host.lookup(path))?;
+            .unwrap_or(&self.any_host);
+        let found = routes.lookup(path)?;
         Some(RouteMatch {
             service: &found.service,
             prefix: &found.prefix,
         })
-    }
-
-    /// True when some route exists for this exact host (used to decide certificate issuance).
-    pub fn has_host(&self, host: &str) -> bool {
-        self.lookup(host, "/").is_some()
     }
 }
 
@@ -240,9 +237,15 @@ mod tests {
     }
 
     #[test]
-    fn a_host_without_a_matching_prefix_falls_through_to_less_specific_hosts() {
-        let t = table(&[("api", &["h"], &["/api"]), ("default", &[], &["/"])]);
-        assert_eq!(lookup(&t, "h", "/other").unwrap(), "default");
+    fn a_known_host_without_a_matching_prefix_is_not_found_as_in_kamal_proxy() {
+        let t = table(&[
+            ("api", &["h"], &["/api"]),
+            ("wild-api", &["*.w"], &["/api"]),
+            ("default", &[], &["/"]),
+        ]);
+        assert!(lookup(&t, "h", "/other").is_none());
+        assert!(lookup(&t, "a.w", "/other").is_none());
+        assert_eq!(lookup(&t, "other", "/other").unwrap(), "default");
     }
 
     #[test]

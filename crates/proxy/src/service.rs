@@ -10,7 +10,6 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use http::HeaderMap;
 use tokio::sync::watch;
-use tokio::time::Instant;
 
 use crate::config::ServiceConfig;
 use crate::error_page::ErrorPages;
@@ -21,9 +20,10 @@ use crate::target::{InFlight, Target};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PauseState {
     Running,
-    /// Requests wait until resumed or until the deadline.
+    /// Requests wait until resumed, each for at most `max_pause` from its arrival (as in
+    /// kamal-proxy: a pause may outlast it).
     Paused {
-        until: Instant,
+        max_pause: Duration,
     },
     /// Requests get a 503 with this message.
     Stopped {
@@ -47,6 +47,9 @@ pub enum Admission {
     Proceed,
     Stopped(Option<String>),
     PauseTimedOut,
+    /// The service's own health-check path while paused or stopped: answered 200 by the
+    /// proxy, so a load balancer or uptime check in front keeps the node in its pool.
+    HealthCheck,
 }
 
 /// Settings that change together on a redeploy.
@@ -198,16 +201,19 @@ impl Service {
         self.pause.send_replace(state);
     }
 
-    /// Waits while the service is paused; says whether the request may go on.
-    pub async fn admit(&self) -> Admission {
-        let until = match &*self.pause.borrow() {
+    /// Waits while the service is paused; says whether a request for `path` may go on.
+    pub async fn admit(&self, path: &str) -> Admission {
+        let max_pause = match &*self.pause.borrow() {
             PauseState::Running => return Admission::Proceed,
+            _ if path == self.settings.load().config.health_check.path => {
+                return Admission::HealthCheck
+            }
             PauseState::Stopped { message } => return Admission::Stopped(message.clone()),
-            PauseState::Paused { until } => *until,
+            PauseState::Paused { max_pause } => *max_pause,
         };
         let mut changes = self.pause.subscribe();
-        let resumed = tokio::time::timeout_at(
-            until,
+        let resumed = tokio::time::timeout(
+            max_pause,
             changes.wait_for(|state| !matches!(state, PauseState::Paused { .. })),
         )
         .await;
@@ -300,11 +306,11 @@ mod tests {
     async fn paused_requests_wait_for_resume() {
         let service = Arc::new(service());
         service.set_pause_state(PauseState::Paused {
-            until: Instant::now() + Duration::from_secs(5),
+            max_pause: Duration::from_secs(5),
         });
         let waiting = tokio::spawn({
             let service = Arc::clone(&service);
-            async move { service.admit().await }
+            async move { service.admit("/").await }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiting.is_finished());
@@ -313,11 +319,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stop_while_held_answers_with_the_stop_message() {
+        let service = Arc::new(service());
+        service.set_pause_state(PauseState::Paused {
+            max_pause: Duration::from_secs(5),
+        });
+        let waiting = tokio::spawn({
+            let service = Arc::clone(&service);
+            async move { service.admit("/").await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        service.set_pause_state(PauseState::Stopped {
+            message: Some("later".into()),
+        });
+        assert_eq!(
+            waiting.await.unwrap(),
+            Admission::Stopped(Some("later".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn the_health_check_path_is_answered_while_paused_or_stopped() {
+        let service = service();
+        assert_eq!(service.admit("/up").await, Admission::Proceed);
+        service.set_pause_state(PauseState::Stopped { message: None });
+        assert_eq!(service.admit("/up").await, Admission::HealthCheck);
+        assert_eq!(service.admit("/").await, Admission::Stopped(None));
+        service.set_pause_state(PauseState::Paused {
+            max_pause: Duration::from_secs(5),
+        });
+        assert_eq!(service.admit("/up").await, Admission::HealthCheck);
+    }
+
+    #[tokio::test]
     async fn a_pause_past_its_deadline_times_out() {
         let service = service();
         service.set_pause_state(PauseState::Paused {
-            until: Instant::now() + Duration::from_millis(10),
+            max_pause: Duration::from_millis(10),
         });
-        assert_eq!(service.admit().await, Admission::PauseTimedOut);
+        assert_eq!(service.admit("/").await, Admission::PauseTimedOut);
     }
 }

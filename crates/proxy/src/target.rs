@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::HealthCheckConfig;
 
 #[derive(Debug, thiserror::Error)]
-#[error("invalid target {0:?}: expected host:port")]
+#[error("invalid target {0:?}: expected host or host:port")]
 pub struct InvalidTarget(pub String);
 
 /// Health as the target's checks last saw it.
@@ -38,6 +38,8 @@ pub struct HealthReport {
 
 pub struct Target {
     address: Arc<str>,
+    /// The address as a header value (`X-Kamal-Target`), made once: a clone shares it.
+    address_header: http::HeaderValue,
     authority: Authority,
     healthy: AtomicBool,
     report: watch::Sender<HealthReport>,
@@ -66,14 +68,22 @@ impl std::fmt::Debug for Target {
 impl Target {
     /// A target at `address` (`host:port`), health unknown until its first check.
     pub fn new(address: &str, health_check: HealthCheckConfig) -> Result<Self, InvalidTarget> {
-        let authority: Authority = address
-            .parse()
-            .map_err(|_| InvalidTarget(address.to_string()))?;
-        if authority.port_u16().is_none() || authority.host().is_empty() || address.contains('@') {
-            return Err(InvalidTarget(address.to_string()));
+        let invalid = || InvalidTarget(address.to_string());
+        let mut authority: Authority = address.parse().map_err(|_| invalid())?;
+        if authority.host().is_empty() || address.contains('@') {
+            return Err(invalid());
         }
+        // A target without a port is on port 80, as in kamal-proxy (an app container's
+        // name, say); it keeps the name it was deployed with.
+        if authority.port().is_none() {
+            authority = format!("{address}:80").parse().map_err(|_| invalid())?;
+        }
+        let address_header =
+            http::HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(address.as_bytes()))
+                .map_err(|_| invalid())?;
         Ok(Self {
             address: address.into(),
+            address_header,
             authority,
             healthy: AtomicBool::new(false),
             report: watch::Sender::new(HealthReport {
@@ -93,6 +103,11 @@ impl Target {
 
     pub fn address(&self) -> &str {
         &self.address
+    }
+
+    /// The address as a header value, cheap to clone.
+    pub fn address_header(&self) -> &http::HeaderValue {
+        &self.address_header
     }
 
     /// The address as a shared string, for what outlives a borrow (a request's log record).
@@ -275,10 +290,13 @@ mod tests {
     }
 
     #[test]
-    fn rejects_addresses_without_a_port() {
-        assert!(Target::new("127.0.0.1", HealthCheckConfig::default()).is_err());
+    fn an_address_without_a_port_is_on_port_80_as_in_kamal_proxy() {
+        let target = Target::new("app", HealthCheckConfig::default()).unwrap();
+        assert_eq!(target.address(), "app");
+        assert_eq!(target.authority().as_str(), "app:80");
         assert!(Target::new("http://x:1/", HealthCheckConfig::default()).is_err());
         assert!(Target::new("app:3000", HealthCheckConfig::default()).is_ok());
+        assert!(Target::new(":3000", HealthCheckConfig::default()).is_err());
     }
 
     #[test]

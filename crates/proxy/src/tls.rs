@@ -1,7 +1,10 @@
 //! TLS termination. The ClientHello is read first, so the certificate for its server name can
-//! be looked up (and waited for, when it is being obtained) before the handshake continues;
-//! a name with no certificate ends the handshake, so strangers never see a default
-//! certificate. TLS 1.2 and 1.3 only; ALPN offers `h2` and `http/1.1`.
+//! be looked up (and waited for, when it is being obtained) before the handshake continues.
+//! A name with no certificate ends the handshake with an `unrecognized_name` alert, so
+//! strangers never see a certificate for another name; a client that sends no name at all
+//! (load balancers checking by IP, old clients) gets the default certificate the source
+//! gives for the empty name, as in kamal-proxy. TLS 1.2 and 1.3 only; ALPN offers `h2` and
+//! `http/1.1`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,7 +20,8 @@ use tokio_rustls::LazyConfigAcceptor;
 
 /// Where the TLS listener gets certificates from.
 pub trait CertificateSource: Send + Sync + 'static {
-    /// The certificate for `server_name`, or `None` to refuse the handshake.
+    /// The certificate for `server_name` (empty when the client sent none), or `None` to
+    /// refuse the handshake.
     fn certificate_for<'a>(
         &'a self,
         server_name: &'a str,
@@ -31,8 +35,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum HandshakeError {
     #[error("TLS handshake failed: {0}")]
     Io(#[from] std::io::Error),
-    #[error("no server name (SNI) in the TLS handshake")]
-    NoServerName,
     #[error("no certificate for {0:?}")]
     UnknownServerName(String),
     #[error("TLS handshake timed out")]
@@ -49,16 +51,53 @@ pub async fn accept(
         let server_name = start
             .client_hello()
             .server_name()
-            .map(str::to_string)
-            .ok_or(HandshakeError::NoServerName)?;
-        let certified = certificates
-            .certificate_for(&server_name)
-            .await
-            .ok_or(HandshakeError::UnknownServerName(server_name))?;
-        Ok(start.into_stream(server_config(certified)).await?)
+            .unwrap_or_default()
+            .to_string();
+        match certificates.certificate_for(&server_name).await {
+            Some(certified) => Ok(start.into_stream(server_config(certified)).await?),
+            None => {
+                refuse_unrecognized_name(start).await;
+                Err(HandshakeError::UnknownServerName(server_name))
+            }
+        }
     })
     .await
     .map_err(|_| HandshakeError::Timeout)?
+}
+
+/// A fatal `unrecognized_name` alert (RFC 6066 §3), in the clear as alerts before the end of a
+/// handshake are: the client learns why, and sees no certificate.
+const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 112];
+
+/// Ends a handshake whose server name we have no certificate for. rustls itself would say
+/// `access_denied`, so the alert is written on the socket directly.
+async fn refuse_unrecognized_name(start: tokio_rustls::StartHandshake<TcpStream>) {
+    use tokio::io::AsyncWriteExt;
+    let mut refused = start.into_stream(refusing_config());
+    if let Some(stream) = refused.get_mut() {
+        let _ = stream.write_all(&UNRECOGNIZED_NAME_ALERT).await;
+        let _ = stream.shutdown().await;
+    }
+}
+
+/// A configuration that serves no certificate, only to take the ClientHello off our hands.
+fn refusing_config() -> Arc<ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("ring supports TLS 1.2 and 1.3")
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Refuse));
+    Arc::new(config)
+}
+
+#[derive(Debug)]
+struct Refuse;
+
+impl ResolvesServerCert for Refuse {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        None
+    }
 }
 
 fn server_config(certified: Arc<CertifiedKey>) -> Arc<ServerConfig> {

@@ -135,6 +135,9 @@ struct RolloutController {
     /// Newer kamal-proxy versions keep a stopped split this way instead of as `null`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     disabled: bool,
+    /// Berth's own (`rollout set --assign-cookies`); kamal-proxy ignores it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    berth_assign_cookies: bool,
 }
 
 /// A Go `time.Duration` as JSON: an integer count of nanoseconds.
@@ -267,6 +270,7 @@ impl Service {
             .map(|controller| RolloutSplit {
                 percent: controller.percentage.min(100) as u8,
                 allowlist: controller.allowlist,
+                assign_cookies: controller.berth_assign_cookies,
             });
         ServiceState {
             name,
@@ -352,6 +356,7 @@ impl Service {
                 percentage_split_point: f64::from(u32::MAX) * f64::from(split.percent) / 100.0,
                 allowlist: split.allowlist.clone(),
                 disabled: false,
+                berth_assign_cookies: split.assign_cookies,
             }),
             unknown: unknown.service,
             ..Service::default()

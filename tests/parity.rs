@@ -1,0 +1,651 @@
+//! Behaving as kamal-proxy does where an app, a client or Kamal can tell the difference: each
+//! test runs the same commands and requests through Berth and, when it is at hand, the real
+//! kamal-proxy (`../shared/peers/kamal-proxy`), and checks both against the same expectation.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::certs::certificate_files;
+use common::kamal_proxy::Peer;
+use common::{get, request, Connection, Upstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_check_path_of_a_stopped_or_paused_service_answers_200() {
+    let app = Upstream::start("app").await;
+    for peer in Peer::both() {
+        let side = peer.name();
+        peer.deploy("web", &app.target(), &["--host=app.test"]);
+        peer.ok(&["stop", "web", "--message=maintenance"]);
+        let check = get(peer.address(), "app.test", "/up").await;
+        assert_eq!((check.status, check.body.as_str()), (200, ""), "{side}");
+        assert_eq!(
+            get(peer.address(), "app.test", "/").await.status,
+            503,
+            "{side}"
+        );
+        peer.ok(&["resume", "web"]);
+        peer.ok(&["pause", "web", "--max-pause=5s"]);
+        let check = get(peer.address(), "app.test", "/up").await;
+        assert_eq!((check.status, check.body.as_str()), (200, ""), "{side}");
+        peer.ok(&["resume", "web"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_pause_counts_from_each_request_and_a_stop_answers_held_requests() {
+    let app = Upstream::start("app").await;
+    for peer in Peer::both() {
+        let side = peer.name();
+        peer.deploy("web", &app.target(), &["--host=app.test"]);
+        peer.ok(&["pause", "web", "--max-pause=1s"]);
+        // Longer than max-pause after the pause: a new request is still held, not refused.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let address = peer.address();
+        let held = tokio::spawn(async move { get(address, "app.test", "/").await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!held.is_finished(), "{side}: the request was not held");
+        // Held past its own max-pause: 504.
+        assert_eq!(held.await.unwrap().status, 504, "{side}");
+
+        let held = tokio::spawn(async move { get(address, "app.test", "/").await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        peer.ok(&["stop", "web", "--message=closed for lunch"]);
+        let stopped = held.await.unwrap();
+        assert_eq!(stopped.status, 503, "{side}");
+        assert!(
+            stopped.body.contains("closed for lunch"),
+            "{side}: {}",
+            stopped.body
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_host_whose_paths_do_not_match_is_not_found() {
+    let api = Upstream::start("api").await;
+    let fallback = Upstream::start("fallback").await;
+    for peer in Peer::both() {
+        let side = peer.name();
+        peer.deploy(
+            "api",
+            &api.target(),
+            &["--host=a.test", "--path-prefix=/api"],
+        );
+        peer.deploy("fallback", &fallback.target(), &[]);
+        let known = get(peer.address(), "a.test", "/other").await;
+        assert_eq!(known.status, 404, "{side}: {}", known.body);
+        let unknown = get(peer.address(), "b.test", "/other").await;
+        assert_eq!(unknown.status, 200, "{side}");
+        assert!(unknown.body.contains("fallback"), "{side}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollouts_leave_requests_without_the_cookie_alone_and_stop_keeps_the_targets() {
+    let main = Upstream::start("main").await;
+    let canary = Upstream::start("canary").await;
+    for peer in Peer::both() {
+        let side = peer.name();
+        peer.deploy("shop", &main.target(), &["--host=shop.test"]);
+        let canary_target = format!("--target={}", canary.target());
+        peer.ok(&["rollout", "deploy", "shop", &canary_target]);
+        peer.ok(&["rollout", "set", "shop", "--percent=100"]);
+        let mut connection = Connection::open(peer.address()).await.unwrap();
+        for _ in 0..10 {
+            let reply = connection.get("shop.test", "/").await.unwrap();
+            assert!(reply.body.contains("\"main\""), "{side}: {}", reply.body);
+            assert!(!reply.headers.contains_key("set-cookie"), "{side}");
+        }
+        let mut with_cookie = request("GET", "shop.test", "/", "");
+        with_cookie
+            .headers_mut()
+            .insert("cookie", "kamal-rollout=anyone".parse().unwrap());
+        let reply = connection.send(with_cookie).await.unwrap();
+        assert!(reply.body.contains("\"canary\""), "{side}: {}", reply.body);
+
+        // Stopped, the rollout keeps its targets: a later split works at once.
+        peer.ok(&["rollout", "stop", "shop"]);
+        peer.ok(&["rollout", "set", "shop", "--list=anyone"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_service_on_a_tls_host_is_redirected_to_https_like_its_root() {
+    let app = Upstream::start("app").await;
+    let files = certificate_files("secure.test");
+    for peer in Peer::both() {
+        let side = peer.name();
+        peer.deploy(
+            "web",
+            &app.target(),
+            &[
+                "--host=secure.test",
+                "--tls",
+                &files.flags[0],
+                &files.flags[1],
+            ],
+        );
+        peer.deploy(
+            "api",
+            &app.target(),
+            &["--host=secure.test", "--path-prefix=/api"],
+        );
+        let reply = get(peer.address(), "secure.test", "/api/x").await;
+        assert_eq!(reply.status, 301, "{side}: {}", reply.body);
+        // A TLS path service cannot be asked for directly.
+        let refused = peer.cli(&[
+            "deploy",
+            "api2",
+            &format!("--target={}", app.target()),
+            "--host=secure.test",
+            "--path-prefix=/api2",
+            "--tls",
+        ]);
+        assert_eq!(refused.status.code(), Some(1), "{side}");
+        assert!(
+            String::from_utf8_lossy(&refused.stderr).contains("root path service"),
+            "{side}"
+        );
+    }
+}
+
+/// An app that answers its health check and streams server-sent events for ever.
+async fn event_stream_app() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                if head.starts_with(b"GET /up ") {
+                    let _ = stream
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                        )
+                        .await;
+                    return;
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    .await;
+                for n in 0.. {
+                    let event = format!("data: {n}\n\n");
+                    let chunk = format!("{:x}\r\n{event}\r\n", event.len());
+                    if stream.write_all(chunk.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+        }
+    });
+    address
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_sent_events_pass_through_response_buffering() {
+    let app = event_stream_app().await;
+    for peer in Peer::both() {
+        let side = peer.name();
+        peer.deploy(
+            "events",
+            &app.to_string(),
+            &["--host=events.test", "--buffer-responses"],
+        );
+        let mut stream = tokio::net::TcpStream::connect(peer.address())
+            .await
+            .unwrap();
+        stream
+            .write_all(b"GET /stream HTTP/1.1\r\nHost: events.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        let first_event = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut buffer = [0u8; 1024];
+            while !String::from_utf8_lossy(&seen).contains("data: 1\n") {
+                let n = stream.read(&mut buffer).await.unwrap();
+                assert!(n > 0, "closed");
+                seen.extend_from_slice(&buffer[..n]);
+            }
+        })
+        .await;
+        assert!(
+            first_event.is_ok(),
+            "{side}: no event arrived through a buffered service: {:?}\n{}",
+            String::from_utf8_lossy(&seen),
+            peer.log()
+        );
+        let text = String::from_utf8_lossy(&seen).to_ascii_lowercase();
+        assert!(
+            text.contains("content-type: text/event-stream"),
+            "{side}: {text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_and_the_headers_kamal_proxy_adds() {
+    let app = Upstream::start("app").await;
+    for peer in Peer::both() {
+        let side = peer.name();
+        peer.deploy("trusting", &app.target(), &["--host=trusting.test"]);
+        peer.deploy(
+            "replacing",
+            &app.target(),
+            &["--host=replacing.test", "--forward-headers=false"],
+        );
+        peer.deploy(
+            "named",
+            &app.target(),
+            &["--host=named.test", "--client-ip-header=X-Real-IP"],
+        );
+        let mut connection = Connection::open(peer.address()).await.unwrap();
+        let target = app.target();
+        let trusting = seen_upstream(&mut connection, "trusting.test").await;
+        assert_eq!(
+            trusting["x-forwarded-for"], "1.2.3.4, 5.6.7.8, 127.0.0.1",
+            "{side}"
+        );
+        assert_eq!(
+            trusting["x-kamal-target"],
+            format!("evil, {target}"),
+            "{side}"
+        );
+        let start = trusting["x-request-start"].as_str().unwrap();
+        assert!(start.starts_with("t=1"), "{side}: {start}");
+        assert!(trusting.get("forwarded").is_none(), "{side}");
+        assert!(trusting.get("proxy-authorization").is_none(), "{side}");
+        assert_eq!(trusting["te"], "trailers", "{side}");
+        let replacing = seen_upstream(&mut connection, "replacing.test").await;
+        assert_eq!(replacing["x-forwarded-for"], "127.0.0.1", "{side}");
+        assert_eq!(replacing["x-kamal-target"], target, "{side}");
+        let named = seen_upstream(&mut connection, "named.test").await;
+        assert_eq!(named["x-forwarded-for"], "9.9.9.9, 127.0.0.1", "{side}");
+    }
+}
+
+/// The headers the app saw for a request to `host` carrying a set of client headers.
+async fn seen_upstream(connection: &mut Connection, host: &str) -> serde_json::Value {
+    let mut sent = request("GET", host, "/", "");
+    let headers = sent.headers_mut();
+    for (name, value) in [
+        ("x-forwarded-for", "1.2.3.4"),
+        ("x-forwarded-for", "5.6.7.8"),
+        ("x-real-ip", "9.9.9.9"),
+        ("x-kamal-target", "evil"),
+        ("x-request-start", ""),
+        ("forwarded", "for=1.1.1.1"),
+        ("proxy-authorization", "Basic eA=="),
+        ("te", "trailers"),
+    ] {
+        headers.append(name, value.parse().unwrap());
+    }
+    let reply = connection.send(sent).await.unwrap();
+    let report: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    report["headers"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buffered_response_over_its_limit_is_500() {
+    let app = Upstream::start("app").await;
+    for peer in Peer::both() {
+        let side = peer.name();
+        peer.deploy(
+            "web",
+            &app.target(),
+            &[
+                "--host=app.test",
+                "--buffer-responses",
+                "--max-response-body=10",
+            ],
+        );
+        assert_eq!(
+            get(peer.address(), "app.test", "/").await.status,
+            500,
+            "{side}"
+        );
+    }
+}
+
+/// An app whose health check redirects (`/up` → `/ready`), recording the user agents of the
+/// checks that reach `/ready`.
+async fn redirecting_health_app() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let agents = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&agents);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let seen = Arc::clone(&seen);
+            tokio::spawn(async move {
+                loop {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).to_string();
+                    let answer: &[u8] = if head.starts_with("GET /up ") {
+                        b"HTTP/1.1 302 Found\r\nLocation: /ready\r\nContent-Length: 0\r\n\r\n"
+                    } else {
+                        if head.starts_with("GET /ready ") {
+                            let agent = head
+                                .lines()
+                                .find_map(|l| {
+                                    l.to_ascii_lowercase()
+                                        .strip_prefix("user-agent:")
+                                        .map(|v| v.trim().to_string())
+                                })
+                                .unwrap_or_default();
+                            seen.lock().unwrap().push(agent);
+                        }
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                    };
+                    if stream.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (address, agents)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_follow_redirects_and_say_they_are_kamal_proxy() {
+    let (app, agents) = redirecting_health_app().await;
+    for peer in Peer::both() {
+        let side = peer.name();
+        agents.lock().unwrap().clear();
+        let deployed = peer.cli(&[
+            "deploy",
+            "web",
+            &format!("--target={app}"),
+            "--host=app.test",
+            "--health-check-interval=100ms",
+            "--deploy-timeout=5s",
+        ]);
+        assert!(
+            deployed.status.success(),
+            "{side}: {}",
+            String::from_utf8_lossy(&deployed.stderr)
+        );
+        let agents = agents.lock().unwrap().clone();
+        assert!(!agents.is_empty(), "{side}: the redirect was not followed");
+        assert!(
+            agents.iter().all(|agent| agent.starts_with("kamal-proxy")),
+            "{side}: {agents:?}"
+        );
+    }
+}
+
+/// Accepts any certificate: the tests below look at which one is presented, not its chain.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A TLS handshake with `server_name` as SNI (none when it is an IP address, as for a load
+/// balancer checking by IP): the leaf presented, or the error.
+async fn handshake(
+    port: u16,
+    server_name: &str,
+) -> Result<rustls::pki_types::CertificateDer<'static>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    Ok(leaf)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_a_server_name_gets_the_first_tls_services_certificate() {
+    let app = Upstream::start("app").await;
+    let first = certificate_files("first.test");
+    let second = certificate_files("second.test");
+    let leaf_of = |files: &common::certs::CertificateFiles| {
+        let pem = std::fs::read(files.flags[0].split_once('=').unwrap().1).unwrap();
+        let leaf = rustls_pemfile::certs(&mut pem.as_slice())
+            .next()
+            .unwrap()
+            .unwrap();
+        leaf
+    };
+    let peers = Peer::both();
+    for peer in &peers {
+        let side = peer.name();
+        // Only one TLS service: "first" is first whichever order the proxy counts in.
+        peer.deploy(
+            "a-first",
+            &app.target(),
+            &[
+                "--host=first.test",
+                "--tls",
+                &first.flags[0],
+                &first.flags[1],
+            ],
+        );
+        let https_port = peer.https_port();
+        let by_ip = handshake(https_port, "127.0.0.1").await;
+        assert_eq!(
+            by_ip.as_ref().ok(),
+            Some(&leaf_of(&first)),
+            "{side}: {by_ip:?}"
+        );
+        peer.deploy(
+            "b-second",
+            &app.target(),
+            &[
+                "--host=second.test",
+                "--tls",
+                &second.flags[0],
+                &second.flags[1],
+            ],
+        );
+        let named = handshake(https_port, "second.test").await;
+        assert_eq!(named.as_ref().ok(), Some(&leaf_of(&second)), "{side}");
+        // A name nobody serves sees no certificate.
+        let stranger = handshake(https_port, "stranger.test").await;
+        assert!(stranger.is_err(), "{side}: {stranger:?}");
+    }
+    // Berth says why.
+    let berth = &peers[0];
+    let stranger = handshake(berth.https_port(), "stranger.test")
+        .await
+        .unwrap_err();
+    assert!(
+        stranger.to_ascii_lowercase().contains("unrecognisedname")
+            || stranger.to_ascii_lowercase().contains("unrecognizedname"),
+        "{stranger}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_error_pages_are_go_templates() {
+    let app = Upstream::start("app").await;
+    let pages = tempfile::tempdir().unwrap();
+    std::fs::write(
+        pages.path().join("503.html"),
+        "<h1>Down</h1>\n{{ if .Message }}<p>{{ .Message }}</p>{{ else }}<p>Back soon</p>{{ end }}\n",
+    )
+    .unwrap();
+    let flag = format!("--error-pages={}", pages.path().display());
+    for peer in Peer::both() {
+        let side = peer.name();
+        peer.deploy("web", &app.target(), &["--host=app.test", &flag]);
+        peer.ok(&["stop", "web", "--message=Back at 5 <pm>"]);
+        let reply = get(peer.address(), "app.test", "/").await;
+        assert_eq!(reply.status, 503, "{side}");
+        assert_eq!(
+            reply.body, "<h1>Down</h1>\n<p>Back at 5 &lt;pm&gt;</p>\n",
+            "{side}"
+        );
+        peer.ok(&["resume", "web"]);
+        peer.ok(&["stop", "web"]);
+        let reply = get(peer.address(), "app.test", "/").await;
+        assert_eq!(reply.body, "<h1>Down</h1>\n<p>Back soon</p>\n", "{side}");
+    }
+    // Berth refuses, at deploy, a page it cannot evaluate, naming the file and line (the
+    // previous pages keep serving); kamal-proxy would show visitors a bare status line.
+    let berth = common::ProxyProcess::start();
+    let broken = tempfile::tempdir().unwrap();
+    std::fs::write(
+        broken.path().join("502.html"),
+        "<p>\n{{ template \"x\" }}\n",
+    )
+    .unwrap();
+    let refused = berth.cli(&[
+        "deploy",
+        "web",
+        &format!("--target={}", app.target()),
+        &format!("--error-pages={}", broken.path().display()),
+    ]);
+    assert_eq!(refused.status.code(), Some(1));
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("502.html") && message.contains("line 2"),
+        "{message}"
+    );
+}
+
+/// The last request line a proxy logged for `path`.
+async fn request_line(peer: &Peer, path: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let found = peer
+            .log()
+            .lines()
+            .rev()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|line| line["msg"] == "Request" && line["path"] == path);
+        if let Some(line) = found {
+            return line;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}: no line for {path}",
+            peer.name()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_log_lines_have_kamal_proxys_shape() {
+    let app = Upstream::start("app").await;
+    for peer in Peer::both() {
+        let side = peer.name();
+        peer.deploy(
+            "web",
+            &app.target(),
+            &[
+                "--host=app.test",
+                "--log-request-header=X-Foo",
+                "--log-request-header=X-Absent",
+                "--log-response-header=X-None",
+            ],
+        );
+        let mut stream = tokio::net::TcpStream::connect(peer.address())
+            .await
+            .unwrap();
+        stream
+            .write_all(
+                b"POST /echo HTTP/1.1\r\nHost: app.test\r\nX-Foo: bar\r\nX-Forwarded-For: 203.0.113.9\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut buffer = [0u8; 4096];
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer)).await;
+        let line = request_line(&peer, "/echo").await;
+        let text = line.to_string();
+        assert!(line["time"].is_string(), "{side}: {text}");
+        assert_eq!(line["level"], "INFO", "{side}");
+        assert!(line["client_port"].is_string(), "{side}: {text}");
+        assert_eq!(line["req_content_length"], -1, "{side}: {text}");
+        assert_eq!(line["remote_addr"], "203.0.113.9", "{side}: {text}");
+        assert_eq!(line["client_addr"], "127.0.0.1", "{side}: {text}");
+        assert_eq!(line["req_x_foo"], "bar", "{side}");
+        assert_eq!(line["req_x_absent"], "", "{side}: {text}");
+        assert_eq!(line["resp_x_none"], "", "{side}: {text}");
+
+        // An error page's bytes are counted.
+        let reply = get(peer.address(), "nobody.test", "/missing").await;
+        let line = request_line(&peer, "/missing").await;
+        assert_eq!(line["status"], 404, "{side}");
+        assert_eq!(
+            line["resp_content_length"],
+            reply.body.len(),
+            "{side}: {line}"
+        );
+    }
+}
