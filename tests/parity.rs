@@ -649,3 +649,79 @@ async fn request_log_lines_have_kamal_proxys_shape() {
         );
     }
 }
+
+/// Whether `text` has a sample of `name` with all of `labels` (in any order) and `value`.
+fn has_sample(text: &str, name: &str, labels: &[&str], value: &str) -> bool {
+    text.lines().any(|line| {
+        line.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix('{'))
+            .and_then(|rest| rest.split_once("} "))
+            .is_some_and(|(set, sample)| {
+                let set: Vec<&str> = set.split(',').collect();
+                sample == value && labels.iter().all(|label| set.contains(label))
+            })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_prometheus_text_as_kamal_proxy_serves_them() {
+    let app = Upstream::start("app").await;
+    // One metrics port per proxy: both run at once.
+    let ports = std::sync::Mutex::new(Vec::new());
+    let peers = Peer::both_with(|| {
+        let port = common::pebble::free_port();
+        ports.lock().unwrap().push(port);
+        vec![format!("--metrics-port={port}")]
+    });
+    let ports = ports.into_inner().unwrap();
+    for (peer, port) in peers.into_iter().zip(ports) {
+        let side = peer.name();
+        peer.deploy("web", &app.target(), &["--host=app.test"]);
+        assert_eq!(get(peer.address(), "app.test", "/").await.status, 200);
+        assert_eq!(get(peer.address(), "nobody.test", "/").await.status, 404);
+        let metrics = SocketAddr::from(([127, 0, 0, 1], port));
+        let reply = get(metrics, "localhost", "/metrics").await;
+        let text = reply.body;
+        let content_type = reply.headers["content-type"].to_str().unwrap();
+        assert!(
+            content_type.starts_with("text/plain; version=0.0.4"),
+            "{side}: {content_type}"
+        );
+        assert!(!text.contains("# EOF"), "{side}");
+        assert!(
+            text.contains("# TYPE kamal_proxy_http_requests_total counter"),
+            "{side}"
+        );
+        let served = ["service=\"web\"", "method=\"GET\"", "status=\"200\""];
+        assert!(
+            has_sample(&text, "kamal_proxy_http_requests_total", &served, "1"),
+            "{side}: {text}"
+        );
+        let unknown = ["service=\"\"", "method=\"GET\"", "status=\"404\""];
+        assert!(
+            has_sample(&text, "kamal_proxy_http_requests_total", &unknown, "1"),
+            "{side}: {text}"
+        );
+        let bucket = ["service=\"web\"", "le=\"1\""];
+        assert!(
+            has_sample(
+                &text,
+                "kamal_proxy_http_request_duration_seconds_bucket",
+                &bucket,
+                "1"
+            ),
+            "{side}: {text}"
+        );
+        for family in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_start_time_seconds",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {family} ")),
+                "{side}: no {family}"
+            );
+        }
+    }
+}

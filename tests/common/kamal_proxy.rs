@@ -36,6 +36,17 @@ impl KamalProxy {
     /// Starts it with `home` as HOME (the socket inside it, as `proxy` uses) and waits until
     /// it answers on its socket.
     pub fn start(binary: &Path, home: &Path, http_port: u16, https_port: u16) -> Self {
+        Self::start_with(binary, home, http_port, https_port, &[])
+    }
+
+    /// Like `start`, with extra `run` flags.
+    pub fn start_with(
+        binary: &Path,
+        home: &Path,
+        http_port: u16,
+        https_port: u16,
+        extra: &[&str],
+    ) -> Self {
         let log = home.join(format!(
             "kamal-proxy-{http_port}-{}.log",
             std::process::id()
@@ -48,6 +59,7 @@ impl KamalProxy {
         let child = Command::new(binary)
             .args(["run", "--http-port", &http_port.to_string()])
             .args(["--https-port", &https_port.to_string()])
+            .args(extra)
             .envs(super::env_for(home))
             .stdout(file.try_clone().unwrap())
             .stderr(file)
@@ -143,11 +155,22 @@ pub enum Peer {
 impl Peer {
     /// Berth, and the real kamal-proxy when it is at hand, each on its own home and ports.
     pub fn both() -> Vec<Peer> {
-        let mut peers = vec![Peer::Berth(super::ProxyProcess::start())];
+        Self::both_with(|| Vec::new())
+    }
+
+    /// Like `both`, each with the extra `run` flags `flags` gives it (asked once per proxy,
+    /// so each can have ports of its own).
+    pub fn both_with(flags: impl Fn() -> Vec<String>) -> Vec<Peer> {
+        let berth_flags = flags();
+        let berth_flags: Vec<&str> = berth_flags.iter().map(String::as_str).collect();
+        let mut peers = vec![Peer::Berth(super::ProxyProcess::start_with(&berth_flags))];
         if let Some(binary) = binary() {
             let home = tempfile::tempdir().unwrap();
             let (http_port, https_port) = (super::pebble::free_port(), super::pebble::free_port());
-            let process = KamalProxy::start(&binary, home.path(), http_port, https_port);
+            let kamal_flags = flags();
+            let kamal_flags: Vec<&str> = kamal_flags.iter().map(String::as_str).collect();
+            let process =
+                KamalProxy::start_with(&binary, home.path(), http_port, https_port, &kamal_flags);
             peers.push(Peer::KamalProxy {
                 process,
                 http_port,

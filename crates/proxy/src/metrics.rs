@@ -17,8 +17,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-/// The content type of [`Metrics::encode`]'s output.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of [`Metrics::encode`]'s output: Prometheus text 0.0.4, what kamal-proxy
+/// (Go's client) serves, so scrapers and dashboards built for it read the same text.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Go's `prometheus.DefBuckets`, which kamal-proxy's request histogram uses.
 const REQUEST_BUCKETS: [f64; 11] = [
@@ -152,59 +153,59 @@ impl Metrics {
         let kamal = registry.sub_registry_with_prefix("kamal_proxy");
         kamal.register(
             "http_requests",
-            "HTTP requests processed, labeled by service, status code and method.",
+            "HTTP requests processed, labeled by service, status code and method",
             requests.clone(),
         );
         kamal.register(
             "http_request_duration_seconds",
-            "Duration of HTTP requests, labeled by service, status code and method.",
+            "Duration of HTTP requests, labeled by service, status code and method",
             request_duration.clone(),
         );
         kamal.register(
             "http_in_flight_requests",
-            "Number of in-flight HTTP requests, labeled by service.",
+            "Number of in-flight HTTP requests, labeled by service",
             in_flight.clone(),
         );
         let berth = registry.sub_registry_with_prefix("berth");
         berth.register(
             "upstream_response_duration_seconds",
-            "Time from sending a request to a target to its response head.",
+            "Time from sending a request to a target to its response head",
             upstream_duration.clone(),
         );
         berth.register(
             "target_healthy",
-            "1 when the target's last health check passed, else 0.",
+            "1 when the target's last health check passed, else 0",
             target_healthy.clone(),
         );
         berth.register(
             "target_in_flight_requests",
-            "Requests in flight on each target.",
+            "Requests in flight on each target",
             target_in_flight.clone(),
         );
         berth.register(
             "deploys",
-            "Deploys finished, by service and result (success or failure).",
+            "Deploys finished, by service and result (success or failure)",
             deploys.clone(),
         );
         berth.register(
             "deploy_duration_seconds",
-            "Time from a deploy's start to the old targets drained, for successful deploys.",
+            "Time from a deploy's start to the old targets drained, for successful deploys",
             deploy_duration.clone(),
         );
         berth.register(
             "certificate_expiry_timestamp_seconds",
-            "When each host's TLS certificate expires, as Unix time.",
+            "When each host's TLS certificate expires, as Unix time",
             certificate_expiry.clone(),
         );
         berth.register(
             "client_connections",
-            "Client connections open.",
+            "Client connections open",
             client_connections.clone(),
         );
         berth.register(
             "parked_client_connections",
             "Idle keep-alive client connections parked: waiting for their next request \
-             without holding read or write buffers.",
+             without holding read or write buffers",
             parked_connections.clone(),
         );
 
@@ -312,8 +313,54 @@ impl Metrics {
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
-        text
+        openmetrics_to_prometheus_text(&text)
     }
+}
+
+/// Prometheus text 0.0.4 from the OpenMetrics text `prometheus-client` writes, as Go's client
+/// writes it: a counter's HELP and TYPE name the `_total` series, bucket bounds are written as
+/// Go formats floats (`le="1"`, not `"1.0"`), and there is no `# EOF`.
+fn openmetrics_to_prometheus_text(text: &str) -> String {
+    let counters: std::collections::HashSet<&str> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let comment = line
+            .strip_prefix("# HELP ")
+            .map(|rest| ("# HELP ", rest))
+            .or_else(|| line.strip_prefix("# TYPE ").map(|rest| ("# TYPE ", rest)));
+        match comment {
+            Some((kind, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(kind);
+                out.push_str(name);
+                if counters.contains(name) && !name.ends_with("_total") {
+                    out.push_str("_total");
+                }
+                out.push(' ');
+                out.push_str(tail);
+            }
+            None => match line.split_once("le=\"") {
+                Some((before, after)) => {
+                    let (bound, rest) = after.split_once('"').unwrap_or((after, ""));
+                    out.push_str(before);
+                    out.push_str("le=\"");
+                    out.push_str(bound.strip_suffix(".0").unwrap_or(bound));
+                    out.push('"');
+                    out.push_str(rest);
+                }
+                None => out.push_str(line),
+            },
+        }
+        out.push('\n');
+    }
+    out
 }
 
 fn gauge_value(count: usize) -> i64 {
@@ -340,6 +387,30 @@ fn normalize_method(method: &Method) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_text_is_prometheus_0_0_4_as_go_writes_it() {
+        let metrics = Metrics::new();
+        metrics.observe_request(&"app".into(), &Method::GET, 200, Duration::from_millis(3));
+        let text = metrics.encode(&StateSample::default());
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(
+            text.contains("# TYPE kamal_proxy_http_requests_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP kamal_proxy_http_requests_total "),
+            "{text}"
+        );
+        assert!(text.contains(r#"{le="1",service="app""#), "{text}");
+        assert!(text.contains(r#"{le="0.005",service="app""#), "{text}");
+        assert!(text.contains(r#"{le="+Inf",service="app""#), "{text}");
+        assert!(
+            !text.contains(".."),
+            "help texts end with one period: {text}"
+        );
+        assert!(!text.contains(r#"le="1.0""#), "{text}");
+    }
 
     #[test]
     fn request_metrics_use_kamal_proxy_names_and_labels() {

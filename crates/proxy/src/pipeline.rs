@@ -99,6 +99,9 @@ struct ProxyInner {
 
 const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 
+/// The service name requests for no service are logged and counted under.
+static NO_SERVICE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+
 impl Proxy {
     pub fn new(routes: RouteTableHandle<Service>, client: UpstreamClient) -> Self {
         let inner = ProxyInner {
@@ -204,6 +207,11 @@ impl Proxy {
             })
         };
         let Some((service, path_and_query)) = found else {
+            // Counted, as kamal-proxy counts them, under the empty service name.
+            if let Some(metrics) = &self.inner.metrics {
+                record.metrics = Some(Arc::clone(metrics));
+                record.service = Some(Arc::clone(&NO_SERVICE));
+            }
             return finish_with_error(record, &ErrorPages::default(), StatusCode::NOT_FOUND, None);
         };
         let settings = service.settings();
