@@ -155,7 +155,7 @@ pub enum Peer {
 impl Peer {
     /// Berth, and the real kamal-proxy when it is at hand, each on its own home and ports.
     pub fn both() -> Vec<Peer> {
-        Self::both_with(|| Vec::new())
+        Self::both_with(Vec::new)
     }
 
     /// Like `both`, each with the extra `run` flags `flags` gives it (asked once per proxy,
