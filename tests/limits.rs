@@ -153,3 +153,88 @@ fn limits_that_cannot_work_are_refused_by_name() {
         assert!(String::from_utf8_lossy(&output.stderr).contains(named));
     }
 }
+
+/// Sends a whole upload before reading anything, as Python's `http.client` and many upload
+/// libraries do, and returns the status line the client gets (or the error).
+async fn upload_then_read<S>(mut stream: S, body: usize) -> Result<String, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nHost: app.test\r\nContent-Length: {body}\r\nContent-Type: application/octet-stream\r\n\r\n"
+    );
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .map_err(|e| format!("head: {e}"))?;
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut sent = 0;
+    while sent < body {
+        let n = chunk.len().min(body - sent);
+        stream
+            .write_all(&chunk[..n])
+            .await
+            .map_err(|e| format!("body after {sent} bytes: {e}"))?;
+        sent += n;
+    }
+    let mut answer = vec![0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
+        .await
+        .map_err(|_| "no answer".to_string())?
+        .map_err(|e| format!("read: {e}"))?;
+    let text = String::from_utf8_lossy(&answer[..read]).into_owned();
+    Ok(text.lines().next().unwrap_or_default().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_413_reaches_a_client_that_sends_its_whole_upload_first() {
+    let app = Upstream::start("app").await;
+    let files = common::certs::certificate_files("app.test");
+    let proxy = ProxyProcess::start();
+    proxy.deploy(
+        "web",
+        &app.target(),
+        &[
+            "--host=app.test",
+            "--tls",
+            "--tls-redirect=false",
+            &files.flags[0],
+            &files.flags[1],
+            "--buffer-requests",
+            "--max-request-body=1000000",
+        ],
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(files.root.clone()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ));
+    for attempt in 0..10 {
+        let plain = TcpStream::connect(proxy.address()).await.unwrap();
+        let status = upload_then_read(plain, 1_500_000).await;
+        assert_eq!(
+            status.as_deref(),
+            Ok("HTTP/1.1 413 Payload Too Large"),
+            "plain HTTP, attempt {attempt}"
+        );
+        let stream = TcpStream::connect(("127.0.0.1", proxy.https_port))
+            .await
+            .unwrap();
+        let secure = tls
+            .connect(
+                rustls::pki_types::ServerName::try_from("app.test").unwrap(),
+                stream,
+            )
+            .await
+            .unwrap();
+        let status = upload_then_read(secure, 1_500_000).await;
+        assert_eq!(
+            status.as_deref(),
+            Ok("HTTP/1.1 413 Payload Too Large"),
+            "HTTPS, attempt {attempt}"
+        );
+    }
+    assert_eq!(app.requests(), 0, "no oversized upload reached the app");
+}

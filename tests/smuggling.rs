@@ -319,3 +319,99 @@ async fn malformed_http2_requests_are_refused_and_never_reach_the_upstream() {
     assert!(answer.contains(&0x8c), "400 expected: {answer:?}");
     assert_eq!(upstream.take(), vec![]);
 }
+
+/// An upstream that switches protocols for every request but its health check, whatever was
+/// asked (as a careless h2c handler does), recording each request head and every byte sent
+/// after the 101.
+async fn switching_upstream() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let log = Arc::clone(&log);
+            tokio::spawn(async move {
+                loop {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    if head.starts_with("GET /up ") {
+                        let _ = stream
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .await;
+                        continue;
+                    }
+                    log.lock().unwrap().push(head);
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+                        .await;
+                    let mut tunnelled = vec![0u8; 4096];
+                    while let Ok(n) = stream.read(&mut tunnelled).await {
+                        if n == 0 {
+                            return;
+                        }
+                        let text = String::from_utf8_lossy(&tunnelled[..n]).into_owned();
+                        log.lock().unwrap().push(format!("TUNNELLED {text}"));
+                    }
+                    return;
+                }
+            });
+        }
+    });
+    (address, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_upgrades_are_never_tunnelled() {
+    let (app, seen) = switching_upstream().await;
+    let proxy = ProxyProcess::start();
+    proxy.deploy(
+        "web",
+        &app.to_string(),
+        &["--host=app.test", "--path-prefix=/public"],
+    );
+    for connection in [
+        "Connection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n",
+        "Connection: Upgrade\r\n",
+    ] {
+        seen.lock().unwrap().clear();
+        let mut stream = TcpStream::connect(proxy.address()).await.unwrap();
+        let smuggled = format!(
+            "GET /public HTTP/1.1\r\nHost: app.test\r\nUpgrade: h2c\r\n{connection}\r\n\
+             GET /admin HTTP/1.1\r\nHost: app.test\r\n\r\n"
+        );
+        stream.write_all(smuggled.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        assert!(
+            !answer.contains(" 101 "),
+            "the client was switched: {answer}"
+        );
+        let seen = seen.lock().unwrap().clone();
+        let first = seen
+            .first()
+            .expect("the request reached the app")
+            .to_ascii_lowercase();
+        assert!(
+            !first.contains("upgrade: h2c") && !first.contains("http2-settings"),
+            "the upgrade was passed on: {first}"
+        );
+        assert!(
+            seen.iter().all(|entry| !entry.starts_with("TUNNELLED")),
+            "bytes were tunnelled past routing: {seen:?}"
+        );
+        // /admin is outside the service's prefix: routed, it is a 404, never the app's.
+        assert!(
+            seen.iter().all(|entry| !entry.contains("/admin")),
+            "a request skipped routing: {seen:?}"
+        );
+    }
+}

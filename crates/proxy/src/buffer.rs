@@ -50,7 +50,12 @@ impl Buffered {
 }
 
 /// Reads all of `incoming`. `memory` bytes stay in memory; `max` (0 = unlimited) caps the total.
-pub async fn buffer_body<B>(mut incoming: B, memory: u64, max: u64) -> Result<Buffered, BufferError>
+/// Over the cap, the rest is left in `incoming`, for the caller to discard.
+pub async fn buffer_body<B>(
+    incoming: &mut B,
+    memory: u64,
+    max: u64,
+) -> Result<Buffered, BufferError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
@@ -145,7 +150,9 @@ mod tests {
 
     #[tokio::test]
     async fn small_bodies_stay_in_memory() {
-        let buffered = buffer_body(body::full("hello"), 1024, 0).await.unwrap();
+        let buffered = buffer_body(&mut body::full("hello"), 1024, 0)
+            .await
+            .unwrap();
         assert_eq!(buffered.len, 5);
         assert_eq!(collect(buffered.into_body()).await, b"hello");
     }
@@ -153,7 +160,7 @@ mod tests {
     #[tokio::test]
     async fn large_bodies_spill_to_disk_and_read_back_whole() {
         let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-        let buffered = buffer_body(body::full(data.clone()), 1024, 0)
+        let buffered = buffer_body(&mut body::full(data.clone()), 1024, 0)
             .await
             .unwrap();
         assert_eq!(buffered.len, data.len() as u64);
@@ -165,14 +172,16 @@ mod tests {
         let chunks = futures_util::stream::iter(
             ["ab", "cd", "ef"].map(|c| Ok::<_, BoxError>(Frame::data(Bytes::from(c)))),
         );
-        let buffered = buffer_body(StreamBody::new(chunks), 1024, 0).await.unwrap();
+        let buffered = buffer_body(&mut StreamBody::new(chunks), 1024, 0)
+            .await
+            .unwrap();
         assert_eq!(buffered.len, 6);
         assert_eq!(collect(buffered.into_body()).await, b"abcdef");
     }
 
     #[tokio::test]
     async fn bodies_over_the_maximum_are_refused() {
-        let result = buffer_body(body::full(vec![0u8; 2000]), 1024, 1000).await;
+        let result = buffer_body(&mut body::full(vec![0u8; 2000]), 1024, 1000).await;
         assert!(matches!(result, Err(BufferError::TooLarge(1000))));
     }
 }

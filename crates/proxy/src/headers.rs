@@ -18,7 +18,7 @@ static X_KAMAL_TARGET: HeaderName = HeaderName::from_static("x-kamal-target");
 /// `proxy-authorization` (credentials for this proxy, not the app) and `forwarded` (which
 /// kamal-proxy drops, so apps read only the X-Forwarded-* the proxy vouches for). As header
 /// names, so that finding and removing them compares names instead of parsing strings.
-static HOP_BY_HOP: [HeaderName; 10] = [
+static HOP_BY_HOP: [HeaderName; 11] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -29,6 +29,7 @@ static HOP_BY_HOP: [HeaderName; 10] = [
     header::UPGRADE,
     header::PROXY_AUTHORIZATION,
     HeaderName::from_static("forwarded"),
+    HeaderName::from_static("http2-settings"),
 ];
 
 /// Where `name` sits in [`HOP_BY_HOP`], if it is one. A match on the text, which compiles to
@@ -45,6 +46,7 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
         "upgrade" => 7,
         "proxy-authorization" => 8,
         "forwarded" => 9,
+        "http2-settings" => 10,
         _ => return None,
     })
 }
@@ -60,9 +62,22 @@ pub fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .map(str::trim)
 }
 
-/// True for an HTTP/1.1 request asking to switch protocols (WebSocket and the like).
+/// True for an HTTP/1.1 request asking to switch protocols (WebSocket and the like) that the
+/// proxy tunnels. Never for `h2c`: a tunnelled HTTP/2 connection would carry requests past
+/// routing, limits, logging and pause; such a request goes on as a plain one instead, its
+/// `Upgrade` and `HTTP2-Settings` removed with the other hop-by-hop fields.
 pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
+    let Some(upgrade) = headers.get(header::UPGRADE) else {
+        return false;
+    };
+    let asks_h2c = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|protocol| protocol.trim().eq_ignore_ascii_case("h2c"));
+    !upgrade.is_empty()
+        && !asks_h2c
         && connection_options(headers).any(|option| option.eq_ignore_ascii_case("upgrade"))
 }
 
@@ -419,6 +434,27 @@ mod tests {
         assert!(!map.contains_key("x-secret"));
         assert_eq!(map["upgrade"], "websocket");
         assert_eq!(map["connection"], "upgrade");
+    }
+
+    #[test]
+    fn h2c_is_never_an_upgrade_the_proxy_tunnels() {
+        let h2c = headers(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+        ]);
+        assert!(!is_upgrade_request(&h2c));
+        let mut forwarded = h2c.clone();
+        remove_hop_by_hop(&mut forwarded, false);
+        assert!(forwarded.is_empty(), "{forwarded:?}");
+        assert!(!is_upgrade_request(&headers(&[
+            ("connection", "upgrade"),
+            ("upgrade", "websocket, H2C"),
+        ])));
+        assert!(is_upgrade_request(&headers(&[
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+        ])));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use http::uri::{PathAndQuery, Scheme, Uri};
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
@@ -393,18 +394,28 @@ impl Proxy {
                 .get(header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
+            let mut incoming = incoming;
             if buffering.max_request_body > 0
                 && declared.is_some_and(|len| len > buffering.max_request_body)
             {
+                discard_lingering(incoming);
                 return Err(ForwardError::BodyTooLarge);
             }
-            let buffered = buffer_body(incoming, buffering.memory, buffering.max_request_body)
-                .await
-                .map_err(|e| match e {
-                    BufferError::TooLarge(_) => ForwardError::BodyTooLarge,
-                    BufferError::Read(e) => ForwardError::BadRequestBody(e),
-                    BufferError::Spill(e) => ForwardError::Internal(e.to_string()),
-                })?;
+            let buffered = match buffer_body(
+                &mut incoming,
+                buffering.memory,
+                buffering.max_request_body,
+            )
+            .await
+            {
+                Ok(buffered) => buffered,
+                Err(BufferError::TooLarge(_)) => {
+                    discard_lingering(incoming);
+                    return Err(ForwardError::BodyTooLarge);
+                }
+                Err(BufferError::Read(e)) => return Err(ForwardError::BadRequestBody(e)),
+                Err(BufferError::Spill(e)) => return Err(ForwardError::Internal(e.to_string())),
+            };
             if buffered.len > 0 || declared.is_some() {
                 parts
                     .headers
@@ -454,6 +465,13 @@ impl Proxy {
             }
         }
 
+        // A target that switches protocols unasked (an h2c handler answering a request the
+        // proxy sent on as a plain one) would have the client talk past the proxy.
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(ForwardError::Unreachable(
+                "the target switched protocols without being asked".into(),
+            ));
+        }
         let (mut parts, received) = response.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers, false);
         let outgoing = match received {
@@ -465,16 +483,17 @@ impl Proxy {
                 body::full(bytes)
             }
             // An event stream never ends: held whole, it would never deliver an event.
-            Received::Streaming(incoming)
+            Received::Streaming(mut incoming)
                 if buffering.responses && !is_event_stream(&parts.headers) =>
             {
-                let buffered = buffer_body(incoming, buffering.memory, buffering.max_response_body)
-                    .await
-                    .map_err(|e| match e {
-                        BufferError::TooLarge(_) => ForwardError::ResponseTooLarge,
-                        BufferError::Read(e) => ForwardError::Unreachable(describe_error(&*e)),
-                        BufferError::Spill(e) => ForwardError::Internal(e.to_string()),
-                    })?;
+                let buffered =
+                    buffer_body(&mut incoming, buffering.memory, buffering.max_response_body)
+                        .await
+                        .map_err(|e| match e {
+                            BufferError::TooLarge(_) => ForwardError::ResponseTooLarge,
+                            BufferError::Read(e) => ForwardError::Unreachable(describe_error(&*e)),
+                            BufferError::Spill(e) => ForwardError::Internal(e.to_string()),
+                        })?;
                 if !no_body_status(parts.status) {
                     parts
                         .headers
@@ -491,6 +510,32 @@ impl Proxy {
 enum Forwarded {
     Response(Response<ProxyBody>),
     Upgraded(Response<ProxyBody>),
+}
+
+/// How long, and how much, of a refused upload is read and thrown away: enough for a client
+/// that writes its whole body before reading to get to the 413 (nginx's lingering close).
+const LINGER_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+const LINGER_QUIET: std::time::Duration = std::time::Duration::from_secs(5);
+const LINGER_BYTES: u64 = 128 * 1024 * 1024;
+
+/// Reads and discards the rest of a refused request body in the background while the error
+/// response goes out. Closing with the upload unread would make the kernel reset the
+/// connection, and a client still writing would see a broken pipe instead of the answer.
+/// Bounded in time, quiet time and bytes; once the body ends, the connection can even be
+/// reused.
+fn discard_lingering(mut incoming: Incoming) {
+    tokio::spawn(async move {
+        let started = tokio::time::Instant::now();
+        let mut discarded: u64 = 0;
+        while started.elapsed() < LINGER_FOR && discarded < LINGER_BYTES {
+            match tokio::time::timeout(LINGER_QUIET, incoming.frame()).await {
+                Ok(Some(Ok(frame))) => {
+                    discarded += frame.data_ref().map_or(0, |data| data.len() as u64);
+                }
+                _ => break,
+            }
+        }
+    });
 }
 
 fn is_event_stream(headers: &http::HeaderMap) -> bool {
