@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::load::{Load, LoadResult};
+use common::load::{Load, LoadResult, Traffic};
 use common::{get, ProxyProcess, Upstream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
@@ -281,4 +281,43 @@ async fn sigusr2_starts_a_successor_that_takes_over() {
     assert_no_failures(served, &failures);
     assert!(list.status.success() && String::from_utf8_lossy(&list.stdout).contains("web"));
     assert_eq!(reply.status, 200);
+}
+
+/// Fifty upgrades in a row under load, keep-alive clients and clients opening a connection
+/// for every request (so connections are being accepted at every instant of each hand-off):
+/// not one request may fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_handovers_in_a_row_under_load_fail_no_request() {
+    let mut current = ProxyProcess::start_with(&["--upgrade-drain-timeout=2s"]);
+    let app = Upstream::start("app").await;
+    current.deploy("web", &app.target(), &["--host=app.test"]);
+    let keep_alive = Load::start(current.address(), "app.test", "/", 8);
+    let fresh = Load::start_traffic(
+        current.address(),
+        Traffic::GetOnNewConnections {
+            host: "app.test".into(),
+            path: "/".into(),
+        },
+        8,
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for round in 1..=50 {
+        let next = tokio::task::block_in_place(|| current.upgrade());
+        let status = tokio::task::block_in_place(|| current.wait_for_exit(Duration::from_secs(15)));
+        assert!(
+            status.success(),
+            "round {round}: old process exited with {status}:\n{}",
+            current.log()
+        );
+        current = next;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for (kind, load) in [("keep-alive", keep_alive), ("new connections", fresh)] {
+        let LoadResult {
+            served, failures, ..
+        } = load.finish().await;
+        assert!(failures.is_empty(), "{kind}: {failures:?}");
+        assert_no_failures(served, &failures);
+    }
 }

@@ -17,6 +17,9 @@ pub enum Traffic {
     Get { host: String, path: String },
     /// `POST path` with `body` to the upstream's `/echo`, expecting the same body back.
     Echo { host: String, body: Bytes },
+    /// `GET path` with `Connection: close`, each on a new connection: every request is a
+    /// new accept for the proxy.
+    GetOnNewConnections { host: String, path: String },
 }
 
 /// What a load run saw.
@@ -75,10 +78,18 @@ impl Load {
                                 open.send(request("POST", host, "/echo", body.clone()))
                                     .await
                             }
+                            Traffic::GetOnNewConnections { host, path } => {
+                                let mut once = request("GET", host, path, Bytes::new());
+                                once.headers_mut()
+                                    .insert("connection", "close".parse().unwrap());
+                                let sent = open.send(once).await;
+                                connection = None;
+                                sent
+                            }
                         };
                         let expected_body = match &traffic {
                             Traffic::Echo { body, .. } => Some(body),
-                            Traffic::Get { .. } => None,
+                            Traffic::Get { .. } | Traffic::GetOnNewConnections { .. } => None,
                         };
                         match sent {
                             Ok(reply)

@@ -140,12 +140,22 @@ pub async fn serve(
         // At the cap, this connection waits (unread) for a slot, and so does accepting more on
         // this listener. The permit is taken after accept, not before: a permit held by an
         // idle listener's accept would starve clients waiting on the other listener.
+        //
+        // A connection accepted is always served, even when the drain starts meanwhile (it is
+        // then told to close after its first response): dropping it would lose the request
+        // its client may already have sent. That was the rare failed request in a handover:
+        // a connection accepted just as the old process began to drain. Past the cap while
+        // draining, it is served without a slot rather than waiting for one.
         let permit = tokio::select! {
-            _ = drain.started().cancelled() => break,
+            biased;
             permit = Arc::clone(&limits.connections).acquire_owned() => match permit {
-                Ok(permit) => permit,
+                Ok(permit) => Some(permit),
                 Err(_) => break,
             },
+            _ = drain.started().cancelled() => {
+                tracing::debug!(%peer, "Connection accepted as the drain began; served without a slot");
+                None
+            }
         };
         let _ = stream.set_nodelay(true);
         // A dual-stack socket reports IPv4 clients as `::ffff:a.b.c.d`; apps and logs want
