@@ -268,6 +268,10 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let routes = RouteTableHandle::default();
     let client = upstream_client(options.target_connect_timeout);
     let state_file = StateFile::new(paths::state_path());
+    // Owner-only, as kamal-proxy creates it: it holds the certificates' keys.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(paths::config_dir())
+        .with_context(|| format!("cannot create {}", paths::config_dir().display()))?;
     let socket_path = paths::socket_path();
     let certificates = Arc::new(TlsBridge::new(Certificates::new(options.acme.clone())));
     let metrics = (options.metrics_port != 0).then(|| Arc::new(Metrics::new()));

@@ -200,3 +200,12 @@ async fn custom_error_pages_replace_the_built_in_ones() {
         "a missing error page directory fails the deploy"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_config_directory_is_created_owner_only_at_start_as_by_kamal_proxy() {
+    use std::os::unix::fs::PermissionsExt;
+    let proxy = ProxyProcess::start();
+    let dir = proxy.home().join(".config/kamal-proxy");
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{}", dir.display());
+}

@@ -18,13 +18,13 @@ static X_KAMAL_TARGET: HeaderName = HeaderName::from_static("x-kamal-target");
 /// `proxy-authorization` (credentials for this proxy, not the app) and `forwarded` (which
 /// kamal-proxy drops, so apps read only the X-Forwarded-* the proxy vouches for). As header
 /// names, so that finding and removing them compares names instead of parsing strings.
-static HOP_BY_HOP: [HeaderName; 11] = [
+/// `Trailer` is not one (RFC 9110 section 6.6.2): it announces the trailers passed on.
+static HOP_BY_HOP: [HeaderName; 10] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     header::PROXY_AUTHORIZATION,
@@ -41,12 +41,11 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
         "proxy-connection" => 2,
         "proxy-authenticate" => 3,
         "te" => 4,
-        "trailer" => 5,
-        "transfer-encoding" => 6,
-        "upgrade" => 7,
-        "proxy-authorization" => 8,
-        "forwarded" => 9,
-        "http2-settings" => 10,
+        "transfer-encoding" => 5,
+        "upgrade" => 6,
+        "proxy-authorization" => 7,
+        "forwarded" => 8,
+        "http2-settings" => 9,
         _ => return None,
     })
 }

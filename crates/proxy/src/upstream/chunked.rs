@@ -2,6 +2,7 @@
 //! may end anywhere: mid size line, mid data, mid trailers.
 
 use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 /// Longest chunk size line we accept (size, extensions, CRLF), and longest trailer section.
 const MAX_LINE: usize = 4096;
@@ -22,7 +23,7 @@ pub enum Decoded {
     Data(Bytes),
     /// More bytes are needed before anything can be returned.
     NeedMore,
-    /// The last chunk and the trailers (which are dropped) have been read.
+    /// The last chunk and the trailers have been read (see [`ChunkedDecoder::take_trailers`]).
     Done,
 }
 
@@ -38,13 +39,22 @@ enum State {
 #[derive(Debug)]
 pub struct ChunkedDecoder {
     state: State,
+    /// The trailer fields read so far (empty, so unallocated, for most bodies).
+    trailers: HeaderMap,
 }
 
 impl ChunkedDecoder {
     pub fn new() -> Self {
         ChunkedDecoder {
             state: State::SizeLine,
+            trailers: HeaderMap::new(),
         }
+    }
+
+    /// The trailer fields, once [`Decoded::Done`] was returned. Fields that would change how
+    /// the message is framed or routed are left out, as RFC 9110 section 6.5.1 asks.
+    pub fn take_trailers(&mut self) -> HeaderMap {
+        std::mem::take(&mut self.trailers)
     }
 
     /// Consumes what it can from `buffer`: the next piece of data, or the end.
@@ -94,6 +104,9 @@ impl ChunkedDecoder {
                     let Some(line_end) = find_crlf(buffer, MAX_LINE)? else {
                         return Ok(Decoded::NeedMore);
                     };
+                    if let Some((name, value)) = trailer_field(&buffer[..line_end]) {
+                        self.trailers.append(name, value);
+                    }
                     buffer.advance(line_end + 2);
                     if line_end == 0 {
                         self.state = State::Done;
@@ -108,6 +121,30 @@ impl ChunkedDecoder {
             }
         }
     }
+}
+
+/// A trailer line's field, unless it is malformed or one a trailer may not carry.
+fn trailer_field(line: &[u8]) -> Option<(HeaderName, HeaderValue)> {
+    let colon = line.iter().position(|&b| b == b':')?;
+    let name = HeaderName::from_bytes(&line[..colon]).ok()?;
+    let forbidden = matches!(
+        name.as_str(),
+        "content-length"
+            | "transfer-encoding"
+            | "host"
+            | "connection"
+            | "te"
+            | "trailer"
+            | "content-type"
+            | "content-encoding"
+            | "authorization"
+            | "set-cookie"
+    );
+    if forbidden {
+        return None;
+    }
+    let value = HeaderValue::from_bytes(line[colon + 1..].trim_ascii()).ok()?;
+    Some((name, value))
 }
 
 /// Where the first CRLF starts, if one is within `max` bytes. A longer line is refused
@@ -173,6 +210,19 @@ mod tests {
             assert_eq!(data, b"hello, world0123456789", "step {step}");
             assert!(done);
         }
+    }
+
+    #[test]
+    fn trailers_are_kept_except_those_that_change_framing() {
+        let mut decoder = ChunkedDecoder::new();
+        let mut buffer = BytesMut::from(
+            &b"0\r\nX-Checksum: abc\r\nContent-Length: 9\r\nbad line\r\nServer-Timing: db;dur=3\r\n\r\n"[..],
+        );
+        assert_eq!(decoder.decode(&mut buffer), Ok(Decoded::Done));
+        let trailers = decoder.take_trailers();
+        assert_eq!(trailers["x-checksum"], "abc");
+        assert_eq!(trailers["server-timing"], "db;dur=3");
+        assert_eq!(trailers.len(), 2, "{trailers:?}");
     }
 
     #[test]

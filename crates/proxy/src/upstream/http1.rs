@@ -498,8 +498,12 @@ impl Body for ResponseBody {
                 BodyState::Chunked(decoder) => match decoder.decode(&mut this.buffer) {
                     Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
                     Ok(Decoded::Done) => {
+                        let trailers = decoder.take_trailers();
                         this.finish();
-                        return Poll::Ready(None);
+                        if trailers.is_empty() {
+                            return Poll::Ready(None);
+                        }
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                     }
                     Ok(Decoded::NeedMore) => {}
                     Err(_) => {
