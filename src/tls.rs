@@ -33,6 +33,10 @@ impl TlsBridge {
 }
 
 impl CertificateSource for TlsBridge {
+    fn acme_challenge_certificate(&self, server_name: &str) -> Option<Arc<CertifiedKey>> {
+        self.certificates.tls_alpn_certificate(server_name)
+    }
+
     fn certificate_for<'a>(
         &'a self,
         server_name: &'a str,

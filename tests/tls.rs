@@ -461,3 +461,56 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     found
 }
+
+/// Port 80 closed (pebble's HTTP-01 validation is refused): the certificate is obtained with
+/// TLS-ALPN-01 on the HTTPS port instead, as kamal-proxy obtains it. (With the TLS port
+/// refused, every other test here shows HTTP-01 alone.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_http_port_unreachable_tls_alpn_01_gets_the_certificate() {
+    let (closed_http, https_port) = (free_port(), free_port());
+    let pebble = Pebble::start_validating(closed_http, https_port);
+    let home = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let proxy = ProxyProcess::start_in_shared_home(
+        home,
+        0,
+        https_port,
+        &[
+            &format!("--acme-directory={}", pebble.directory_url()),
+            &format!("--acme-ca-root={}", pebble.api_ca_path().display()),
+        ],
+    );
+    let app = Upstream::start("app").await;
+    proxy.deploy("web", &app.target(), &["--host=alpn.test", "--tls"]);
+    let root = pebble.issuing_root().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let reply = loop {
+        match https_get(
+            proxy.https_port,
+            "alpn.test",
+            "/",
+            std::slice::from_ref(&root),
+        )
+        .await
+        {
+            Ok(reply) => break reply,
+            Err(error) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no certificate: {error}\n{}\n{}",
+                    proxy.log(),
+                    pebble.log()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert_eq!(reply.status, 200);
+    assert!(
+        proxy
+            .log_lines()
+            .iter()
+            .any(|l| l["msg"] == "HTTP-01 could not complete; trying TLS-ALPN-01"),
+        "{}",
+        proxy.log()
+    );
+}

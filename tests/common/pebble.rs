@@ -44,8 +44,14 @@ fn require(binary: &str) -> PathBuf {
 }
 
 impl Pebble {
-    /// Starts pebble validating HTTP-01 challenges on `http_port` of 127.0.0.1.
+    /// Starts pebble validating HTTP-01 challenges on `http_port` of 127.0.0.1 (TLS-ALPN-01
+    /// on a port nobody listens on).
     pub fn start(http_port: u16) -> Self {
+        Self::start_validating(http_port, free_port())
+    }
+
+    /// Starts pebble validating HTTP-01 on `http_port` and TLS-ALPN-01 on `tls_port`.
+    pub fn start_validating(http_port: u16, tls_port: u16) -> Self {
         let pebble_bin = require("pebble");
         let dns_bin = require("pebble-challtestsrv");
         let dir = tempfile::tempdir().unwrap();
@@ -78,7 +84,7 @@ impl Pebble {
                 "certificate": dir.path().join("api-cert.pem"),
                 "privateKey": dir.path().join("api-key.pem"),
                 "httpPort": http_port,
-                "tlsPort": free_port(),
+                "tlsPort": tls_port,
                 "ocspResponderURL": "",
                 "externalAccountBindingRequired": false
             }

@@ -1,8 +1,8 @@
 //! `Certificates`: which hosts have which certificate, and the work of getting them.
 //!
 //! Each host served with automatic TLS has a task that loads its stored certificate, orders
-//! one over ACME HTTP-01 when none is stored or the stored one is due (a third of its life
-//! left), sleeps until the next renewal, and retries failures with a growing backoff. A failed
+//! one over ACME (HTTP-01, else TLS-ALPN-01) when none is stored or the stored one is due (a
+//! third of its life left), sleeps until the next renewal, and retries failures with a growing backoff. A failed
 //! order only affects its own host. Hosts with custom certificates are served from their files.
 
 use std::collections::HashMap;
@@ -410,7 +410,9 @@ impl Certificates {
         }
     }
 
-    /// One ACME order for `host`, answered over HTTP-01.
+    /// One certificate for `host`: ordered with HTTP-01 on the HTTP port (which works behind
+    /// CDNs), and if that cannot complete (port 80 closed or not reaching us), ordered again
+    /// with TLS-ALPN-01 on the HTTPS port, as kamal-proxy does.
     async fn order(
         &self,
         host: &str,
@@ -421,6 +423,23 @@ impl Certificates {
             .account(directory, store)
             .await
             .map_err(|e| format!("ACME account: {e}"))?;
+        let http = match self.order_with(&account, host, ChallengeType::Http01).await {
+            Ok(certificate) => return Ok(certificate),
+            Err(reason) => reason,
+        };
+        tracing::warn!(host, reason = %http, "HTTP-01 could not complete; trying TLS-ALPN-01");
+        self.order_with(&account, host, ChallengeType::TlsAlpn01)
+            .await
+            .map_err(|tls| format!("HTTP-01: {http}; TLS-ALPN-01: {tls}"))
+    }
+
+    /// One ACME order for `host`, answered with `kind`.
+    async fn order_with(
+        &self,
+        account: &Account,
+        host: &str,
+        kind: ChallengeType,
+    ) -> Result<Certificate, String> {
         let identifiers = [Identifier::Dns(host.to_string())];
         let mut order = account
             .new_order(&NewOrder::new(&identifiers))
@@ -428,6 +447,7 @@ impl Certificates {
             .map_err(|e| format!("new order: {}", describe(&e)))?;
 
         let mut tokens = Vec::new();
+        let mut alpn_hosts = Vec::new();
         let answered = async {
             let mut authorizations = order.authorizations();
             while let Some(authorization) = authorizations.next().await {
@@ -437,11 +457,18 @@ impl Certificates {
                     continue;
                 }
                 let mut challenge = authorization
-                    .challenge(ChallengeType::Http01)
-                    .ok_or_else(|| "the ACME server offered no HTTP-01 challenge".to_string())?;
-                self.challenges
-                    .add(&challenge.token, challenge.key_authorization().as_str());
-                tokens.push(challenge.token.clone());
+                    .challenge(kind.clone())
+                    .ok_or_else(|| format!("the ACME server offered no {kind:?} challenge"))?;
+                let key_authorization = challenge.key_authorization();
+                if kind == ChallengeType::TlsAlpn01 {
+                    self.challenges
+                        .add_tls_alpn(host, key_authorization.digest().as_ref())?;
+                    alpn_hosts.push(host.to_string());
+                } else {
+                    self.challenges
+                        .add(&challenge.token, key_authorization.as_str());
+                    tokens.push(challenge.token.clone());
+                }
                 challenge
                     .set_ready()
                     .await
@@ -476,7 +503,17 @@ impl Certificates {
         for token in tokens {
             self.challenges.remove(&token);
         }
+        for host in alpn_hosts {
+            self.challenges.remove_tls_alpn(&host);
+        }
         answered
+    }
+
+    /// The TLS-ALPN-01 certificate to show a client asking for `acme-tls/1` for
+    /// `server_name`, while such a challenge is open.
+    pub fn tls_alpn_certificate(&self, server_name: &str) -> Option<Arc<CertifiedKey>> {
+        let name = server_name.trim_end_matches('.').to_ascii_lowercase();
+        self.challenges.tls_alpn_certificate(&name)
     }
 
     /// The ACME account for `directory` (a directory key): the one whose key the store

@@ -26,7 +26,16 @@ pub trait CertificateSource: Send + Sync + 'static {
         &'a self,
         server_name: &'a str,
     ) -> Pin<Box<dyn Future<Output = Option<Arc<CertifiedKey>>> + Send + 'a>>;
+
+    /// The ACME TLS-ALPN-01 certificate for `server_name`, while such a challenge is open;
+    /// shown only to a client that offers the `acme-tls/1` protocol (the ACME server).
+    fn acme_challenge_certificate(&self, _server_name: &str) -> Option<Arc<CertifiedKey>> {
+        None
+    }
 }
+
+/// The ALPN protocol of ACME's TLS-ALPN-01 validation (RFC 8737).
+const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
 /// Longest time a client may take to complete a handshake (certificate wait included).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -39,6 +48,8 @@ pub enum HandshakeError {
     UnknownServerName(String),
     #[error("TLS handshake timed out")]
     Timeout,
+    #[error("ACME TLS-ALPN-01 validation for {0:?} answered")]
+    AcmeChallengeAnswered(String),
 }
 
 /// Completes a TLS handshake on `stream` with the certificate for its server name.
@@ -53,6 +64,24 @@ pub async fn accept(
             .server_name()
             .unwrap_or_default()
             .to_string();
+        let acme_validation = start
+            .client_hello()
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|protocol| protocol == ACME_TLS_ALPN));
+        if acme_validation {
+            // The ACME server checks the certificate in the handshake and sends nothing more.
+            return match certificates.acme_challenge_certificate(&server_name) {
+                Some(certified) => {
+                    let config = acme_challenge_config(certified);
+                    let _ = start.into_stream(config).await?;
+                    Err(HandshakeError::AcmeChallengeAnswered(server_name))
+                }
+                None => {
+                    refuse_unrecognized_name(start).await;
+                    Err(HandshakeError::UnknownServerName(server_name))
+                }
+            };
+        }
         match certificates.certificate_for(&server_name).await {
             Some(certified) => Ok(start.into_stream(server_config(certified)).await?),
             None => {
@@ -98,6 +127,19 @@ impl ResolvesServerCert for Refuse {
     fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         None
     }
+}
+
+/// The configuration answering a TLS-ALPN-01 validation: the challenge certificate, and
+/// `acme-tls/1` as the only protocol.
+fn acme_challenge_config(certified: Arc<CertifiedKey>) -> Arc<ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("ring supports TLS 1.2 and 1.3")
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Chosen(certified)));
+    config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+    Arc::new(config)
 }
 
 fn server_config(certified: Arc<CertifiedKey>) -> Arc<ServerConfig> {
