@@ -784,3 +784,83 @@ async fn trailers_reach_a_client_that_accepts_them() {
         }
     }
 }
+
+/// An app that sets cookies with every answer but its health check's.
+async fn cookie_app() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                loop {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let answer: &[u8] = if head.starts_with(b"GET /up ") {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\nSet-Cookie: session=1; Path=/; HttpOnly\r\nSet-Cookie: prefs=2; Path=/settings\r\nSet-Cookie: tracker=3; Domain=elsewhere.test; Path=/\r\nContent-Length: 2\r\n\r\nok"
+                    };
+                    if stream.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    address
+}
+
+/// The Path of each cookie set, by cookie name.
+fn cookie_paths(headers: &http::HeaderMap) -> Vec<(String, String)> {
+    let mut paths: Vec<(String, String)> = headers
+        .get_all("set-cookie")
+        .iter()
+        .map(|value| {
+            let text = value.to_str().unwrap();
+            let name = text.split('=').next().unwrap().to_string();
+            let path = text
+                .split(';')
+                .find_map(|a| {
+                    let (key, value) = a.trim().split_once('=')?;
+                    key.eq_ignore_ascii_case("path").then(|| value.to_string())
+                })
+                .unwrap_or_default();
+            (name, path)
+        })
+        .collect();
+    paths.sort();
+    paths
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scope_cookie_paths_puts_the_apps_cookies_under_its_prefix() {
+    let app = cookie_app().await;
+    for peer in Peer::both() {
+        let side = peer.name();
+        peer.deploy(
+            "admin",
+            &app.to_string(),
+            &[
+                "--host=app.test",
+                "--path-prefix=/admin",
+                "--scope-cookie-paths",
+            ],
+        );
+        let reply = get(peer.address(), "app.test", "/admin/page").await;
+        assert_eq!(
+            cookie_paths(&reply.headers),
+            [
+                ("prefs".to_string(), "/admin/settings".to_string()),
+                ("session".to_string(), "/admin".to_string()),
+                ("tracker".to_string(), "/".to_string()),
+            ],
+            "{side}"
+        );
+    }
+}

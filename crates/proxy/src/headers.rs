@@ -241,6 +241,70 @@ pub fn set_kamal_headers(headers: &mut HeaderMap, target: &HeaderValue, trust_in
     );
 }
 
+/// Scopes the app's cookies under `prefix` (`--scope-cookie-paths`), as kamal-proxy does: each
+/// `Set-Cookie` whose Domain is absent or `host` gets its Path joined under the prefix
+/// (`Path=/` → `Path=/app`, `Path=/x` → `Path=/app/x`, none → `Path=/app`); cookies for other
+/// domains are left alone.
+pub fn scope_cookie_paths(headers: &mut HeaderMap, prefix: &str, host: &str) {
+    let scoped: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .map(|value| {
+            value
+                .to_str()
+                .ok()
+                .and_then(|cookie| scope_cookie(cookie, prefix, host))
+                .and_then(|cookie| HeaderValue::from_str(&cookie).ok())
+                .unwrap_or_else(|| value.clone())
+        })
+        .collect();
+    if scoped.is_empty() {
+        return;
+    }
+    headers.remove(header::SET_COOKIE);
+    for value in scoped {
+        headers.append(header::SET_COOKIE, value);
+    }
+}
+
+/// One `Set-Cookie` value with its Path under `prefix`, or `None` to leave it as it is.
+fn scope_cookie(cookie: &str, prefix: &str, host: &str) -> Option<String> {
+    let mut parts = cookie.split(';');
+    let pair = parts.next()?.trim();
+    pair.split_once('=')?;
+    let mut attributes = Vec::new();
+    let mut path = String::new();
+    for attribute in parts {
+        let attribute = attribute.trim();
+        let (name, value) = attribute.split_once('=').unwrap_or((attribute, ""));
+        if name.eq_ignore_ascii_case("path") {
+            path = value.trim().to_string();
+            continue;
+        }
+        if name.eq_ignore_ascii_case("domain") {
+            let domain = value.trim().trim_start_matches('.');
+            if !domain.is_empty() && !domain.eq_ignore_ascii_case(host) {
+                return None;
+            }
+        }
+        if !attribute.is_empty() {
+            attributes.push(attribute);
+        }
+    }
+    let rest = path.trim_matches('/');
+    let scoped_path = if rest.is_empty() {
+        prefix.to_string()
+    } else {
+        format!("{}/{rest}", prefix.trim_end_matches('/'))
+    };
+    let mut out = format!("{pair}; Path={scoped_path}");
+    for attribute in attributes {
+        out.push_str("; ");
+        out.push_str(attribute);
+    }
+    Some(out)
+}
+
 /// Returns the request's X-Request-ID, adding a new UUID when it has none.
 pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     if let Some(existing) = headers.get(&X_REQUEST_ID).filter(|v| !v.is_empty()) {
@@ -534,6 +598,36 @@ mod tests {
         let mut other = headers(&[("te", "gzip")]);
         remove_hop_by_hop(&mut other, false);
         assert!(!other.contains_key("te"));
+    }
+
+    #[test]
+    fn cookies_are_scoped_under_the_prefix_unless_for_another_domain() {
+        let mut map = HeaderMap::new();
+        for cookie in [
+            "a=1; Path=/; HttpOnly",
+            "b=2",
+            "c=3; path=/x/y/; Secure",
+            "d=4; Domain=app.test; Path=/",
+            "e=5; Domain=.other.test; Path=/",
+        ] {
+            map.append(header::SET_COOKIE, HeaderValue::from_static(cookie));
+        }
+        scope_cookie_paths(&mut map, "/app", "app.test");
+        let cookies: Vec<&str> = map
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(
+            cookies,
+            [
+                "a=1; Path=/app; HttpOnly",
+                "b=2; Path=/app",
+                "c=3; Path=/app/x/y; Secure",
+                "d=4; Path=/app; Domain=app.test",
+                "e=5; Domain=.other.test; Path=/",
+            ]
+        );
     }
 
     #[test]

@@ -194,7 +194,8 @@ impl Proxy {
             let host = request_host(&request);
             routes.lookup(host, request.uri().path()).map(|found| {
                 let uri = request.uri();
-                let stripped = if found.service.settings().config.strip_path_prefix {
+                let config = &found.service.settings().config;
+                let stripped = if config.strip_path_prefix {
                     strip_prefix(found.prefix, uri.path())
                 } else {
                     uri.path()
@@ -204,10 +205,15 @@ impl Proxy {
                     Some(original) if stripped.len() == uri.path().len() => original.clone(),
                     _ => upstream_path(stripped, uri.query()),
                 };
-                (Arc::clone(found.service), path_and_query)
+                // `--scope-cookie-paths`: the app's cookies are scoped under its prefix.
+                let cookie_scope = (config.scope_cookie_paths && found.prefix != "/").then(|| {
+                    let host = crate::route::strip_port(host).to_ascii_lowercase();
+                    (found.prefix.to_string(), host)
+                });
+                (Arc::clone(found.service), path_and_query, cookie_scope)
             })
         };
-        let Some((service, path_and_query)) = found else {
+        let Some((service, path_and_query, cookie_scope)) = found else {
             // Counted, as kamal-proxy counts them, under the empty service name.
             if let Some(metrics) = &self.inner.metrics {
                 record.metrics = Some(Arc::clone(metrics));
@@ -286,6 +292,9 @@ impl Proxy {
                 response
             }
             Ok(Forwarded::Response(mut response)) => {
+                if let Some((prefix, host)) = &cookie_scope {
+                    headers::scope_cookie_paths(response.headers_mut(), prefix, host);
+                }
                 if let Some(cookie) = assignment
                     .set_cookie
                     .and_then(|cookie| HeaderValue::from_str(&cookie).ok())
