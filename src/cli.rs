@@ -74,6 +74,9 @@ pub struct RolloutDeployArgs {
         value_delimiter = ','
     )]
     pub targets: Vec<String>,
+    /// Rollout read target host:port (repeatable, or comma-separated): GET and HEAD requests of the rollout go to it
+    #[arg(long = "read-target", value_name = "HOST:PORT", value_delimiter = ',')]
+    pub read_targets: Vec<String>,
     /// Maximum time to wait for the rollout targets to become healthy
     #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_DEPLOY_TIMEOUT, value_parser = parse_duration)]
     pub deploy_timeout: GoDuration,
@@ -214,7 +217,7 @@ pub struct DeployArgs {
         value_delimiter = ','
     )]
     pub targets: Vec<String>,
-    /// Read-only target host:port (accepted and stored; read/write splitting is not implemented yet)
+    /// Read target host:port (repeatable, or comma-separated): GET and HEAD go to it while healthy, unless the client wrote within the writer affinity timeout
     #[arg(long = "read-target", value_name = "HOST:PORT", value_delimiter = ',')]
     pub read_targets: Vec<String>,
     /// Host to serve this service on (repeatable; none = all hosts; `*.example.com` for a wildcard)
@@ -327,13 +330,13 @@ pub struct DeployArgs {
         value_delimiter = ','
     )]
     pub exclude_metrics_paths: Vec<String>,
-    /// Scope cookies to the path prefix (accepted and stored; not implemented yet)
+    /// Scope the app's cookies (Set-Cookie Path) under the service's path prefix
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub scope_cookie_paths: bool,
-    /// Time after a write before reads go to read targets (accepted and stored; not implemented yet)
+    /// Time after a write during which the client's reads go to a writer (the kamal-writer cookie; 0 = none)
     #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_WRITER_AFFINITY_TIMEOUT, value_parser = parse_duration)]
     pub writer_affinity_timeout: GoDuration,
-    /// Send WebSockets to read targets (accepted and stored; not implemented yet)
+    /// Send WebSocket upgrades to read targets (they go to writers otherwise)
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub read_target_websockets: bool,
 }

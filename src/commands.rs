@@ -48,6 +48,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Rollout(RolloutCommand::Deploy(args)) => {
             let request = RolloutDeployRequest {
                 targets: args.targets,
+                read_targets: args.read_targets,
                 deploy_timeout: args.deploy_timeout,
                 drain_timeout: args.drain_timeout,
             };
@@ -246,6 +247,12 @@ fn print_status(status: &StatusReport, output: &OutputArgs) -> anyhow::Result<()
         } else {
             route.targets.iter().map(|t| target_row(t, "")).collect()
         };
+        target_cells.extend(
+            route
+                .read_targets
+                .iter()
+                .map(|t| target_row(t, " (reader)")),
+        );
         if let Some(rollout) = &route.rollout {
             let label = match &rollout.split {
                 Some(split) if split.allowlist.is_empty() => {
@@ -259,6 +266,13 @@ fn print_status(status: &StatusReport, output: &OutputArgs) -> anyhow::Result<()
                 None => " (rollout, no traffic)".to_string(),
             };
             target_cells.extend(rollout.targets.iter().map(|t| target_row(t, &label)));
+            let reader_label = format!("{label} (reader)");
+            target_cells.extend(
+                rollout
+                    .read_targets
+                    .iter()
+                    .map(|t| target_row(t, &reader_label)),
+            );
         }
         for cells in target_cells {
             rows.push(route_cells.iter().cloned().chain(cells).collect());

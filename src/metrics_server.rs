@@ -178,10 +178,14 @@ fn sample_state(registry: &Registry, certificates: &TlsBridge) -> StateSample {
     let mut certificate_expiry = BTreeMap::new();
     for route in &status.routes {
         services.entry(route.service.clone()).or_insert_with(|| {
-            let rollout_targets = route.rollout.iter().flat_map(|r| r.targets.iter());
+            let rollout_targets = route
+                .rollout
+                .iter()
+                .flat_map(|r| r.targets.iter().chain(r.read_targets.iter()));
             route
                 .targets
                 .iter()
+                .chain(route.read_targets.iter())
                 .chain(rollout_targets)
                 .map(|target| TargetSample {
                     address: target.address.clone(),

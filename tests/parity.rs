@@ -864,3 +864,65 @@ async fn scope_cookie_paths_puts_the_apps_cookies_under_its_prefix() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_to_read_targets_and_a_writer_keeps_its_client_for_a_while() {
+    let writer = Upstream::start("writer").await;
+    let reader = Upstream::start("reader").await;
+    for peer in Peer::both() {
+        let side = peer.name();
+        peer.deploy(
+            "reports",
+            &writer.target(),
+            &[
+                "--host=reports.test",
+                &format!("--read-target={}", reader.target()),
+                "--writer-affinity-timeout=30s",
+            ],
+        );
+        let mut connection = Connection::open(peer.address()).await.unwrap();
+        let read = send_with_cookie(&mut connection, "GET", None)
+            .await
+            .unwrap();
+        assert!(read.body.contains("\"reader\""), "{side}: {}", read.body);
+        assert!(!read.headers.contains_key("set-cookie"), "{side}");
+
+        let write = send_with_cookie(&mut connection, "POST", None)
+            .await
+            .unwrap();
+        assert!(write.body.contains("\"writer\""), "{side}: {}", write.body);
+        let cookie = write.headers["set-cookie"].to_str().unwrap().to_string();
+        assert!(
+            cookie.starts_with("kamal-writer=") && cookie.contains("Path=/"),
+            "{side}: {cookie}"
+        );
+        let pair = cookie.split(';').next().unwrap().to_string();
+
+        let after_write = send_with_cookie(&mut connection, "GET", Some(pair))
+            .await
+            .unwrap();
+        assert!(
+            after_write.body.contains("\"writer\""),
+            "{side}: reads follow a write"
+        );
+        let expired = send_with_cookie(&mut connection, "GET", Some("kamal-writer=1000".into()))
+            .await
+            .unwrap();
+        assert!(
+            expired.body.contains("\"reader\""),
+            "{side}: an old write is forgotten"
+        );
+    }
+}
+
+async fn send_with_cookie(
+    connection: &mut Connection,
+    method: &str,
+    cookie: Option<String>,
+) -> Result<common::Reply, String> {
+    let mut sent = request(method, "reports.test", "/", "");
+    if let Some(cookie) = cookie {
+        sent.headers_mut().insert("cookie", cookie.parse().unwrap());
+    }
+    connection.send(sent).await
+}

@@ -67,6 +67,9 @@ pub struct PauseRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RolloutDeployRequest {
     pub targets: Vec<String>,
+    /// Read targets of the rollout (`--read-target`).
+    #[serde(default)]
+    pub read_targets: Vec<String>,
     #[serde(default = "default_deploy_timeout")]
     pub deploy_timeout: GoDuration,
     #[serde(default = "default_drain_timeout")]
@@ -123,6 +126,8 @@ pub struct ServiceSummary {
     pub hosts: Vec<String>,
     pub path_prefixes: Vec<String>,
     pub targets: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub read_targets: Vec<String>,
     pub state: String,
     pub tls: bool,
 }
@@ -142,6 +147,9 @@ pub struct RouteStatus {
     pub state: String,
     pub tls: bool,
     pub targets: Vec<TargetStatus>,
+    /// Read targets (`--read-target`), if any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub read_targets: Vec<TargetStatus>,
     /// For TLS hosts: the certificate served and any order in progress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<CertificateStatus>,
@@ -153,6 +161,8 @@ pub struct RouteStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RolloutStatus {
     pub targets: Vec<TargetStatus>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub read_targets: Vec<TargetStatus>,
     /// None until `rollout set`: the rollout targets get no traffic yet.
     pub split: Option<RolloutSplit>,
 }

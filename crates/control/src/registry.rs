@@ -57,6 +57,13 @@ pub trait TlsProvider: Send + Sync + 'static {
     fn certificate_status(&self, host: &str) -> Option<CertificateStatus>;
 }
 
+/// A service's saved rollout.
+struct Rollout {
+    targets: Vec<String>,
+    read_targets: Vec<String>,
+    split: Option<RolloutSplit>,
+}
+
 struct Entry {
     service: Arc<Service>,
     targets: Vec<String>,
@@ -204,7 +211,9 @@ impl Registry {
                 targets
             };
             service.replace_targets(restore_targets(&saved.targets));
+            service.replace_readers(restore_targets(&saved.config.read_targets));
             service.replace_rollout_targets(restore_targets(&saved.rollout_targets));
+            service.replace_rollout_readers(restore_targets(&saved.rollout_read_targets));
             service.set_rollout_split(saved.rollout.clone());
             service.set_pause_state(match &saved.pause {
                 PersistedPause::Running => PauseState::Running,
@@ -274,38 +283,49 @@ impl Registry {
         if let Some(tls) = &self.tls {
             tls.check(&config).map_err(RegistryError::Invalid)?;
         }
-        let targets: Vec<Arc<Target>> = request
-            .targets
-            .iter()
-            .map(|address| Target::new(address, config.health_check.clone()).map(Arc::new))
-            .collect::<Result<_, _>>()
-            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let new_targets = |addresses: &[String]| -> Result<Vec<Arc<Target>>, RegistryError> {
+            addresses
+                .iter()
+                .map(|address| Target::new(address, config.health_check.clone()).map(Arc::new))
+                .collect::<Result<_, _>>()
+                .map_err(|e| RegistryError::Invalid(e.to_string()))
+        };
+        let targets = new_targets(&request.targets)?;
+        let readers = new_targets(&config.read_targets)?;
+        // Writers and readers alike must be healthy before any serves.
+        let all: Vec<Arc<Target>> = targets.iter().chain(&readers).cloned().collect();
 
         let lock = self.service_lock(name);
         let _deploying = lock.lock().await;
         self.check_conflicts(name, &config)?;
 
-        tracing::info!(service = name, targets = ?request.targets, hosts = ?config.hosts, "Deploying");
+        tracing::info!(service = name, targets = ?request.targets, read_targets = ?config.read_targets, hosts = ?config.hosts, "Deploying");
         let started = std::time::Instant::now();
         let _tracked = self.progress.track(name);
         self.progress
-            .health_check(name, &targets, request.deploy_timeout.get());
-        for target in &targets {
+            .health_check(name, &all, request.deploy_timeout.get());
+        for target in &all {
             spawn_health_check(target, self.client.clone());
         }
         if request.force {
-            targets.iter().for_each(|target| target.assume_healthy());
-        } else if let Err(error) = wait_all_healthy(&targets, request.deploy_timeout.get()).await {
-            targets.iter().for_each(|target| target.retire());
+            all.iter().for_each(|target| target.assume_healthy());
+        } else if let Err(error) = wait_all_healthy(&all, request.deploy_timeout.get()).await {
+            all.iter().for_each(|target| target.retire());
             tracing::info!(service = name, %error, "Deploy failed; previous targets keep serving");
             return Err(error);
         }
 
-        let old_targets = match self.swap_in(name, &request.targets, config, error_pages, &targets)
-        {
+        let old_targets = match self.swap_in(
+            name,
+            &request.targets,
+            config,
+            error_pages,
+            &targets,
+            &readers,
+        ) {
             Ok(old) => old,
             Err(error) => {
-                targets.iter().for_each(|target| target.retire());
+                all.iter().for_each(|target| target.retire());
                 return Err(error);
             }
         };
@@ -325,7 +345,7 @@ impl Registry {
 
     /// The deploy's commit: saves the new targets and settings, then makes them serve (and
     /// gives the host's path services the root service's TLS settings, as kamal-proxy does).
-    /// Returns the targets replaced.
+    /// Returns the targets replaced, writers and readers.
     fn swap_in(
         &self,
         name: &str,
@@ -333,6 +353,7 @@ impl Registry {
         config: ServiceConfig,
         error_pages: ErrorPages,
         targets: &[Arc<Target>],
+        readers: &[Arc<Target>],
     ) -> Result<Vec<Arc<Target>>, RegistryError> {
         let mut entries = self.lock_entries();
         // Checked again: another service may have claimed the host while we waited.
@@ -387,7 +408,8 @@ impl Registry {
             error_pages,
         });
         entry.targets = addresses.to_vec();
-        let old = entry.service.replace_targets(targets.to_vec());
+        let mut old = entry.service.replace_targets(targets.to_vec());
+        old.extend(entry.service.replace_readers(readers.to_vec()));
         self.publish(&entries);
         Ok(old)
     }
@@ -415,7 +437,9 @@ impl Registry {
             .remove(name);
         if let Some(service) = removed {
             let mut targets = service.replace_targets(Vec::new());
+            targets.extend(service.replace_readers(Vec::new()));
             targets.extend(service.replace_rollout_targets(Vec::new()));
+            targets.extend(service.replace_rollout_readers(Vec::new()));
             tokio::spawn(async move { drain_all(&targets, DEFAULT_DRAIN_TIMEOUT.get()).await });
         }
         tracing::info!(service = name, "Removed");
@@ -482,27 +506,36 @@ impl Registry {
         let _deploying = lock.lock().await;
         let service = self.service(name)?;
         let health_check = service.settings().config.health_check.clone();
-        let targets: Vec<Arc<Target>> = request
-            .targets
-            .iter()
-            .map(|address| Target::new(address, health_check.clone()).map(Arc::new))
-            .collect::<Result<_, _>>()
-            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
-        tracing::info!(service = name, targets = ?request.targets, "Deploying rollout targets");
-        for target in &targets {
+        let new_targets = |addresses: &[String]| -> Result<Vec<Arc<Target>>, RegistryError> {
+            addresses
+                .iter()
+                .map(|address| Target::new(address, health_check.clone()).map(Arc::new))
+                .collect::<Result<_, _>>()
+                .map_err(|e| RegistryError::Invalid(e.to_string()))
+        };
+        let targets = new_targets(&request.targets)?;
+        let readers = new_targets(&request.read_targets)?;
+        let all: Vec<Arc<Target>> = targets.iter().chain(&readers).cloned().collect();
+        tracing::info!(service = name, targets = ?request.targets, read_targets = ?request.read_targets, "Deploying rollout targets");
+        for target in &all {
             spawn_health_check(target, self.client.clone());
         }
-        if let Err(error) = wait_all_healthy(&targets, request.deploy_timeout.get()).await {
-            targets.iter().for_each(|target| target.retire());
+        if let Err(error) = wait_all_healthy(&all, request.deploy_timeout.get()).await {
+            all.iter().for_each(|target| target.retire());
             return Err(error);
         }
-        let replaced = self.change_rollout(name, |rollout_targets, _| {
-            *rollout_targets = request.targets.clone();
+        let replaced = self.change_rollout(name, |rollout| {
+            rollout.targets = request.targets.clone();
+            rollout.read_targets = request.read_targets.clone();
         });
         let old = match replaced {
-            Ok(()) => service.replace_rollout_targets(targets),
+            Ok(()) => {
+                let mut old = service.replace_rollout_targets(targets);
+                old.extend(service.replace_rollout_readers(readers));
+                old
+            }
             Err(error) => {
-                targets.iter().for_each(|target| target.retire());
+                all.iter().for_each(|target| target.retire());
                 return Err(error);
             }
         };
@@ -528,7 +561,7 @@ impl Registry {
         if service.rollout_pool().targets().is_empty() {
             return Err(RegistryError::Invalid("rollout target not set".into()));
         }
-        self.change_rollout(name, |_, rollout| *rollout = Some(split.clone()))?;
+        self.change_rollout(name, |rollout| rollout.split = Some(split.clone()))?;
         tracing::info!(service = name, percent = split.percent, allowlist = ?split.allowlist, "Rollout split set");
         service.set_rollout_split(Some(split));
         Ok(())
@@ -541,7 +574,7 @@ impl Registry {
         let lock = self.service_lock(name);
         let _changing = lock.lock().await;
         let service = self.service(name)?;
-        self.change_rollout(name, |_, rollout| *rollout = None)?;
+        self.change_rollout(name, |rollout| rollout.split = None)?;
         service.set_rollout_split(None);
         tracing::info!(service = name, "Rollout stopped");
         Ok(())
@@ -564,22 +597,27 @@ impl Registry {
     fn change_rollout(
         &self,
         name: &str,
-        change: impl FnOnce(&mut Vec<String>, &mut Option<RolloutSplit>),
+        change: impl FnOnce(&mut Rollout),
     ) -> Result<(), RegistryError> {
         let mut entries = self.lock_entries();
         let entry = entries.get(name).ok_or(RegistryError::ServiceNotFound)?;
-        let (mut rollout_targets, mut rollout) =
-            (entry.rollout_targets.clone(), entry.rollout.clone());
-        change(&mut rollout_targets, &mut rollout);
+        let mut rollout = Rollout {
+            targets: entry.rollout_targets.clone(),
+            read_targets: entry.rollout_read_targets.clone(),
+            split: entry.rollout.clone(),
+        };
+        change(&mut rollout);
         let mut next_state = snapshot(&entries);
         if let Some(saved) = next_state.services.iter_mut().find(|s| s.name == name) {
-            saved.rollout_targets = rollout_targets.clone();
-            saved.rollout = rollout.clone();
+            saved.rollout_targets = rollout.targets.clone();
+            saved.rollout_read_targets = rollout.read_targets.clone();
+            saved.rollout = rollout.split.clone();
         }
         self.state_file.save(&next_state)?;
         if let Some(entry) = entries.get_mut(name) {
-            entry.rollout_targets = rollout_targets;
-            entry.rollout = rollout;
+            entry.rollout_targets = rollout.targets;
+            entry.rollout_read_targets = rollout.read_targets;
+            entry.rollout = rollout.split;
         }
         Ok(())
     }
@@ -595,6 +633,7 @@ impl Registry {
                     hosts: settings.config.hosts.clone(),
                     path_prefixes: settings.config.path_prefixes.clone(),
                     targets: entry.targets.clone(),
+                    read_targets: settings.config.read_targets.clone(),
                     state: entry.service.pause_state().name().to_string(),
                     tls: settings.config.tls.enabled,
                 }
@@ -615,9 +654,23 @@ impl Registry {
                 .iter()
                 .map(|target| target_status(target))
                 .collect();
+            let read_targets: Vec<TargetStatus> = entry
+                .service
+                .readers()
+                .targets()
+                .iter()
+                .map(|target| target_status(target))
+                .collect();
             let rollout_pool = entry.service.rollout_pool();
             let rollout = (!rollout_pool.targets().is_empty()).then(|| RolloutStatus {
                 targets: rollout_pool
+                    .targets()
+                    .iter()
+                    .map(|target| target_status(target))
+                    .collect(),
+                read_targets: entry
+                    .service
+                    .rollout_readers()
                     .targets()
                     .iter()
                     .map(|target| target_status(target))
@@ -642,6 +695,7 @@ impl Registry {
                         state: entry.service.pause_state().name().to_string(),
                         tls: settings.config.tls.enabled,
                         targets: targets.clone(),
+                        read_targets: read_targets.clone(),
                         certificate: certificate.clone(),
                         rollout: rollout.clone(),
                     });

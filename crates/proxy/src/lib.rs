@@ -6,6 +6,7 @@
 //! - [`service`]: a service's settings, target pool (round-robin over healthy targets) and
 //!   pause/stop state.
 //! - [`rollout`]: which requests a canary rollout takes (the `kamal-rollout` cookie).
+//! - `read_targets`: which requests read targets take, and writer affinity (`kamal-writer`).
 //! - [`target`]: one upstream address with its health, in-flight count and drain signals.
 //! - [`health`]: the periodic health check of each target.
 //! - [`pipeline`]: the request pipeline: route → admit → pick target → forward → log.
@@ -38,6 +39,7 @@ pub mod metrics;
 mod page_template;
 pub mod pipeline;
 pub mod proxy_protocol;
+mod read_targets;
 mod request_log;
 pub mod rollout;
 pub mod route;

@@ -25,6 +25,7 @@ use crate::drain::Drain;
 use crate::error_page::ErrorPages;
 use crate::headers::{self, TrustedProxies};
 use crate::metrics::Metrics;
+use crate::read_targets;
 use crate::request_log::RequestRecord;
 use crate::route::{strip_prefix, RouteTableHandle};
 use crate::service::{Admission, Service, ServiceSettings};
@@ -264,7 +265,12 @@ impl Proxy {
         }
 
         let assignment = service.assign(request.headers());
-        let Some(claim) = service.pick_target(assignment.rollout) else {
+        // Read targets: only services that have them pay for looking at the request.
+        let reading = service
+            .has_readers()
+            .then(|| read_targets::decide(&request, config.read_target_websockets));
+        let to_reader = reading.is_some_and(|reading| reading.to_reader);
+        let Some(claim) = service.pick_target(assignment.rollout, to_reader) else {
             let status = StatusCode::SERVICE_UNAVAILABLE;
             return finish_with_error(
                 record,
@@ -292,6 +298,10 @@ impl Proxy {
                 response
             }
             Ok(Forwarded::Response(mut response)) => {
+                let timeout = config.writer_affinity_timeout.get();
+                if reading.is_some_and(|reading| !reading.read_request) && !timeout.is_zero() {
+                    read_targets::mark_write(response.headers_mut(), timeout);
+                }
                 if let Some((prefix, host)) = &cookie_scope {
                     headers::scope_cookie_paths(response.headers_mut(), prefix, host);
                 }

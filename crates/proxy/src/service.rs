@@ -93,14 +93,31 @@ impl TargetPool {
             .find_map(|target| target.try_acquire())
             .or_else(|| in_turn.into_iter().find_map(|target| target.try_acquire()))
     }
+
+    /// The next healthy target in turn, or none: read targets are a preference, and a read
+    /// with no healthy reader goes to a writer.
+    fn pick_healthy(&self) -> Option<InFlight> {
+        let count = self.targets.len();
+        if count == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..count)
+            .map(|i| &self.targets[(start + i) % count])
+            .filter(|target| target.is_healthy())
+            .find_map(|target| target.try_acquire())
+    }
 }
 
 pub struct Service {
     name: Arc<str>,
     settings: ArcSwap<ServiceSettings>,
     pool: ArcSwap<TargetPool>,
+    /// Read targets (`--read-target`): GET and HEAD go to them when healthy.
+    readers: ArcSwap<TargetPool>,
     /// Canary targets; they get traffic only while a split is set.
     rollout_pool: ArcSwap<TargetPool>,
+    rollout_readers: ArcSwap<TargetPool>,
     rollout_split: ArcSwapOption<RolloutSplit>,
     pause: watch::Sender<PauseState>,
 }
@@ -117,7 +134,9 @@ impl Service {
             name: name.into(),
             settings: ArcSwap::from_pointee(settings),
             pool: ArcSwap::from_pointee(TargetPool::default()),
+            readers: ArcSwap::from_pointee(TargetPool::default()),
             rollout_pool: ArcSwap::from_pointee(TargetPool::default()),
+            rollout_readers: ArcSwap::from_pointee(TargetPool::default()),
             rollout_split: ArcSwapOption::empty(),
             pause: watch::Sender::new(PauseState::Running),
         }
@@ -150,6 +169,33 @@ impl Service {
         old.targets.clone()
     }
 
+    pub fn readers(&self) -> Arc<TargetPool> {
+        self.readers.load_full()
+    }
+
+    /// Makes `targets` the read targets; returns the ones replaced (for draining).
+    pub fn replace_readers(&self, targets: Vec<Arc<Target>>) -> Vec<Arc<Target>> {
+        let old = self.readers.swap(Arc::new(TargetPool::new(targets)));
+        old.targets.clone()
+    }
+
+    /// Whether the service has read targets (cheap: one atomic load).
+    pub fn has_readers(&self) -> bool {
+        !self.readers.load().targets.is_empty()
+    }
+
+    pub fn rollout_readers(&self) -> Arc<TargetPool> {
+        self.rollout_readers.load_full()
+    }
+
+    /// Makes `targets` the rollout's read targets; returns the ones replaced.
+    pub fn replace_rollout_readers(&self, targets: Vec<Arc<Target>>) -> Vec<Arc<Target>> {
+        let old = self
+            .rollout_readers
+            .swap(Arc::new(TargetPool::new(targets)));
+        old.targets.clone()
+    }
+
     pub fn rollout_pool(&self) -> Arc<TargetPool> {
         self.rollout_pool.load_full()
     }
@@ -178,11 +224,22 @@ impl Service {
     }
 
     /// Claims a target for one request: a rollout target if `use_rollout` and there is one,
-    /// else a main one. A pool swapped mid-pick is read again.
-    pub fn pick_target(&self, use_rollout: bool) -> Option<InFlight> {
+    /// else a main one; for a `read`, a healthy read target of that group first. A pool
+    /// swapped mid-pick is read again.
+    pub fn pick_target(&self, use_rollout: bool, read: bool) -> Option<InFlight> {
         for _ in 0..3 {
             if use_rollout {
+                if read {
+                    if let Some(claim) = self.rollout_readers.load().pick_healthy() {
+                        return Some(claim);
+                    }
+                }
                 if let Some(claim) = self.rollout_pool.load().pick() {
+                    return Some(claim);
+                }
+            }
+            if read {
+                if let Some(claim) = self.readers.load().pick_healthy() {
                     return Some(claim);
                 }
             }
@@ -226,26 +283,28 @@ impl Service {
         }
     }
 
-    /// Requests in flight on all current targets, main and rollout.
-    pub fn in_flight(&self) -> usize {
-        let (pool, rollout) = (self.pool.load(), self.rollout_pool.load());
-        pool.targets
-            .iter()
-            .chain(rollout.targets.iter())
-            .map(|t| t.in_flight())
-            .sum()
+    /// Every current target: main and rollout, writers and readers.
+    fn all_targets(&self) -> Vec<Arc<Target>> {
+        [
+            self.pool(),
+            self.readers(),
+            self.rollout_pool(),
+            self.rollout_readers(),
+        ]
+        .iter()
+        .flat_map(|pool| pool.targets.iter().cloned())
+        .collect()
     }
 
-    /// Waits for in-flight requests on the current targets (main and rollout) to finish, up
-    /// to `timeout`.
+    /// Requests in flight on all current targets.
+    pub fn in_flight(&self) -> usize {
+        self.all_targets().iter().map(|t| t.in_flight()).sum()
+    }
+
+    /// Waits for in-flight requests on the current targets to finish, up to `timeout`.
     pub async fn wait_idle(&self, timeout: Duration) -> bool {
-        let (pool, rollout) = (self.pool(), self.rollout_pool());
-        let all_idle = futures_util::future::join_all(
-            pool.targets
-                .iter()
-                .chain(rollout.targets.iter())
-                .map(|t| t.wait_idle()),
-        );
+        let targets = self.all_targets();
+        let all_idle = futures_util::future::join_all(targets.iter().map(|t| t.wait_idle()));
         tokio::time::timeout(timeout, all_idle).await.is_ok()
     }
 }
@@ -284,7 +343,7 @@ mod tests {
         let picks: Vec<String> = (0..4)
             .map(|_| {
                 service
-                    .pick_target(false)
+                    .pick_target(false, false)
                     .unwrap()
                     .target()
                     .address()
@@ -299,7 +358,7 @@ mod tests {
     fn with_no_healthy_target_any_target_is_tried() {
         let service = service();
         service.replace_targets(vec![target("a:1", false)]);
-        assert!(service.pick_target(false).is_some());
+        assert!(service.pick_target(false, false).is_some());
     }
 
     #[tokio::test]
@@ -358,5 +417,44 @@ mod tests {
             max_pause: Duration::from_millis(10),
         });
         assert_eq!(service.admit("/").await, Admission::PauseTimedOut);
+    }
+}
+
+#[cfg(test)]
+mod read_target_tests {
+    use super::*;
+    use crate::config::HealthCheckConfig;
+
+    fn target(address: &str, healthy: bool) -> Arc<Target> {
+        let target = Arc::new(Target::new(address, HealthCheckConfig::default()).unwrap());
+        if healthy {
+            target.assume_healthy();
+        }
+        target
+    }
+
+    #[test]
+    fn reads_go_to_healthy_readers_and_everything_else_to_writers() {
+        let service = Service::new(
+            "app",
+            ServiceSettings {
+                config: ServiceConfig::default(),
+                error_pages: ErrorPages::default(),
+            },
+        );
+        service.replace_targets(vec![target("writer:1", true)]);
+        service.replace_readers(vec![target("reader:1", true)]);
+        let picked = |read| {
+            service
+                .pick_target(false, read)
+                .unwrap()
+                .target()
+                .address()
+                .to_string()
+        };
+        assert_eq!(picked(true), "reader:1");
+        assert_eq!(picked(false), "writer:1");
+        service.replace_readers(vec![target("reader:2", false)]);
+        assert_eq!(picked(true), "writer:1", "no healthy reader: a writer");
     }
 }
