@@ -514,3 +514,76 @@ async fn with_the_http_port_unreachable_tls_alpn_01_gets_the_certificate() {
         proxy.log()
     );
 }
+
+/// A client that comes back resumes its TLS session (a TLS 1.3 ticket, or a cached TLS 1.2
+/// session) instead of paying for a full handshake, and the metrics count both kinds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn returning_clients_resume_their_tls_sessions() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let metrics_port = free_port();
+    let proxy = ProxyProcess::start_with(&[&format!("--metrics-port={metrics_port}")]);
+    let app = Upstream::start("app").await;
+    let files = common::certs::certificate_files("resume.test");
+    proxy.deploy(
+        "web",
+        &app.target(),
+        &[
+            "--host=resume.test",
+            "--tls",
+            &files.flags[0],
+            &files.flags[1],
+        ],
+    );
+    for versions in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(files.root.clone()).unwrap();
+        // One client configuration, as one browser: it remembers its sessions.
+        let config = std::sync::Arc::new(
+            rustls::ClientConfig::builder_with_protocol_versions(&[versions])
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+        let mut kinds = Vec::new();
+        for _ in 0..3 {
+            let stream = tokio::net::TcpStream::connect(("127.0.0.1", proxy.https_port))
+                .await
+                .unwrap();
+            let name = rustls::pki_types::ServerName::try_from("resume.test").unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(config.clone())
+                .connect(name, stream)
+                .await
+                .unwrap();
+            kinds.push(tls.get_ref().1.handshake_kind());
+            tls.write_all(b"GET / HTTP/1.1\r\nHost: resume.test\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut answer = Vec::new();
+            let _ = tls.read_to_end(&mut answer).await;
+            assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+        }
+        assert_eq!(
+            kinds,
+            [
+                Some(rustls::HandshakeKind::Full),
+                Some(rustls::HandshakeKind::Resumed),
+                Some(rustls::HandshakeKind::Resumed)
+            ],
+            "{versions:?}"
+        );
+    }
+    let text = get(
+        std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port)),
+        "localhost",
+        "/metrics",
+    )
+    .await
+    .body;
+    assert!(
+        text.contains("berth_tls_handshakes_total{kind=\"full\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("berth_tls_handshakes_total{kind=\"resumed\"} 4"),
+        "{text}"
+    );
+}

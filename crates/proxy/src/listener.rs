@@ -215,7 +215,14 @@ async fn serve_tls(
     match handshake {
         // Boxed: rustls's connection state is large, and every future that holds the stream
         // (a parked connection's included) would otherwise be sized for it several times.
-        Ok(stream) => connection::serve(protocols, Box::new(stream), info, proxy).await,
+        Ok(stream) => {
+            if let Some(metrics) = proxy.metrics() {
+                let resumed =
+                    stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+                metrics.observe_tls_handshake(resumed);
+            }
+            connection::serve(protocols, Box::new(stream), info, proxy).await
+        }
         Err(error) => tracing::debug!(%error, peer = %info.peer, "TLS handshake refused"),
     }
 }

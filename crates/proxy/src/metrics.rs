@@ -68,6 +68,12 @@ struct HostLabels {
     host: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    /// `full` or `resumed`.
+    kind: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn request_histogram() -> Histogram {
@@ -116,6 +122,7 @@ pub struct Metrics {
     certificate_expiry: Family<HostLabels, Gauge>,
     client_connections: Gauge,
     parked_connections: Gauge,
+    tls_handshakes: Family<HandshakeLabels, Counter>,
     /// One scrape at a time: a scrape clears and refills the state gauges.
     scrape: Mutex<()>,
 }
@@ -148,6 +155,7 @@ impl Metrics {
             Family::new_with_constructor(deploy_histogram);
         let certificate_expiry = Family::default();
         let client_connections = Gauge::default();
+        let tls_handshakes = Family::<HandshakeLabels, Counter>::default();
         let parked_connections = Gauge::default();
 
         let kamal = registry.sub_registry_with_prefix("kamal_proxy");
@@ -203,6 +211,11 @@ impl Metrics {
             client_connections.clone(),
         );
         berth.register(
+            "tls_handshakes",
+            "TLS handshakes completed, full or resumed (a session ticket or cached session)",
+            tls_handshakes.clone(),
+        );
+        berth.register(
             "parked_client_connections",
             "Idle keep-alive client connections parked: waiting for their next request \
              without holding read or write buffers",
@@ -222,6 +235,7 @@ impl Metrics {
             certificate_expiry,
             client_connections,
             parked_connections,
+            tls_handshakes,
             scrape: Mutex::new(()),
         }
     }
@@ -243,6 +257,14 @@ impl Metrics {
             .get_or_create(&labels)
             .observe(duration.as_secs_f64());
         self.requests.get_or_create(&labels).inc();
+    }
+
+    /// Counts one completed TLS handshake.
+    pub fn observe_tls_handshake(&self, resumed: bool) {
+        let kind = if resumed { "resumed" } else { "full" };
+        self.tls_handshakes
+            .get_or_create(&HandshakeLabels { kind })
+            .inc();
     }
 
     /// Records how long a target took to send its response head.

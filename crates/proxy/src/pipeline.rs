@@ -125,6 +125,11 @@ impl Proxy {
         &self.inner.drain
     }
 
+    /// Where requests (and TLS handshakes) are counted, if anywhere.
+    pub fn metrics(&self) -> Option<&Arc<Metrics>> {
+        self.inner.metrics.as_ref()
+    }
+
     /// Sends requests through `client` (each worker thread has its own pool).
     pub fn with_upstream_client(mut self, client: UpstreamClient) -> Self {
         Arc::make_mut(&mut self.inner).client = client;

@@ -142,15 +142,59 @@ fn acme_challenge_config(certified: Arc<CertifiedKey>) -> Arc<ServerConfig> {
     Arc::new(config)
 }
 
+/// What every server configuration shares, so that a client can resume a session whichever
+/// certificate (and so configuration) served it, on any worker: TLS 1.3 session tickets
+/// under keys that rotate and live only in memory, and a cache of TLS 1.2 sessions by ID.
+struct Resumption {
+    tickets: Arc<dyn rustls::server::ProducesTickets>,
+    sessions: Arc<dyn rustls::server::StoresServerSessions>,
+}
+
+static RESUMPTION: std::sync::LazyLock<Option<Resumption>> =
+    std::sync::LazyLock::new(|| match rustls::crypto::ring::Ticketer::new() {
+        Ok(tickets) => Some(Resumption {
+            tickets,
+            sessions: rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES),
+        }),
+        Err(error) => {
+            tracing::warn!(%error, "No TLS session tickets: every handshake will be a full one");
+            None
+        }
+    });
+
+/// TLS 1.2 sessions remembered for resumption by session ID (about 200 bytes each).
+const SESSION_CACHE_ENTRIES: usize = 16 * 1024;
+
+/// The configuration of each certificate in use, made once: building one per handshake cost
+/// allocations on every new connection. Keyed by the certificate's address, with a weak
+/// reference so a replaced certificate's configuration goes when it does.
+static CONFIGS: std::sync::LazyLock<
+    std::sync::Mutex<Vec<(std::sync::Weak<CertifiedKey>, Arc<ServerConfig>)>>,
+> = std::sync::LazyLock::new(Default::default);
+
 fn server_config(certified: Arc<CertifiedKey>) -> Arc<ServerConfig> {
+    let mut configs = CONFIGS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, config)) = configs
+        .iter()
+        .find(|(key, _)| std::ptr::eq(key.as_ptr(), Arc::as_ptr(&certified)))
+    {
+        return Arc::clone(config);
+    }
+    configs.retain(|(key, _)| key.strong_count() > 0);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .expect("ring supports TLS 1.2 and 1.3")
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(Chosen(certified)));
+        .with_cert_resolver(Arc::new(Chosen(Arc::clone(&certified))));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Arc::new(config)
+    if let Some(resumption) = RESUMPTION.as_ref() {
+        config.ticketer = Arc::clone(&resumption.tickets);
+        config.session_storage = Arc::clone(&resumption.sessions);
+    }
+    let config = Arc::new(config);
+    configs.push((Arc::downgrade(&certified), Arc::clone(&config)));
+    config
 }
 
 /// The certificate already chosen for this connection.
