@@ -168,9 +168,10 @@ const SESSION_CACHE_ENTRIES: usize = 16 * 1024;
 /// The configuration of each certificate in use, made once: building one per handshake cost
 /// allocations on every new connection. Keyed by the certificate's address, with a weak
 /// reference so a replaced certificate's configuration goes when it does.
-static CONFIGS: std::sync::LazyLock<
-    std::sync::Mutex<Vec<(std::sync::Weak<CertifiedKey>, Arc<ServerConfig>)>>,
-> = std::sync::LazyLock::new(Default::default);
+static CONFIGS: std::sync::LazyLock<std::sync::Mutex<Vec<CachedConfig>>> =
+    std::sync::LazyLock::new(Default::default);
+
+type CachedConfig = (std::sync::Weak<CertifiedKey>, Arc<ServerConfig>);
 
 fn server_config(certified: Arc<CertifiedKey>) -> Arc<ServerConfig> {
     let mut configs = CONFIGS.lock().unwrap_or_else(|e| e.into_inner());
