@@ -5,10 +5,10 @@ mod common;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::kamal_proxy::{self, KamalProxy};
-use common::pebble::{free_port, https_get, https_get_with_headers, Pebble};
+use common::pebble::{free_port, https_get, https_get_with_headers, wait_for_https, Pebble};
 use common::{Connection, ProxyProcess, Upstream};
 use rustls::pki_types::CertificateDer;
 
@@ -309,28 +309,12 @@ async fn kamal_proxy_to_berth_and_back_keeps_every_change_and_certificate() {
         &["--host=new.example.com", "--tls"],
     );
     let pebble_root = pebble.issuing_root().await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let issued = loop {
-        match https_get(
-            berth.https_port,
-            "new.example.com",
-            "/",
-            std::slice::from_ref(&pebble_root),
-        )
-        .await
-        {
-            Ok(reply) => break reply,
-            Err(error) => {
-                assert!(
-                    Instant::now() < deadline,
-                    "no certificate: {error}\n{}\n{}",
-                    berth.log(),
-                    pebble.log()
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
+    let issued = wait_for_https(
+        berth.https_port,
+        "new.example.com",
+        std::slice::from_ref(&pebble_root),
+    )
+    .await;
     berth.ok(&["remove", "blog"]);
     berth.deploy(
         "shop-api",

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::certs::certificate_files;
 use common::kamal_proxy::Peer;
+use common::raw_app::{ok, raw_app, read_head};
 use common::{get, request, Connection, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -161,20 +162,11 @@ async fn event_stream_app() -> SocketAddr {
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                if head.starts_with(b"GET /up ") {
-                    let _ = stream
-                        .write_all(
-                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
-                        )
-                        .await;
+                let Some(head) = read_head(&mut stream).await else {
+                    return;
+                };
+                if head.starts_with("GET /up ") {
+                    let _ = stream.write_all(&ok()).await;
                     return;
                 }
                 let _ = stream
@@ -322,47 +314,27 @@ async fn a_buffered_response_over_its_limit_is_500() {
 /// An app whose health check redirects (`/up` → `/ready`), recording the user agents of the
 /// checks that reach `/ready`.
 async fn redirecting_health_app() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
     let agents = Arc::new(Mutex::new(Vec::new()));
     let seen = Arc::clone(&agents);
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let seen = Arc::clone(&seen);
-            tokio::spawn(async move {
-                loop {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        head.push(byte[0]);
-                    }
-                    let head = String::from_utf8_lossy(&head).to_string();
-                    let answer: &[u8] = if head.starts_with("GET /up ") {
-                        b"HTTP/1.1 302 Found\r\nLocation: /ready\r\nContent-Length: 0\r\n\r\n"
-                    } else {
-                        if head.starts_with("GET /ready ") {
-                            let agent = head
-                                .lines()
-                                .find_map(|l| {
-                                    l.to_ascii_lowercase()
-                                        .strip_prefix("user-agent:")
-                                        .map(|v| v.trim().to_string())
-                                })
-                                .unwrap_or_default();
-                            seen.lock().unwrap().push(agent);
-                        }
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-                    };
-                    if stream.write_all(answer).await.is_err() {
-                        return;
-                    }
-                }
-            });
+    let address = raw_app(move |head| {
+        if head.starts_with("GET /up ") {
+            return b"HTTP/1.1 302 Found\r\nLocation: /ready\r\nContent-Length: 0\r\n\r\n".to_vec();
         }
-    });
+        if head.starts_with("GET /ready ") {
+            let agent = head
+                .lines()
+                .find_map(|l| {
+                    let lower = l.to_ascii_lowercase();
+                    lower
+                        .strip_prefix("user-agent:")
+                        .map(|v| v.trim().to_string())
+                })
+                .unwrap_or_default();
+            seen.lock().unwrap().push(agent);
+        }
+        ok()
+    })
+    .await;
     (address, agents)
 }
 
@@ -728,33 +700,13 @@ async fn metrics_are_prometheus_text_as_kamal_proxy_serves_them() {
 
 /// An app answering every request but its health check with a chunked body and a trailer.
 async fn trailer_app() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                loop {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        head.push(byte[0]);
-                    }
-                    let answer: &[u8] = if head.starts_with(b"GET /up ") {
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-                    } else {
-                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n5\r\nhello\r\n0\r\nX-Checksum: abc123\r\n\r\n"
-                    };
-                    if stream.write_all(answer).await.is_err() {
-                        return;
-                    }
-                }
-            });
+    raw_app(|head| {
+        if head.starts_with("GET /up ") {
+            return ok();
         }
-    });
-    address
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n5\r\nhello\r\n0\r\nX-Checksum: abc123\r\n\r\n".to_vec()
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -787,33 +739,13 @@ async fn trailers_reach_a_client_that_accepts_them() {
 
 /// An app that sets cookies with every answer but its health check's.
 async fn cookie_app() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                loop {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        head.push(byte[0]);
-                    }
-                    let answer: &[u8] = if head.starts_with(b"GET /up ") {
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-                    } else {
-                        b"HTTP/1.1 200 OK\r\nSet-Cookie: session=1; Path=/; HttpOnly\r\nSet-Cookie: prefs=2; Path=/settings\r\nSet-Cookie: tracker=3; Domain=elsewhere.test; Path=/\r\nContent-Length: 2\r\n\r\nok"
-                    };
-                    if stream.write_all(answer).await.is_err() {
-                        return;
-                    }
-                }
-            });
+    raw_app(|head| {
+        if head.starts_with("GET /up ") {
+            return ok();
         }
-    });
-    address
+        b"HTTP/1.1 200 OK\r\nSet-Cookie: session=1; Path=/; HttpOnly\r\nSet-Cookie: prefs=2; Path=/settings\r\nSet-Cookie: tracker=3; Domain=elsewhere.test; Path=/\r\nContent-Length: 2\r\n\r\nok".to_vec()
+    })
+    .await
 }
 
 /// The Path of each cookie set, by cookie name.

@@ -332,20 +332,9 @@ async fn switching_upstream() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
         while let Ok((mut stream, _)) = listener.accept().await {
             let log = Arc::clone(&log);
             tokio::spawn(async move {
-                loop {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        head.push(byte[0]);
-                    }
-                    let head = String::from_utf8_lossy(&head).into_owned();
+                while let Some(head) = common::raw_app::read_head(&mut stream).await {
                     if head.starts_with("GET /up ") {
-                        let _ = stream
-                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                            .await;
+                        let _ = stream.write_all(&common::raw_app::ok()).await;
                         continue;
                     }
                     log.lock().unwrap().push(head);

@@ -7,6 +7,7 @@ pub mod certs;
 pub mod kamal_proxy;
 pub mod load;
 pub mod pebble;
+pub mod raw_app;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader};

@@ -236,6 +236,24 @@ pub struct HttpsReply {
     pub leaf: CertificateDer<'static>,
 }
 
+/// GET `/` over TLS until it succeeds (a certificate being ordered), for up to 60 s.
+pub async fn wait_for_https(
+    port: u16,
+    host: &str,
+    roots: &[CertificateDer<'static>],
+) -> HttpsReply {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match https_get(port, host, "/", roots).await {
+            Ok(reply) => return reply,
+            Err(error) => {
+                assert!(Instant::now() < deadline, "no HTTPS for {host}: {error}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
 /// GET over TLS to 127.0.0.1:`port` with SNI and Host `host`, trusting `roots` only.
 pub async fn https_get(
     port: u16,

@@ -418,30 +418,10 @@ mod tests {
         });
         assert_eq!(service.admit("/").await, Admission::PauseTimedOut);
     }
-}
-
-#[cfg(test)]
-mod read_target_tests {
-    use super::*;
-    use crate::config::HealthCheckConfig;
-
-    fn target(address: &str, healthy: bool) -> Arc<Target> {
-        let target = Arc::new(Target::new(address, HealthCheckConfig::default()).unwrap());
-        if healthy {
-            target.assume_healthy();
-        }
-        target
-    }
 
     #[test]
     fn reads_go_to_healthy_readers_and_everything_else_to_writers() {
-        let service = Service::new(
-            "app",
-            ServiceSettings {
-                config: ServiceConfig::default(),
-                error_pages: ErrorPages::default(),
-            },
-        );
+        let service = service();
         service.replace_targets(vec![target("writer:1", true)]);
         service.replace_readers(vec![target("reader:1", true)]);
         let picked = |read| {
