@@ -6,9 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::certs::short_lived_certificate;
-use common::pebble::{free_port, https_get, Pebble};
+use common::pebble::{free_port, https_get, wait_for_https, Pebble};
 use common::{get, ProxyProcess, Upstream};
-use rustls::pki_types::CertificateDer;
 
 fn report(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|_| panic!("not a report: {body}"))
@@ -22,23 +21,6 @@ fn proxy_for(pebble: &Pebble, http_port: u16) -> ProxyProcess {
         &format!("--acme-ca-root={}", pebble.api_ca_path().display()),
         "--acme-email=ops@example.com",
     ])
-}
-
-async fn wait_for_https(
-    port: u16,
-    host: &str,
-    roots: &[CertificateDer<'static>],
-) -> common::pebble::HttpsReply {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match https_get(port, host, "/", roots).await {
-            Ok(reply) => return reply,
-            Err(error) => {
-                assert!(Instant::now() < deadline, "no HTTPS for {host}: {error}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -482,28 +464,7 @@ async fn with_the_http_port_unreachable_tls_alpn_01_gets_the_certificate() {
     let app = Upstream::start("app").await;
     proxy.deploy("web", &app.target(), &["--host=alpn.test", "--tls"]);
     let root = pebble.issuing_root().await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let reply = loop {
-        match https_get(
-            proxy.https_port,
-            "alpn.test",
-            "/",
-            std::slice::from_ref(&root),
-        )
-        .await
-        {
-            Ok(reply) => break reply,
-            Err(error) => {
-                assert!(
-                    Instant::now() < deadline,
-                    "no certificate: {error}\n{}\n{}",
-                    proxy.log(),
-                    pebble.log()
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
+    let reply = wait_for_https(proxy.https_port, "alpn.test", std::slice::from_ref(&root)).await;
     assert_eq!(reply.status, 200);
     assert!(
         proxy
