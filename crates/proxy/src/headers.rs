@@ -212,17 +212,7 @@ pub fn set_kamal_headers(headers: &mut HeaderMap, target: &HeaderValue, trust_in
         .get(&X_REQUEST_START)
         .is_none_or(|value| value.is_empty())
     {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis();
-        let mut text = itoa::Buffer::new();
-        let mut value = Vec::with_capacity(16);
-        value.extend_from_slice(b"t=");
-        value.extend_from_slice(text.format(now).as_bytes());
-        if let Ok(value) = HeaderValue::from_bytes(&value) {
-            headers.insert(X_REQUEST_START.clone(), value);
-        }
+        headers.insert(X_REQUEST_START.clone(), request_start_now());
     }
     let kept = trust_incoming
         .then(|| {
@@ -239,6 +229,41 @@ pub fn set_kamal_headers(headers: &mut HeaderMap, target: &HeaderValue, trust_in
         X_KAMAL_TARGET.clone(),
         kept.unwrap_or_else(|| target.clone()),
     );
+}
+
+thread_local! {
+    /// The last `t=<unix ms>` value made on this thread: requests in the same millisecond
+    /// share it (a reference count) instead of formatting and allocating their own.
+    static REQUEST_START: std::cell::RefCell<(u128, Option<HeaderValue>)> =
+        const { std::cell::RefCell::new((0, None)) };
+}
+
+fn request_start_now() -> HeaderValue {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    REQUEST_START.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if let (at, Some(value)) = &*cached {
+            if *at == now {
+                return value.clone();
+            }
+        }
+        let mut text = Vec::with_capacity(16);
+        text.extend_from_slice(b"t=");
+        text.extend_from_slice(itoa::Buffer::new().format(now).as_bytes());
+        let value = HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
+            .expect("digits are a valid header value");
+        *cached = (now, Some(value.clone()));
+        value
+    })
+}
+
+/// The first address of the request's X-Forwarded-For, if it parses: the client it names.
+pub fn first_forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
+    let value = headers.get(&X_FORWARDED_FOR)?.to_str().ok()?;
+    value.split(',').next()?.trim().parse().ok()
 }
 
 /// Scopes the app's cookies under `prefix` (`--scope-cookie-paths`), as kamal-proxy does: each

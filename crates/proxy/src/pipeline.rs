@@ -381,7 +381,7 @@ impl Proxy {
         // the first X-Forwarded-For entry, else the peer.
         record.remote_addr = client_ip_header
             .and_then(|name| headers::client_ip_from_header(&parts.headers, name))
-            .or_else(|| headers::client_ip_from_header(&parts.headers, "x-forwarded-for"));
+            .or_else(|| headers::first_forwarded_for(&parts.headers));
         let trust_incoming = config.forward_headers || trusted_peer;
         let scheme = if conn.tls { "https" } else { "http" };
         headers::set_forwarded(
