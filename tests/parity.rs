@@ -858,3 +858,92 @@ async fn send_with_cookie(
     }
     connection.send(sent).await
 }
+
+/// An app that sends `103 Early Hints` at once and its answer only when `release` is
+/// notified, so a test can see the hints arrive while the answer is still being prepared.
+async fn early_hints_app(release: Arc<tokio::sync::Notify>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let release = Arc::clone(&release);
+            tokio::spawn(async move {
+                while let Some(head) = read_head(&mut stream).await {
+                    if !head.starts_with("GET /up ") {
+                        let hints = b"HTTP/1.1 103 Early Hints\r\nLink: </app.css>; rel=preload; as=style\r\n\r\n";
+                        if stream.write_all(hints).await.is_err() {
+                            return;
+                        }
+                        release.notified().await;
+                    }
+                    if stream.write_all(&ok()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    address
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_hints_reach_the_client_before_the_answer() {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let app = early_hints_app(Arc::clone(&release)).await;
+    for peer in Peer::both() {
+        let side = peer.name();
+        for buffered in [false, true] {
+            let name = if buffered { "buffered" } else { "streamed" };
+            let mut flags = vec!["--host=app.test"];
+            if buffered {
+                flags.extend(["--buffer-requests", "--buffer-responses"]);
+            }
+            peer.deploy("web", &app.to_string(), &flags);
+            let mut stream = tokio::net::TcpStream::connect(peer.address())
+                .await
+                .unwrap();
+            stream
+                .write_all(b"GET /page HTTP/1.1\r\nHost: app.test\r\n\r\n")
+                .await
+                .unwrap();
+            let mut seen = Vec::new();
+            let hints = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut buffer = [0u8; 1024];
+                while !String::from_utf8_lossy(&seen).contains("\r\n\r\n") {
+                    let n = stream.read(&mut buffer).await.unwrap();
+                    assert!(n > 0, "closed");
+                    seen.extend_from_slice(&buffer[..n]);
+                }
+            })
+            .await;
+            let text = String::from_utf8_lossy(&seen).to_ascii_lowercase();
+            // The reference kamal-proxy holds early hints back when it buffers responses
+            // (Kamal's default); Berth passes them on either way.
+            if buffered && matches!(peer, Peer::KamalProxy { .. }) {
+                assert!(hints.is_err(), "{side}: {text}");
+                release.notify_one();
+                continue;
+            }
+            assert!(
+                hints.is_ok(),
+                "{side} ({name}): nothing before the answer: {text:?}"
+            );
+            assert!(
+                text.starts_with("http/1.1 103 early hints\r\n")
+                    && text.contains("link: </app.css>; rel=preload; as=style"),
+                "{side} ({name}): {text}"
+            );
+            release.notify_one();
+            let mut rest = [0u8; 1024];
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut rest))
+                .await
+                .unwrap()
+                .unwrap();
+            let answer = String::from_utf8_lossy(&rest[..n]).into_owned();
+            assert!(
+                answer.starts_with("HTTP/1.1 200") || text.contains("http/1.1 200"),
+                "{side} ({name}): {answer}"
+            );
+        }
+    }
+}

@@ -3,7 +3,10 @@
 //! - bytes read before hyper took the connection (while it was parked, or left over in
 //!   hyper's buffer when hyper gave it back) are replayed first;
 //! - reads, writes and requests are counted in an [`Activity`], which the connection's task
-//!   reads to tell when the connection has gone quiet and can be parked.
+//!   reads to tell when the connection has gone quiet and can be parked;
+//! - interim responses (`103 Early Hints`) the app sends before its answer are written ahead
+//!   of everything hyper writes: hyper's server cannot send them, so they go around it, while
+//!   it waits for the service (see [`EarlyHints`]).
 
 use std::io;
 use std::pin::Pin;
@@ -27,6 +30,12 @@ pub struct Activity {
     in_flight: AtomicUsize,
     /// A write found the socket full and has not been flushed since.
     write_blocked: AtomicBool,
+    /// Interim responses to write before anything else; `interim_pending` says whether there
+    /// are any without taking the lock.
+    interim: std::sync::Mutex<BytesMut>,
+    interim_pending: AtomicBool,
+    /// Wakes the connection's task, so hyper polls the stream and the interim bytes go out.
+    flusher: futures_util::task::AtomicWaker,
 }
 
 impl Activity {
@@ -55,6 +64,30 @@ impl Activity {
         // One writer (the connection's task), so no read-modify-write instruction is needed.
         let events = self.events.load(Ordering::Relaxed);
         self.events.store(events.wrapping_add(1), Ordering::Relaxed);
+    }
+}
+
+/// Sends `103 Early Hints` from the app to this connection's client ahead of the final
+/// response. Given to the pipeline in a request's extensions (HTTP/1.1 connections only).
+#[derive(Debug, Clone)]
+pub struct EarlyHints(Arc<Activity>);
+
+impl EarlyHints {
+    pub fn new(activity: Arc<Activity>) -> Self {
+        Self(activity)
+    }
+
+    /// Queues an interim response head (`HTTP/1.1 103 ...\r\n...\r\n\r\n`) and wakes the
+    /// connection so it is written at once.
+    pub fn send(&self, head: &[u8]) {
+        let activity = &self.0;
+        activity
+            .interim
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(head);
+        activity.interim_pending.store(true, Ordering::Release);
+        activity.flusher.wake();
     }
 }
 
@@ -148,6 +181,32 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
     }
 }
 
+impl<S: AsyncWrite + Unpin> ClientIo<S> {
+    /// Writes queued interim responses; `Ready(Ok)` once none are left.
+    fn poll_write_interim(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.activity.interim_pending.load(Ordering::Acquire) {
+            return Poll::Ready(Ok(()));
+        }
+        let mut interim = self
+            .activity
+            .interim
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        while !interim.is_empty() {
+            match Pin::new(&mut self.inner).poll_write(cx, &interim) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(written)) => interim.advance(written),
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.activity
+            .interim_pending
+            .store(false, Ordering::Release);
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -155,6 +214,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        std::task::ready!(this.poll_write_interim(cx))?;
         let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
         this.note_write(&polled);
         polled
@@ -166,6 +226,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        std::task::ready!(this.poll_write_interim(cx))?;
         let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         this.note_write(&polled);
         polled
@@ -177,6 +238,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        // hyper flushes on every turn of its loop, waiting for the service included: the
+        // place to be woken, and to write interim responses from.
+        this.activity.flusher.register(cx.waker());
+        std::task::ready!(this.poll_write_interim(cx))?;
         let polled = Pin::new(&mut this.inner).poll_flush(cx);
         let blocked = polled.is_pending();
         if this.activity.write_blocked.load(Ordering::Relaxed) != blocked {

@@ -33,7 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::body::{BoxError, ProxyBody};
-use crate::client_io::{Activity, ClientIo, RequestGuard};
+use crate::client_io::{Activity, ClientIo, EarlyHints, RequestGuard};
 use crate::drain::Drain;
 use crate::pipeline::{ConnectionInfo, Proxy};
 use crate::tunnel::{self, UpgradeHandOff};
@@ -332,6 +332,9 @@ impl hyper::service::Service<Request<Incoming>> for Http1Service {
         if request.headers().contains_key(hyper::header::UPGRADE) {
             request.extensions_mut().insert(self.hand_off.clone());
         }
+        request
+            .extensions_mut()
+            .insert(EarlyHints::new(Arc::clone(&self.activity)));
         let (proxy, info) = (self.proxy.clone(), self.info);
         // Boxed: a request's state then takes memory only while the request is in flight,
         // instead of being reserved inside every connection's task, idle ones included.

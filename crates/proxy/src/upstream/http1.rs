@@ -24,6 +24,7 @@ use super::pool::ConnectionPool;
 use super::Received;
 use super::TCP_KEEPALIVE;
 use crate::body;
+use crate::client_io::EarlyHints;
 
 /// Largest response head accepted from a target.
 const MAX_HEAD: usize = 64 * 1024;
@@ -76,6 +77,7 @@ impl Http1Client {
             .ok_or(UpstreamError::NoTarget)?;
         let head_request = request.method() == Method::HEAD;
         let idempotent = is_idempotent(request.method());
+        let hints = request.extensions().get::<EarlyHints>();
         let message = Message::encode(&request);
         loop {
             let (pooled, buffer) = self.pool.checkout(&target);
@@ -84,7 +86,7 @@ impl Http1Client {
                 None => (self.connect(&target).await?, false),
             };
             match self
-                .exchange(stream, buffer, &target, &message, head_request)
+                .exchange(stream, buffer, &target, &message, head_request, hints)
                 .await
             {
                 Ok(response) => return Ok(response),
@@ -125,6 +127,7 @@ impl Http1Client {
         target: &Authority,
         message: &Message,
         head_request: bool,
+        hints: Option<&EarlyHints>,
     ) -> Result<Response<Received>, Failed> {
         if let Err(error) = message.write_to(&mut stream).await {
             return Err(Failed {
@@ -148,9 +151,13 @@ impl Http1Client {
                     let error = UpstreamError::InvalidResponse("switching protocols unasked");
                     return Err(failed(error, false));
                 }
-                // 100 Continue, 103 Early Hints: not passed on, as with hyper's client.
                 if !head.status.is_informational() {
                     break 'head head;
+                }
+                // 103 Early Hints reach the client at once (HTTP/1.1 clients); 100 Continue
+                // was for the proxy, which sent the whole body.
+                if let (StatusCode::EARLY_HINTS, Some(hints)) = (head.status, hints) {
+                    hints.send(&super::early_hints_head(&head.headers));
                 }
             }
             if buffer.capacity() - buffer.len() < 1024 {

@@ -21,6 +21,7 @@ use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::{self, BoxError, ProxyBody};
+use crate::client_io::EarlyHints;
 use pool::ConnectionPool;
 
 pub use http1::UpstreamError;
@@ -79,7 +80,15 @@ impl UpstreamClient {
                 Ok(self.whole.send(Request::from_parts(parts, bytes)).await?)
             }
             Outgoing::Streaming(body) => {
-                let response = self.request(Request::from_parts(parts, body)).await?;
+                let mut request = Request::from_parts(parts, body);
+                if let Some(hints) = request.extensions().get::<EarlyHints>().cloned() {
+                    hyper::ext::on_informational(&mut request, move |interim| {
+                        if interim.status() == http::StatusCode::EARLY_HINTS {
+                            hints.send(&early_hints_head(interim.headers()));
+                        }
+                    });
+                }
+                let response = self.request(request).await?;
                 Ok(response.map(|body| Received::Streaming(body::boxed(body))))
             }
         }
@@ -90,6 +99,21 @@ impl UpstreamClient {
     pub fn request(&self, request: Request<ProxyBody>) -> ResponseFuture {
         self.streaming.request(request)
     }
+}
+
+/// A `103 Early Hints` head for the client, with the app's fields (hop-by-hop ones left out).
+pub(crate) fn early_hints_head(headers: &http::HeaderMap) -> Vec<u8> {
+    let mut head = b"HTTP/1.1 103 Early Hints\r\n".to_vec();
+    let mut fields = headers.clone();
+    crate::headers::remove_hop_by_hop(&mut fields, false);
+    for (name, value) in &fields {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    head
 }
 
 /// A short human description of why a request to a target failed: the innermost cause.
