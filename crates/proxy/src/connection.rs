@@ -190,7 +190,8 @@ where
     let service = service_fn(move |request: Request<Incoming>| {
         let proxy = proxy.clone();
         // Boxed: a request's state then takes memory only while the request is in flight.
-        Box::pin(async move { Ok::<_, Infallible>(proxy.handle(info, request).await) })
+        // HTTP/2 clients get no early hints: hyper's server cannot send interim responses.
+        Box::pin(async move { Ok::<_, Infallible>(proxy.handle(info, request, None).await) })
     });
     let connection = protocols.http2.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
@@ -332,14 +333,13 @@ impl hyper::service::Service<Request<Incoming>> for Http1Service {
         if request.headers().contains_key(hyper::header::UPGRADE) {
             request.extensions_mut().insert(self.hand_off.clone());
         }
-        request
-            .extensions_mut()
-            .insert(EarlyHints::new(Arc::clone(&self.activity)));
+
         let (proxy, info) = (self.proxy.clone(), self.info);
+        let hints = EarlyHints::new(Arc::clone(&self.activity));
         // Boxed: a request's state then takes memory only while the request is in flight,
         // instead of being reserved inside every connection's task, idle ones included.
         Box::pin(async move {
-            let mut response = proxy.handle(info, request).await;
+            let mut response = proxy.handle(info, request, Some(hints)).await;
             // While the process drains, responses ask the client to reconnect, which takes
             // it to the process that is taking over.
             if proxy.drain().is_started() && response.status() != StatusCode::SWITCHING_PROTOCOLS {

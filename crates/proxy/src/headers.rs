@@ -208,27 +208,27 @@ fn joined<'a>(lines: impl Iterator<Item = &'a HeaderValue>, last: &str) -> Optio
 /// has none (APM queue-time metrics read it), and `X-Kamal-Target` naming the target, after
 /// the client's value only when its forwarded headers are trusted.
 pub fn set_kamal_headers(headers: &mut HeaderMap, target: &HeaderValue, trust_incoming: bool) {
-    if headers
-        .get(&X_REQUEST_START)
-        .is_none_or(|value| value.is_empty())
-    {
-        headers.insert(X_REQUEST_START.clone(), request_start_now());
+    // Each through the entry API: one hash and probe per header instead of a look and a set.
+    match headers.entry(&X_REQUEST_START) {
+        header::Entry::Vacant(vacant) => {
+            vacant.insert(request_start_now());
+        }
+        header::Entry::Occupied(mut occupied) if occupied.get().is_empty() => {
+            occupied.insert(request_start_now());
+        }
+        header::Entry::Occupied(_) => {}
     }
-    let kept = trust_incoming
-        .then(|| {
-            let mut lines = headers.get_all(&X_KAMAL_TARGET).iter().peekable();
-            let target = target.to_str().ok()?;
-            lines
-                .peek()
-                .is_some()
-                .then(|| joined(lines, target))
-                .flatten()
-        })
-        .flatten();
-    headers.insert(
-        X_KAMAL_TARGET.clone(),
-        kept.unwrap_or_else(|| target.clone()),
-    );
+    match headers.entry(&X_KAMAL_TARGET) {
+        header::Entry::Vacant(vacant) => {
+            vacant.insert(target.clone());
+        }
+        header::Entry::Occupied(mut occupied) => {
+            let kept = trust_incoming
+                .then(|| joined(occupied.iter(), target.to_str().ok()?))
+                .flatten();
+            occupied.insert(kept.unwrap_or_else(|| target.clone()));
+        }
+    }
 }
 
 thread_local! {
@@ -260,10 +260,9 @@ fn request_start_now() -> HeaderValue {
     })
 }
 
-/// The first address of the request's X-Forwarded-For, if it parses: the client it names.
-pub fn first_forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
-    let value = headers.get(&X_FORWARDED_FOR)?.to_str().ok()?;
-    value.split(',').next()?.trim().parse().ok()
+/// The X-Forwarded-For header's name, for code that compares names.
+pub fn x_forwarded_for() -> &'static HeaderName {
+    &X_FORWARDED_FOR
 }
 
 /// Scopes the app's cookies under `prefix` (`--scope-cookie-paths`), as kamal-proxy does: each

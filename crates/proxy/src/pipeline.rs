@@ -20,6 +20,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::body::{self, BoxError, ProxyBody};
 use crate::buffer::{buffer_body, BufferError};
+use crate::client_io::EarlyHints;
 use crate::config::ServiceConfig;
 use crate::drain::Drain;
 use crate::error_page::ErrorPages;
@@ -155,11 +156,13 @@ impl Proxy {
         self
     }
 
-    /// Serves one request. Never fails: every problem becomes an error page.
+    /// Serves one request. Never fails: every problem becomes an error page. `hints` passes
+    /// the app's `103 Early Hints` on to the client, when its connection can take them.
     pub async fn handle(
         &self,
         conn: ConnectionInfo,
         request: Request<Incoming>,
+        hints: Option<EarlyHints>,
     ) -> Response<ProxyBody> {
         let scheme = if conn.tls { "https" } else { "http" };
         if let Err(reason) = headers::check_request_head(&request) {
@@ -294,6 +297,7 @@ impl Proxy {
                 request,
                 path_and_query,
                 &mut record,
+                hints,
             )
             .await
         {
@@ -348,6 +352,7 @@ impl Proxy {
         mut request: Request<Incoming>,
         path_and_query: PathAndQuery,
         record: &mut RequestRecord,
+        hints: Option<EarlyHints>,
     ) -> Result<Forwarded, ForwardError> {
         let config = &settings.config;
         let target = claim.target();
@@ -378,10 +383,9 @@ impl Proxy {
             !self.inner.trusted_proxies.is_empty() && self.inner.trusted_proxies.contains(peer_ip);
         let client_ip_header = config.client_ip_header.as_deref();
         // The log's remote_addr, as kamal-proxy gives it: the client-IP header's address, else
-        // the first X-Forwarded-For entry, else the peer.
-        record.remote_addr = client_ip_header
-            .and_then(|name| headers::client_ip_from_header(&parts.headers, name))
-            .or_else(|| headers::first_forwarded_for(&parts.headers));
+        // the first X-Forwarded-For entry (which the record kept), else the peer.
+        record.remote_addr =
+            client_ip_header.and_then(|name| headers::client_ip_from_header(&parts.headers, name));
         let trust_incoming = config.forward_headers || trusted_peer;
         let scheme = if conn.tls { "https" } else { "http" };
         headers::set_forwarded(
@@ -458,7 +462,11 @@ impl Proxy {
         let sent_at = std::time::Instant::now();
         // Boxed: a future is copied whole each time it moves into its caller's state, and
         // this one would sit inline in every level of the pipeline above it.
-        let sent = Box::pin(self.inner.client.send(Request::from_parts(parts, outgoing)));
+        let sent = Box::pin(
+            self.inner
+                .client
+                .send(Request::from_parts(parts, outgoing), hints),
+        );
         let response = tokio::select! {
             result = tokio::time::timeout(time_limit(config.target_timeout.get()), sent) => result.ok(),
             _ = target.cut_requests().cancelled() => return Err(ForwardError::Cut),

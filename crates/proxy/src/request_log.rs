@@ -35,8 +35,11 @@ pub struct RequestRecord {
     pub proto: Version,
     pub scheme: &'static str,
     pub peer: SocketAddr,
-    /// The client as the request names it (client-IP header, X-Forwarded-For), if it does.
+    /// The client as the service's client-IP header names it, if it does.
     pub remote_addr: Option<IpAddr>,
+    /// The request's first X-Forwarded-For line, read at `begin` (before forwarding replaces
+    /// it) and parsed only when the line is written: the client the request names.
+    forwarded_for: Option<HeaderValue>,
     user_agent: Option<HeaderValue>,
     /// As Go reports it: the declared length, -1 for a chunked body, 0 for none.
     pub req_content_length: i64,
@@ -68,7 +71,12 @@ impl RequestRecord {
         let (mut host, mut user_agent, mut content_length, mut content_type) =
             (None, None, None, None);
         let mut chunked = false;
+        let mut forwarded_for = None;
         for (name, value) in request.headers() {
+            if name == crate::headers::x_forwarded_for() {
+                forwarded_for.get_or_insert(value);
+                continue;
+            }
             let slot = match *name {
                 header::HOST => &mut host,
                 header::USER_AGENT => &mut user_agent,
@@ -98,6 +106,7 @@ impl RequestRecord {
             scheme,
             peer,
             remote_addr: None,
+            forwarded_for: forwarded_for.cloned(),
             user_agent: user_agent.cloned(),
             req_content_length: content_length
                 .and_then(|v| v.to_str().ok())
@@ -115,6 +124,15 @@ impl RequestRecord {
             upstream_duration: None,
             emitted: false,
         }
+    }
+
+    /// The client-IP header's address, else the first X-Forwarded-For entry (kamal-proxy's
+    /// `remote_addr`).
+    fn remote_addr(&self) -> Option<IpAddr> {
+        self.remote_addr.or_else(|| {
+            let value = self.forwarded_for.as_ref()?.to_str().ok()?;
+            value.split(',').next()?.trim().parse().ok()
+        })
     }
 
     /// Copies the named headers into `<prefix><lowercase name>` fields; `""` for one the
@@ -194,7 +212,7 @@ impl RequestRecord {
         );
         line.string(
             key!("remote_addr"),
-            IpText::new(self.remote_addr.unwrap_or(self.peer.ip())).as_str(),
+            IpText::new(self.remote_addr().unwrap_or(self.peer.ip())).as_str(),
         );
         line.string(key!("user_agent"), header_text(self.user_agent.as_ref()));
         line.string(key!("proto"), proto_name(self.proto));

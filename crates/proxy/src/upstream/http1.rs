@@ -69,7 +69,11 @@ impl Http1Client {
         }
     }
 
-    pub async fn send(&self, request: Request<Bytes>) -> Result<Response<Received>, UpstreamError> {
+    pub async fn send(
+        &self,
+        request: Request<Bytes>,
+        hints: Option<&EarlyHints>,
+    ) -> Result<Response<Received>, UpstreamError> {
         let target = request
             .uri()
             .authority()
@@ -77,7 +81,6 @@ impl Http1Client {
             .ok_or(UpstreamError::NoTarget)?;
         let head_request = request.method() == Method::HEAD;
         let idempotent = is_idempotent(request.method());
-        let hints = request.extensions().get::<EarlyHints>();
         let message = Message::encode(&request);
         loop {
             let (pooled, buffer) = self.pool.checkout(&target);

@@ -73,15 +73,20 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 impl UpstreamClient {
     /// Sends a request to the target its URI names (`http://host:port/path`).
-    pub async fn send(&self, request: Request<Outgoing>) -> Result<Response<Received>, BoxError> {
+    pub async fn send(
+        &self,
+        request: Request<Outgoing>,
+        hints: Option<EarlyHints>,
+    ) -> Result<Response<Received>, BoxError> {
         let (parts, outgoing) = request.into_parts();
         match outgoing {
-            Outgoing::Whole(bytes) => {
-                Ok(self.whole.send(Request::from_parts(parts, bytes)).await?)
-            }
+            Outgoing::Whole(bytes) => Ok(self
+                .whole
+                .send(Request::from_parts(parts, bytes), hints.as_ref())
+                .await?),
             Outgoing::Streaming(body) => {
                 let mut request = Request::from_parts(parts, body);
-                if let Some(hints) = request.extensions().get::<EarlyHints>().cloned() {
+                if let Some(hints) = hints {
                     hyper::ext::on_informational(&mut request, move |interim| {
                         if interim.status() == http::StatusCode::EARLY_HINTS {
                             hints.send(&early_hints_head(interim.headers()));
