@@ -291,13 +291,12 @@ impl Proxy {
 
         match self
             .forward(
-                conn,
+                Downstream { conn, hints },
                 &settings,
                 &claim,
                 request,
                 path_and_query,
                 &mut record,
-                hints,
             )
             .await
         {
@@ -346,14 +345,14 @@ impl Proxy {
 
     async fn forward(
         &self,
-        conn: ConnectionInfo,
+        client: Downstream,
         settings: &ServiceSettings,
         claim: &InFlight,
         mut request: Request<Incoming>,
         path_and_query: PathAndQuery,
         record: &mut RequestRecord,
-        hints: Option<EarlyHints>,
     ) -> Result<Forwarded, ForwardError> {
+        let Downstream { conn, hints } = client;
         let config = &settings.config;
         let target = claim.target();
         let upgrade =
@@ -537,6 +536,12 @@ impl Proxy {
         };
         Ok(Forwarded::Response(Response::from_parts(parts, outgoing)))
     }
+}
+
+/// The client's side of a request: its connection, and whether it can take early hints.
+struct Downstream {
+    conn: ConnectionInfo,
+    hints: Option<EarlyHints>,
 }
 
 enum Forwarded {
