@@ -329,3 +329,28 @@ async fn a_client_that_leaves_early_is_logged_as_499() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// On a dual-stack listener (`--bind ::`, as on a host with IPv6), an IPv4 client is seen as
+/// `::ffff:a.b.c.d`; apps and logs get the plain IPv4 address, as kamal-proxy gives it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv4_clients_of_a_dual_stack_listener_appear_as_plain_ipv4() {
+    let proxy = ProxyProcess::start_with(&["--bind=::"]);
+    let app = Upstream::start("app").await;
+    proxy.deploy("web", &app.target(), &["--host=app.test"]);
+    let reply = get(proxy.address(), "app.test", "/dual").await;
+    let seen: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(seen["headers"]["x-forwarded-for"], "127.0.0.1", "{seen}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let logged = proxy
+            .log_lines()
+            .into_iter()
+            .find(|l| l["msg"] == "Request" && l["path"] == "/dual");
+        if let Some(line) = logged {
+            assert_eq!(line["client_addr"], "127.0.0.1", "{line}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", proxy.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

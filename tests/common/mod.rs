@@ -117,7 +117,10 @@ impl ProxyProcess {
             .append(true)
             .open(&log_path)
             .unwrap();
-        let mut args = vec!["run".to_string(), "--bind".into(), "127.0.0.1".into()];
+        let mut args = vec!["run".to_string()];
+        if !extra_args.iter().any(|a| a.starts_with("--bind")) {
+            args.extend(["--bind".to_string(), "127.0.0.1".into()]);
+        }
         if !extra_args.iter().any(|a| a.starts_with("--http-port")) {
             args.extend(["--http-port".to_string(), port.to_string()]);
         }
