@@ -947,3 +947,48 @@ async fn early_hints_reach_the_client_before_the_answer() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inputs_kamal_proxy_accepts_are_accepted() {
+    let app = Upstream::start("app").await;
+    for peer in Peer::both() {
+        let side = peer.name();
+        let target = format!("--target={}", app.target());
+        for (what, args) in [
+            (
+                "a canonical host without hosts",
+                vec!["deploy", "a", &target, "--canonical-host=a.test"],
+            ),
+            (
+                "a body limit with buffering off, as Kamal can write it",
+                vec![
+                    "deploy",
+                    "b",
+                    &target,
+                    "--host=b.test",
+                    "--buffer-requests=false",
+                    "--max-request-body=10",
+                ],
+            ),
+            (
+                "a target without a port",
+                vec![
+                    "deploy",
+                    "c",
+                    "--target=127.0.0.1",
+                    "--host=c.test",
+                    "--force",
+                ],
+            ),
+        ] {
+            let output = peer.cli(&args);
+            assert!(
+                output.status.success(),
+                "{side}: {what} was refused: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let listed = peer.ok(&["list"]);
+        assert!(listed.contains("127.0.0.1"), "{side}: {listed}");
+    }
+}
