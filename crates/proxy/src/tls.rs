@@ -192,6 +192,9 @@ fn server_config(certified: Arc<CertifiedKey>) -> Arc<ServerConfig> {
     if let Some(resumption) = RESUMPTION.as_ref() {
         config.ticketer = Arc::clone(&resumption.tickets);
         config.session_storage = Arc::clone(&resumption.sessions);
+        // One ticket per handshake, not rustls's two: each costs a key derivation and an
+        // encryption on every new connection, and a client uses one to come back.
+        config.send_tls13_tickets = 1;
     }
     let config = Arc::new(config);
     configs.push((Arc::downgrade(&certified), Arc::clone(&config)));
