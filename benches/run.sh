@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Load benchmark: the upstream direct, Berth unbuffered, Berth with Kamal's buffering, and
 # nginx as an equivalent keep-alive reverse proxy, with the same load generator and settings.
-# Prints requests/s, p50 and p99 latency and the ratios to the direct run and to nginx, then
-# memory and deploy figures. Loopback only. Needs: wrk, nginx (apt-get install wrk nginx-light).
+# Prints requests/s, p50 and p99 latency, the proxy's CPU time per request and the ratios to the
+# direct run and to nginx, for plain HTTP and HTTPS (keep-alive, and a new TLS connection per
+# request), then memory and deploy figures. Loopback only. Needs: wrk, nginx (apt-get install wrk nginx-light).
 #
 # Each contender is measured ROUNDS times, the contenders taking turns, and the median run
 # is reported: on a shared machine the same binary's throughput moves by a third from one
@@ -17,11 +18,12 @@ DURATION=${DURATION:-5s}
 ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-64}
 UPSTREAM_PORT=18081 NGINX_PROXY_PORT=18082 BERTH_PORT=18083 BERTH_TLS_PORT=18443
+NGINX_TLS_PORT=18085
 # The proxy under test gets CPU 0 and one worker; wrk and the upstream share CPU 1.
 SUT_CPU=0 LOAD_CPU=1
 
-for tool in wrk nginx taskset python3; do
-  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install wrk nginx-light" >&2; exit 1; }
+for tool in wrk nginx taskset python3 openssl; do
+  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install wrk nginx-light openssl" >&2; exit 1; }
 done
 cargo build --release -q
 PROXY=$PWD/target/release/proxy
@@ -46,6 +48,11 @@ http {
 CONF
 taskset -c $LOAD_CPU nginx -c "$WORK/upstream.conf" -e stderr & PIDS+=($!)
 
+# A certificate for the HTTPS rows (ECDSA P-256, as Let's Encrypt issues by default).
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -keyout "$WORK/tls-key.pem" -out "$WORK/tls-cert.pem" -subj "/CN=tls.bench" \
+  -addext "subjectAltName=DNS:tls.bench,IP:127.0.0.1" 2>/dev/null
+
 # --- nginx as the reference reverse proxy ---------------------------------------------------
 cat > "$WORK/nginx-proxy.conf" <<CONF
 ${common//PIDFILE/$WORK/proxy.pid}
@@ -56,6 +63,8 @@ http {
   upstream app { server 127.0.0.1:$UPSTREAM_PORT; keepalive 64; }
   server {
     listen 127.0.0.1:$NGINX_PROXY_PORT;
+    listen 127.0.0.1:$NGINX_TLS_PORT ssl;
+    ssl_certificate $WORK/tls-cert.pem; ssl_certificate_key $WORK/tls-key.pem;
     client_max_body_size 10m;
     location / {
       proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
@@ -66,6 +75,7 @@ http {
 }
 CONF
 taskset -c $SUT_CPU nginx -c "$WORK/nginx-proxy.conf" -e stderr & PIDS+=($!)
+NGINX_MASTER=$!
 
 # --- Berth ----------------------------------------------------------------------------------
 export HOME=$WORK/home KAMAL_PROXY_SOCKET=$WORK/proxy.sock
@@ -80,6 +90,9 @@ rss_kb() { awk '/VmRSS/ { print $2 }' "/proc/$1/status"; }
 "$PROXY" deploy plain --target 127.0.0.1:$UPSTREAM_PORT --host plain.bench --health-check-interval=100ms
 "$PROXY" deploy buffered --target 127.0.0.1:$UPSTREAM_PORT --host buffered.bench --health-check-interval=100ms \
   --buffer-requests --buffer-responses
+"$PROXY" deploy tls --target 127.0.0.1:$UPSTREAM_PORT --host tls.bench --health-check-interval=100ms \
+  --tls --tls-redirect=false --tls-certificate-path "$WORK/tls-cert.pem" \
+  --tls-private-key-path "$WORK/tls-key.pem" --buffer-requests --buffer-responses
 
 cat > "$WORK/post.lua" <<'LUA'
 wrk.method = "POST"
@@ -87,28 +100,41 @@ wrk.body = string.rep("x", 102400)
 wrk.headers["Content-Type"] = "application/octet-stream"
 LUA
 
-# run NAME PORT HOST PATH [SCRIPT] -> "rps p50_ms p99_ms"
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+# nginx's one worker (the master only supervises it): the process whose CPU time counts.
+until NGINX_PID=$(pgrep -P "$NGINX_MASTER" nginx | head -1) && [ -n "$NGINX_PID" ]; do sleep 0.05; done
+
+# run NAME PORT HOST PATH [SCRIPT [SCHEME [HEADER [PID]]]] -> "rps p50_ms p99_ms cpu_us_per_request"
+# PID, when given, is the proxy whose CPU time (user + system) is divided by the requests.
 run() {
-  local port=$2 host=$3 path=$4 script=${5:-}
+  local port=$2 host=$3 path=$4 script=${5:-} scheme=${6:-http} header=${7:-} pid=${8:-}
   local args=(-t1 -c"$CONNECTIONS" -d"$DURATION" --latency -H "Host: $host")
   [ -n "$script" ] && args+=(-s "$script")
+  [ -n "$header" ] && args+=(-H "$header")
     # A short unmeasured run first, so every contender is measured warm (pools filled).
-  taskset -c $LOAD_CPU wrk "${args[@]/#-d$DURATION/-d2s}" "http://127.0.0.1:$port$path" > /dev/null 2>&1
-  taskset -c $LOAD_CPU wrk "${args[@]}" "http://127.0.0.1:$port$path" > "$WORK/wrk.out" 2>&1
-  python3 - "$WORK/wrk.out" <<'PY'
+  taskset -c $LOAD_CPU wrk "${args[@]/#-d$DURATION/-d2s}" "$scheme://127.0.0.1:$port$path" > /dev/null 2>&1
+  local before=0
+  [ -n "$pid" ] && before=$(cpu_ticks "$pid")
+  taskset -c $LOAD_CPU wrk "${args[@]}" "$scheme://127.0.0.1:$port$path" > "$WORK/wrk.out" 2>&1
+  local ticks=nan
+  [ -n "$pid" ] && ticks=$(( $(cpu_ticks "$pid") - before ))
+  python3 - "$WORK/wrk.out" "$ticks" "$(getconf CLK_TCK)" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
+ticks, hz = float(sys.argv[2]), float(sys.argv[3])
 def ms(label):
     m = re.search(r"^\s*%s%%\s+([\d.]+)(us|ms|s)\s*$" % label, text, re.M)
     if not m: return float("nan")
     value, unit = float(m.group(1)), m.group(2)
     return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+total = re.search(r"(\d+) requests in", text)
 errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
 socket_errors = re.search(r"Socket errors: (.*)", text)
 if errors or socket_errors:
     print("errors in run:", errors.group(0) if errors else "", socket_errors.group(0) if socket_errors else "", file=sys.stderr)
-print(rps.group(1) if rps else "nan", ms("50"), ms("99"))
+cpu = ticks / hz * 1e6 / float(total.group(1)) if total and ticks == ticks else float("nan")
+print(rps.group(1) if rps else "nan", ms("50"), ms("99"), cpu)
 PY
 }
 
@@ -117,25 +143,44 @@ report() {
   local direct="" plain="" buffered="" nginx=""
   for _ in $(seq "$ROUNDS"); do
     direct+="$(run direct $UPSTREAM_PORT up.bench "$path" "$script");"
-    plain+="$(run berth $BERTH_PORT plain.bench "$path" "$script");"
-    buffered+="$(run berth-buffered $BERTH_PORT buffered.bench "$path" "$script");"
-    nginx+="$(run nginx $NGINX_PROXY_PORT up.bench "$path" "$script");"
+    plain+="$(run berth $BERTH_PORT plain.bench "$path" "$script" http "" $BERTH_PID);"
+    buffered+="$(run berth-buffered $BERTH_PORT buffered.bench "$path" "$script" http "" $BERTH_PID);"
+    nginx+="$(run nginx $NGINX_PROXY_PORT up.bench "$path" "$script" http "" $NGINX_PID);"
   done
-  python3 - "$title" "$direct" "$plain" "$buffered" "$nginx" <<'PY'
+  table "$title" "direct to upstream|$direct" "berth (unbuffered)|$plain" \
+    "berth (buffered, Kamal's default)|$buffered" "nginx|$nginx"
+}
+
+# report_tls TITLE PATH [HEADER]: Berth (Kamal's buffering) and nginx over HTTPS.
+report_tls() {
+  local title=$1 path=$2 header=${3:-}
+  local berth="" nginx=""
+  for _ in $(seq "$ROUNDS"); do
+    berth+="$(run berth-tls $BERTH_TLS_PORT tls.bench "$path" "" https "$header" $BERTH_PID);"
+    nginx+="$(run nginx-tls $NGINX_TLS_PORT tls.bench "$path" "" https "$header" $NGINX_PID);"
+  done
+  table "$title" "berth (buffered, Kamal's default)|$berth" "nginx|$nginx"
+}
+
+# table TITLE "NAME|RUNS"...: the median of each figure over the rounds, and the ratios to
+# nginx (the last row) and to the direct run (the first row, when there is one).
+table() {
+  python3 - "$@" <<'PY'
 import statistics, sys
-title, *runs = sys.argv[1:]
-names = ["direct to upstream", "berth (unbuffered)", "berth (buffered, Kamal's default)", "nginx"]
+title, *rows = sys.argv[1:]
 def median_run(text):
-    # Each figure is the median of its own rounds: req/s, p50 and p99 taken separately.
+    # Each figure is the median of its own rounds: req/s, p50, p99 and CPU taken separately.
     rounds = [tuple(map(float, r.split())) for r in text.split(";") if r.strip()]
-    return tuple(statistics.median(r[i] for r in rounds) for i in range(3))
-rows = [median_run(r) for r in runs]
-direct, nginx = rows[0], rows[3]
+    return tuple(statistics.median(r[i] for r in rounds) for i in range(4))
+named = [(row.split("|", 1)[0], median_run(row.split("|", 1)[1])) for row in rows]
+first, nginx = named[0][1], named[-1][1]
 print(f"\n### {title}\n")
-print("| run | req/s | p50 ms | p99 ms | req/s vs direct | req/s vs nginx | p99 vs nginx |")
-print("|---|---:|---:|---:|---:|---:|---:|")
-for name, (rps, p50, p99) in zip(names, rows):
-    print(f"| {name} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {rps/direct[0]:.2f} | {rps/nginx[0]:.2f} | {p99/nginx[2]:.2f} |")
+print("| run | req/s | p50 ms | p99 ms | CPU µs/request | req/s vs first | req/s vs nginx | p99 vs nginx | CPU vs nginx |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+for name, (rps, p50, p99, cpu) in named:
+    cpu_text = "-" if cpu != cpu else f"{cpu:.1f}"
+    ratio = "-" if cpu != cpu or not nginx[3] else f"{cpu/nginx[3]:.2f}"
+    print(f"| {name} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {cpu_text} | {rps/first[0]:.2f} | {rps/nginx[0]:.2f} | {p99/nginx[2]:.2f} | {ratio} |")
 PY
 }
 
@@ -143,6 +188,8 @@ echo "# Load benchmark ($(date -u +%Y-%m-%d), $(nproc) cores, wrk -t1 -c$CONNECT
 report "GET, 1 KB response" /1k
 report "GET, 100 KB response" /100k
 report "POST, 100 KB body" /post "$WORK/post.lua"
+report_tls "HTTPS (HTTP/1.1 keep-alive), GET, 1 KB response" /1k
+report_tls "HTTPS, a new TLS connection per request (Connection: close; wrk resumes sessions), GET, 1 KB" /1k "Connection: close"
 
 # --- memory ---------------------------------------------------------------------------------
 # A fresh process, so what the allocator kept from the load runs above is not counted.
