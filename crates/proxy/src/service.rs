@@ -296,11 +296,6 @@ impl Service {
         .collect()
     }
 
-    /// Requests in flight on all current targets.
-    pub fn in_flight(&self) -> usize {
-        self.all_targets().iter().map(|t| t.in_flight()).sum()
-    }
-
     /// Waits for in-flight requests on the current targets to finish, up to `timeout`.
     pub async fn wait_idle(&self, timeout: Duration) -> bool {
         let targets = self.all_targets();
