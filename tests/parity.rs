@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::certs::certificate_files;
 use common::kamal_proxy::Peer;
-use common::raw_app::{ok, raw_app, read_head};
+use common::raw_app::{ok, raw_app, read_head, read_until};
 use common::{get, request, Connection, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -203,18 +203,10 @@ async fn server_sent_events_pass_through_response_buffering() {
             .write_all(b"GET /stream HTTP/1.1\r\nHost: events.test\r\n\r\n")
             .await
             .unwrap();
-        let mut seen = Vec::new();
-        let first_event = tokio::time::timeout(Duration::from_secs(5), async {
-            let mut buffer = [0u8; 1024];
-            while !String::from_utf8_lossy(&seen).contains("data: 1\n") {
-                let n = stream.read(&mut buffer).await.unwrap();
-                assert!(n > 0, "closed");
-                seen.extend_from_slice(&buffer[..n]);
-            }
-        })
-        .await;
+        let (seen, first_event) =
+            read_until(&mut stream, "data: 1\n", Duration::from_secs(5)).await;
         assert!(
-            first_event.is_ok(),
+            first_event,
             "{side}: no event arrived through a buffered service: {:?}\n{}",
             String::from_utf8_lossy(&seen),
             peer.log()
@@ -906,26 +898,17 @@ async fn early_hints_reach_the_client_before_the_answer() {
                 .write_all(b"GET /page HTTP/1.1\r\nHost: app.test\r\n\r\n")
                 .await
                 .unwrap();
-            let mut seen = Vec::new();
-            let hints = tokio::time::timeout(Duration::from_secs(5), async {
-                let mut buffer = [0u8; 1024];
-                while !String::from_utf8_lossy(&seen).contains("\r\n\r\n") {
-                    let n = stream.read(&mut buffer).await.unwrap();
-                    assert!(n > 0, "closed");
-                    seen.extend_from_slice(&buffer[..n]);
-                }
-            })
-            .await;
+            let (seen, hints) = read_until(&mut stream, "\r\n\r\n", Duration::from_secs(5)).await;
             let text = String::from_utf8_lossy(&seen).to_ascii_lowercase();
             // The reference kamal-proxy holds early hints back when it buffers responses
             // (Kamal's default); Berth passes them on either way.
             if buffered && matches!(peer, Peer::KamalProxy { .. }) {
-                assert!(hints.is_err(), "{side}: {text}");
+                assert!(!hints, "{side}: {text}");
                 release.notify_one();
                 continue;
             }
             assert!(
-                hints.is_ok(),
+                hints,
                 "{side} ({name}): nothing before the answer: {text:?}"
             );
             assert!(

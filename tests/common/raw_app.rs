@@ -50,3 +50,25 @@ where
 pub fn ok() -> Vec<u8> {
     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec()
 }
+
+/// Reads from `stream` until what arrived contains `needle`, for up to `limit`; returns what
+/// arrived, and whether the needle did.
+pub async fn read_until(
+    stream: &mut TcpStream,
+    needle: &str,
+    limit: std::time::Duration,
+) -> (Vec<u8>, bool) {
+    let mut seen = Vec::new();
+    let found = tokio::time::timeout(limit, async {
+        let mut buffer = [0u8; 1024];
+        while !String::from_utf8_lossy(&seen).contains(needle) {
+            match stream.read(&mut buffer).await {
+                Ok(n) if n > 0 => seen.extend_from_slice(&buffer[..n]),
+                _ => return false,
+            }
+        }
+        true
+    })
+    .await;
+    (seen, found == Ok(true))
+}
