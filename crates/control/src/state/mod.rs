@@ -218,6 +218,13 @@ mod tests {
 
     const FIXTURE: &str = include_str!("../../../../tests/fixtures/kamal-proxy/kamal-proxy.state");
 
+    /// A state file path in a fresh directory (kept alive by the returned guard).
+    fn scratch_state() -> (tempfile::TempDir, StateFile) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = StateFile::new(dir.path().join("kamal-proxy.state"));
+        (dir, file)
+    }
+
     fn sample() -> State {
         State {
             services: vec![ServiceState {
@@ -256,8 +263,7 @@ mod tests {
 
     #[test]
     fn kamal_proxys_file_reads_and_writes_back_the_same_json() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = StateFile::new(dir.path().join("kamal-proxy.state"));
+        let (_dir, file) = scratch_state();
         std::fs::write(file.path(), FIXTURE).unwrap();
         let state = file.load().unwrap();
         let names: Vec<&str> = state.services.iter().map(|s| s.name.as_str()).collect();
@@ -301,8 +307,7 @@ mod tests {
 
     #[test]
     fn keys_berth_does_not_know_survive_a_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = StateFile::new(dir.path().join("kamal-proxy.state"));
+        let (_dir, file) = scratch_state();
         let mut services: serde_json::Value = serde_json::from_str(FIXTURE).unwrap();
         services[0]["future_field"] = serde_json::json!({"a": [1, 2]});
         services[0]["options"]["future_option"] = "x".into();
@@ -318,8 +323,7 @@ mod tests {
 
     #[test]
     fn older_kamal_proxy_single_target_fields_are_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = StateFile::new(dir.path().join("kamal-proxy.state"));
+        let (_dir, file) = scratch_state();
         std::fs::write(
             file.path(),
             r#"[{"name":"old","hosts":["old.test"],"path_prefixes":["/app"],
@@ -338,8 +342,7 @@ mod tests {
 
     #[test]
     fn berths_earlier_format_is_converted_once_and_kept_beside() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = StateFile::new(dir.path().join("kamal-proxy.state"));
+        let (dir, file) = scratch_state();
         let old = r#"{"version":1,"services":[{"name":"web","targets":["127.0.0.1:3000"],
             "config":{"hosts":["a.test"],"tls":{"enabled":true,"staging":true}},
             "pause":{"state":"paused","max_pause":"20s"},
@@ -371,8 +374,7 @@ mod tests {
 
     #[test]
     fn an_unreadable_file_is_set_aside_intact() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = StateFile::new(dir.path().join("kamal-proxy.state"));
+        let (dir, file) = scratch_state();
         std::fs::write(file.path(), b"[{\"name\": 3}]").unwrap();
         assert!(file.load().is_err());
         let aside = file.set_aside().unwrap();
@@ -382,8 +384,7 @@ mod tests {
 
     #[test]
     fn garbage_is_reported_not_loaded() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = StateFile::new(dir.path().join("kamal-proxy.state"));
+        let (dir, file) = scratch_state();
         std::fs::write(file.path(), b"{not json").unwrap();
         assert!(matches!(file.load(), Err(StateError::Parse { .. })));
     }
