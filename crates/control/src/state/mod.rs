@@ -374,7 +374,7 @@ mod tests {
 
     #[test]
     fn an_unreadable_file_is_set_aside_intact() {
-        let (dir, file) = scratch_state();
+        let (_dir, file) = scratch_state();
         std::fs::write(file.path(), b"[{\"name\": 3}]").unwrap();
         assert!(file.load().is_err());
         let aside = file.set_aside().unwrap();
@@ -384,7 +384,7 @@ mod tests {
 
     #[test]
     fn garbage_is_reported_not_loaded() {
-        let (dir, file) = scratch_state();
+        let (_dir, file) = scratch_state();
         std::fs::write(file.path(), b"{not json").unwrap();
         assert!(matches!(file.load(), Err(StateError::Parse { .. })));
     }
