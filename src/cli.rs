@@ -156,7 +156,7 @@ pub struct RunArgs {
     /// How long the old process drains after handing over [env: KAMAL_PROXY_UPGRADE_DRAIN_TIMEOUT] [default: 30s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub upgrade_drain_timeout: Option<GoDuration>,
-    /// Enable HTTP/3 (accepted for compatibility; not supported, ignored)
+    /// Serve HTTP/3 over QUIC on the HTTPS port (UDP), advertised to HTTPS clients with Alt-Svc [default: false]
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
     pub http3: Option<bool>,
     /// Require a PROXY protocol header (v1 or v2) on every connection, as a TCP load balancer sends; connections without one are closed [env: KAMAL_PROXY_PROXY_PROTOCOL] [default: false]

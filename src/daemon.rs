@@ -19,12 +19,15 @@ use crate::cli::{parse_bool, RunArgs};
 use crate::config_file::RunFile;
 use crate::handover;
 use crate::metrics_server;
-use crate::workers::{self, WorkerSetup, Workers};
+use crate::workers::{self, Http3Start, WorkerSetup, Workers};
 
 use crate::tls::TlsBridge;
 
 /// How long the old process drains after handing over, unless told otherwise.
 const UPGRADE_DRAIN: Duration = Duration::from_secs(30);
+/// How much longer than its own drain timeout a new process waits for the old one to let go
+/// of the HTTP/3 socket (the old one's drain timeout may differ).
+const HTTP3_RELEASE_SLACK: Duration = Duration::from_secs(10);
 /// How long in-flight requests get to finish after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long connecting to a target may take before the request fails with 502, by default.
@@ -299,7 +302,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         .with_context(|| format!("cannot restore state from {}", state_file.path().display()))?;
     tracing::info!(path = %state_file.path().display(), services = restored, "Restored state");
 
-    let (http, https, taken_over) = match taken_over {
+    let (http, https, mut taken_over) = match taken_over {
         Some(taken) => {
             taken.http.set_nonblocking(true)?;
             taken.https.set_nonblocking(true)?;
@@ -317,10 +320,48 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     certificates
         .certificates
         .set_local_http(reachable(http_address));
+    // HTTP/3: the old process's socket (read once it lets go), or one bound now.
+    let http3_socket = match (
+        options.http3,
+        taken_over.as_mut().and_then(|t| t.http3.take()),
+    ) {
+        (false, _) => None,
+        (true, Some(socket)) => Some((socket, true)),
+        (true, None) => {
+            let address = SocketAddr::new(https_address.ip(), https_address.port());
+            let socket = listener::bind_udp(address)
+                .with_context(|| format!("cannot listen for HTTP/3 on udp {address}"))?;
+            Some((socket, false))
+        }
+    };
+    let mut http3_handoff = None;
+    let mut http3_released = None;
+    let http3_start = match &http3_socket {
+        Some((socket, from_old_process)) => {
+            let (socket_tx, socket_rx) = tokio::sync::oneshot::channel();
+            let (released_tx, released_rx) = tokio::sync::oneshot::channel();
+            http3_handoff = Some((socket_tx, socket.try_clone()?, *from_old_process));
+            http3_released = Some(released_rx);
+            Some(Http3Start {
+                socket: socket_rx,
+                released: released_tx,
+            })
+        }
+        None => None,
+    };
     let listeners = handover::Listeners {
         http: http.as_fd().try_clone_to_owned()?,
         https: https.as_fd().try_clone_to_owned()?,
+        http3: match &http3_socket {
+            Some((socket, _)) => Some(socket.as_fd().try_clone_to_owned()?),
+            None => None,
+        },
     };
+    let http3_address = match &http3_socket {
+        Some((socket, _)) => Some(socket.local_addr()?),
+        None => None,
+    };
+    drop(http3_socket);
     let control = if taken_over.is_some() {
         berth_control::api::bind_replacing(&socket_path).await
     } else {
@@ -328,9 +369,6 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     .with_context(|| format!("cannot open the control socket {}", socket_path.display()))?;
     let handover_socket = handover::listen(&socket_path)?;
-    if options.http3 {
-        tracing::warn!("HTTP/3 is not supported; --http3 is ignored");
-    }
     let metrics_listener = match &metrics {
         Some(_) => Some(metrics_server::bind(options.bind, options.metrics_port)?),
         None => None,
@@ -341,6 +379,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         .with_trusted_proxies(options.trusted_proxies.clone());
     if let Some(metrics) = &metrics {
         proxy = proxy.with_metrics(Arc::clone(metrics));
+    }
+    if http3_address.is_some() {
+        proxy = proxy.with_http3(https_address.port());
     }
     let drain = proxy.drain().clone();
     let worker_count = workers::worker_count();
@@ -355,6 +396,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             proxy_protocol: options.proxy_protocol,
             target_connect_timeout: options.target_connect_timeout,
         },
+        http3_start,
     )?;
     drop((http, https));
     let api_stop = CancellationToken::new();
@@ -385,21 +427,45 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         pid = std::process::id(),
         "Proxy started"
     );
-    if let Some(taken) = taken_over {
-        taken.ready()?;
-        handover::notify_systemd(&format!("MAINPID={}\nREADY=1", std::process::id()));
-    } else {
-        handover::notify_systemd("READY=1");
+    let old_process = match taken_over {
+        Some(taken) => {
+            let old_process = taken.ready()?;
+            handover::notify_systemd(&format!("MAINPID={}\nREADY=1", std::process::id()));
+            Some(old_process)
+        }
+        None => {
+            handover::notify_systemd("READY=1");
+            None
+        }
+    };
+    if let Some((socket_tx, socket, from_old_process)) = http3_handoff {
+        match old_process.filter(|_| from_old_process) {
+            Some(old_process) => {
+                let limit = options.upgrade_drain_timeout + HTTP3_RELEASE_SLACK;
+                std::thread::spawn(move || {
+                    old_process.released(limit);
+                    tracing::info!("The old process let go of the HTTP/3 socket");
+                    let _ = socket_tx.send(socket);
+                });
+            }
+            None => {
+                let _ = socket_tx.send(socket);
+            }
+        }
     }
 
-    let (handed_over_tx, mut handed_over) = tokio::sync::mpsc::channel::<()>(1);
+    let (handed_over_tx, mut handed_over) = tokio::sync::mpsc::channel::<handover::NewProcess>(1);
     // A plain thread, not `spawn_blocking`: it blocks in accept for the life of the process,
     // and the runtime would wait for a blocking task at exit.
     {
         let registry = registry.clone();
         let runtime = tokio::runtime::Handle::current();
         std::thread::spawn(move || {
-            let addresses = (http_address, https_address);
+            let addresses = handover::Addresses {
+                http: http_address,
+                https: https_address,
+                http3: http3_address,
+            };
             offer_handovers(
                 runtime,
                 handover_socket,
@@ -419,7 +485,14 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                         let _ = std::fs::remove_file(handover::socket_path(&socket_path));
             (SHUTDOWN_GRACE, true)
         }
-        _ = handed_over.recv() => {
+        new_process = handed_over.recv() => {
+            // The new process reads the HTTP/3 socket once this one has stopped reading it.
+            tokio::spawn(async move {
+                if let Some(released) = http3_released {
+                    let _ = released.await;
+                }
+                drop(new_process);
+            });
             tracing::info!(drain_timeout_ms = options.upgrade_drain_timeout.as_millis() as u64, "Handed over to the new process; draining");
                         (options.upgrade_drain_timeout, false)
         }
@@ -445,16 +518,16 @@ fn offer_handovers(
     socket: std::os::unix::net::UnixListener,
     listeners: handover::Listeners,
     registry: Arc<Registry>,
-    (http, https): (SocketAddr, SocketAddr),
-    handed_over: tokio::sync::mpsc::Sender<()>,
+    addresses: handover::Addresses,
+    handed_over: tokio::sync::mpsc::Sender<handover::NewProcess>,
 ) {
     for stream in socket.incoming() {
         let Ok(stream) = stream else { continue };
         tracing::info!("A new process asks to take over; finishing changes under way");
         runtime.block_on(registry.freeze());
-        match handover::hand_over(stream, &listeners, http, https) {
-            Ok(()) => {
-                let _ = handed_over.blocking_send(());
+        match handover::hand_over(stream, &listeners, &addresses) {
+            Ok(new_process) => {
+                let _ = handed_over.blocking_send(new_process);
                 return;
             }
             Err(error) => {

@@ -7,6 +7,11 @@
 //! says `ready`; only then does the old process stop accepting and drain. If anything fails
 //! before `ready`, the old process thaws and keeps serving.
 //!
+//! The HTTP/3 socket (UDP) is sent too, but two processes cannot read one UDP socket: each
+//! would get packets of the other's QUIC connections. So the new process reads it only once
+//! the old one has finished its HTTP/3 requests and stopped reading, which it says by closing
+//! the handover connection. Until then, TCP serves everyone.
+//!
 //! Under systemd, `systemctl reload` sends SIGUSR2: the old process starts the binary found at
 //! its own path with `--upgrade`, and the new one reports itself as the main PID.
 
@@ -35,30 +40,55 @@ pub fn socket_path(control_socket: &Path) -> PathBuf {
 pub struct Listeners {
     pub http: OwnedFd,
     pub https: OwnedFd,
+    /// The HTTP/3 socket, when this process serves HTTP/3.
+    pub http3: Option<OwnedFd>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Offer {
     http: SocketAddr,
     https: SocketAddr,
+    /// Present when a third socket, the HTTP/3 one, follows the two TCP ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    http3: Option<SocketAddr>,
 }
 
 /// What a new process receives from the old one.
 pub struct TakenOver {
     pub http: std::net::TcpListener,
     pub https: std::net::TcpListener,
+    /// The old process's HTTP/3 socket: read it only after [`OldProcess::released`].
+    pub http3: Option<std::net::UdpSocket>,
     /// Told `ready` once the new process serves.
     old_process: UnixStream,
 }
 
 impl TakenOver {
     /// Tells the old process to stop accepting and drain.
-    pub fn ready(mut self) -> anyhow::Result<()> {
+    pub fn ready(mut self) -> anyhow::Result<OldProcess> {
         self.old_process
             .write_all(b"ready\n")
-            .context("cannot tell the old process we are ready")
+            .context("cannot tell the old process we are ready")?;
+        Ok(OldProcess(self.old_process))
     }
 }
+
+/// The old process, draining after a handover.
+pub struct OldProcess(UnixStream);
+
+impl OldProcess {
+    /// Blocks until the old process no longer reads the HTTP/3 socket (it closes the handover
+    /// connection then, or by exiting), or `limit` has passed.
+    pub fn released(self, limit: Duration) {
+        let _ = self.0.set_read_timeout(Some(limit));
+        let mut rest = Vec::new();
+        let _ = (&self.0).read_to_end(&mut rest);
+    }
+}
+
+/// Old side: the connection to the process that took over. Dropping it tells that process
+/// the HTTP/3 socket is free to read.
+pub struct NewProcess(#[allow(dead_code)] UnixStream);
 
 /// New side: asks the process serving `control_socket` for its listeners.
 pub fn take_over(control_socket: &Path) -> anyhow::Result<TakenOver> {
@@ -72,7 +102,7 @@ pub fn take_over(control_socket: &Path) -> anyhow::Result<TakenOver> {
     stream.set_read_timeout(Some(EXCHANGE_TIMEOUT))?;
     stream.write_all(b"upgrade\n")?;
     let mut message = [0u8; 1024];
-    let mut fds = [-1; 2];
+    let mut fds = [-1; 3];
     let (length, fd_count) = stream
         .recv_with_fd(&mut message, &mut fds)
         .context("no answer from the old process")?;
@@ -83,13 +113,20 @@ pub fn take_over(control_socket: &Path) -> anyhow::Result<TakenOver> {
         .collect();
     let offer: Offer = serde_json::from_slice(&message[..length])
         .context("the old process sent no usable offer")?;
-    let [http, https]: [OwnedFd; 2] = owned
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("the old process sent {fd_count} sockets instead of 2"))?;
-    tracing::info!(http = %offer.http, https = %offer.https, "Received listening sockets from the old process");
+    let expected = if offer.http3.is_some() { 3 } else { 2 };
+    if owned.len() != expected {
+        bail!("the old process sent {fd_count} sockets instead of {expected}");
+    }
+    let mut owned = owned.into_iter();
+    let (Some(http), Some(https)) = (owned.next(), owned.next()) else {
+        bail!("the old process sent {fd_count} sockets instead of {expected}");
+    };
+    let http3 = owned.next().map(std::net::UdpSocket::from);
+    tracing::info!(http = %offer.http, https = %offer.https, http3 = ?offer.http3, "Received listening sockets from the old process");
     Ok(TakenOver {
         http: std::net::TcpListener::from(http),
         https: std::net::TcpListener::from(https),
+        http3,
         old_process: stream,
     })
 }
@@ -109,14 +146,20 @@ pub fn listen(control_socket: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// The addresses of the sockets offered, in the order they are sent.
+pub struct Addresses {
+    pub http: SocketAddr,
+    pub https: SocketAddr,
+    pub http3: Option<SocketAddr>,
+}
+
 /// Old side: one handover attempt on an accepted connection. Returns once the new process is
 /// ready; an error means it is not, and this process keeps serving.
 pub fn hand_over(
     stream: UnixStream,
     listeners: &Listeners,
-    offer_http: SocketAddr,
-    offer_https: SocketAddr,
-) -> anyhow::Result<()> {
+    addresses: &Addresses,
+) -> anyhow::Result<NewProcess> {
     stream.set_read_timeout(Some(EXCHANGE_TIMEOUT))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
@@ -124,14 +167,15 @@ pub fn hand_over(
     if line.trim() != "upgrade" {
         bail!("unexpected handover request {line:?}");
     }
+    let http3 = listeners.http3.as_ref().zip(addresses.http3);
     let offer = serde_json::to_vec(&Offer {
-        http: offer_http,
-        https: offer_https,
+        http: addresses.http,
+        https: addresses.https,
+        http3: http3.map(|(_, address)| address),
     })?;
-    stream.send_with_fd(
-        &offer,
-        &[listeners.http.as_raw_fd(), listeners.https.as_raw_fd()],
-    )?;
+    let mut fds = vec![listeners.http.as_raw_fd(), listeners.https.as_raw_fd()];
+    fds.extend(http3.map(|(fd, _)| fd.as_raw_fd()));
+    stream.send_with_fd(&offer, &fds)?;
     line.clear();
     reader.read_line(&mut line)?;
     if line.trim() != "ready" {
@@ -139,7 +183,7 @@ pub fn hand_over(
         let _ = reader.read_to_string(&mut rest);
         bail!("the new process did not get ready");
     }
-    Ok(())
+    Ok(NewProcess(stream))
 }
 
 /// Tells systemd (when it supervises us, `Type=notify`) a state such as `READY=1`.

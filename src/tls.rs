@@ -37,6 +37,23 @@ impl CertificateSource for TlsBridge {
         self.certificates.tls_alpn_certificate(server_name)
     }
 
+    fn certificate_ready(&self, server_name: &str) -> Option<Arc<CertifiedKey>> {
+        if server_name.is_empty() {
+            let default = self
+                .default_host
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()?;
+            return self.certificates.certificate_ready(&default);
+        }
+        self.certificates
+            .certificate_ready(server_name)
+            .or_else(|| {
+                let (_, domain) = server_name.split_once('.')?;
+                self.certificates.certificate_ready(&format!("*.{domain}"))
+            })
+    }
+
     fn certificate_for<'a>(
         &'a self,
         server_name: &'a str,

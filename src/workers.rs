@@ -11,6 +11,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::Context;
+use berth_proxy::http3;
 use berth_proxy::listener::{self, ServerLimits};
 use berth_proxy::upstream::upstream_client;
 use berth_proxy::{CertificateSource, Proxy};
@@ -23,6 +24,15 @@ pub struct WorkerSetup {
     pub limits: ServerLimits,
     pub proxy_protocol: bool,
     pub target_connect_timeout: Duration,
+}
+
+/// HTTP/3, served by the first worker: one QUIC endpoint reads one UDP socket.
+pub struct Http3Start {
+    /// The socket, once this process may read it (at once, or when the process it took over
+    /// from lets go of it).
+    pub socket: tokio::sync::oneshot::Receiver<std::net::UdpSocket>,
+    /// Told when this process no longer reads the socket.
+    pub released: tokio::sync::oneshot::Sender<()>,
 }
 
 /// The running workers.
@@ -49,6 +59,7 @@ impl Workers {
         http: &StdListener,
         https: &StdListener,
         setup: WorkerSetup,
+        mut http3: Option<Http3Start>,
     ) -> anyhow::Result<Self> {
         let stop = CancellationToken::new();
         let mut threads = Vec::with_capacity(count);
@@ -66,6 +77,7 @@ impl Workers {
             let certificates = Arc::clone(&setup.certificates);
             let (limits, proxy_protocol) = (setup.limits.clone(), setup.proxy_protocol);
             let stop = stop.clone();
+            let http3 = http3.take();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -91,6 +103,16 @@ impl Workers {
                             limits.clone(),
                             proxy_protocol,
                         );
+                        if let Some(start) = http3 {
+                            let idle_timeout = limits.idle_timeout;
+                            let drain = proxy.drain().clone();
+                            drain.track(serve_http3(
+                                start,
+                                proxy.clone(),
+                                Arc::clone(&certificates),
+                                idle_timeout,
+                            ));
+                        }
                         let tls = listener::serve(
                             https,
                             proxy,
@@ -122,4 +144,28 @@ impl Workers {
         });
         let _ = tokio::time::timeout(Duration::from_secs(2), joined).await;
     }
+}
+
+/// Serves HTTP/3 once its socket may be read, until the drain ends it; then says so.
+async fn serve_http3(
+    start: Http3Start,
+    proxy: Proxy,
+    certificates: Arc<dyn CertificateSource>,
+    idle_timeout: Duration,
+) {
+    let socket = tokio::select! {
+        socket = start.socket => socket.ok(),
+        _ = proxy.drain().started().cancelled() => None,
+    };
+    if let Some(socket) = socket {
+        let address = socket.local_addr().ok();
+        match http3::endpoint(socket, certificates, idle_timeout) {
+            Ok(endpoint) => {
+                tracing::info!(address = ?address, "Serving HTTP/3");
+                http3::serve(endpoint, proxy).await;
+            }
+            Err(error) => tracing::error!(%error, "Cannot serve HTTP/3"),
+        }
+    }
+    let _ = start.released.send(());
 }

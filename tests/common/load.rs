@@ -94,9 +94,8 @@ impl Load {
                         match sent {
                             Ok(reply)
                                 if reply.status == 200
-                                    && expected_body.map_or(true, |body| {
-                                        reply.body.as_bytes() == &body[..]
-                                    }) =>
+                                    && expected_body
+                                        .is_none_or(|body| reply.body.as_bytes() == &body[..]) =>
                             {
                                 served.fetch_add(1, Ordering::Relaxed);
                             }

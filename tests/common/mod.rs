@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod h3_client;
 pub mod kamal_proxy;
 pub mod load;
 pub mod pebble;

@@ -231,6 +231,7 @@ impl Drop for Pebble {
 #[derive(Debug)]
 pub struct HttpsReply {
     pub status: u16,
+    pub headers: http::HeaderMap,
     pub body: String,
     pub alpn: Option<Vec<u8>>,
     pub leaf: CertificateDer<'static>,
@@ -350,6 +351,7 @@ async fn https_request(
     let reply = super::read_reply(response).await?;
     Ok(HttpsReply {
         status: reply.status,
+        headers: reply.headers,
         body: reply.body,
         alpn,
         leaf,

@@ -228,6 +228,15 @@ impl Certificates {
         }
     }
 
+    /// The certificate for `server_name` if one is ready now: for handshakes that cannot wait
+    /// (QUIC's, which resolve the certificate in place).
+    pub fn certificate_ready(&self, server_name: &str) -> Option<Arc<CertifiedKey>> {
+        let name = server_name.trim_end_matches('.').to_ascii_lowercase();
+        let hosts = self.read_hosts();
+        let certificate = hosts.get(&name)?.certificate.as_ref()?;
+        Some(Arc::clone(&certificate.certified))
+    }
+
     /// The certificate to present for `server_name`. Waits (bounded) while a first one is
     /// being obtained; `None` for hosts we do not serve with TLS or whose order failed, so the
     /// handshake fails at once.

@@ -16,6 +16,7 @@
 //!   away gently, wait for open work up to a deadline.
 //! - [`metrics`]: Prometheus counters and histograms, and the gauges filled in at scrape.
 //! - [`tls`]: TLS termination with the certificate chosen by server name.
+//! - [`http3`]: HTTP/3 over QUIC on the HTTPS port's UDP socket, into the same pipeline.
 //! - `buffer`, `headers`, `tunnel`, `error_page` (with `page_template`, the Go template
 //!   subset custom pages use), `request_log`: the layers the pipeline uses.
 //! - [`GoDuration`] and [`config`]: the service options a deploy sets.
@@ -33,6 +34,7 @@ mod duration;
 mod error_page;
 mod headers;
 pub mod health;
+pub mod http3;
 mod ip_text;
 pub mod listener;
 pub mod metrics;

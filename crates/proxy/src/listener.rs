@@ -30,6 +30,18 @@ pub fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// Opens the UDP socket HTTP/3 is served on, as a plain descriptor that can be handed on.
+pub fn bind_udp(address: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let domain = socket2::Domain::for_address(address);
+    let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    if address.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&address.into())?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
 /// Limits that keep slow, idle or hostile clients from using up the proxy.
 #[derive(Debug, Clone)]
 pub struct ServerLimits {

@@ -15,7 +15,6 @@ use http::uri::{PathAndQuery, Scheme, Uri};
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::body::{self, BoxError, ProxyBody};
@@ -76,6 +75,18 @@ impl ForwardError {
     }
 }
 
+/// A request body as a listener hands it over: hyper's for HTTP/1.1 and HTTP/2, the QUIC
+/// stream's for HTTP/3.
+pub trait ClientRequestBody:
+    Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
+{
+}
+
+impl<B> ClientRequestBody for B where
+    B: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
+{
+}
+
 /// Answers ACME HTTP-01 challenges on the plain HTTP listener.
 pub trait ChallengeResponder: Send + Sync + 'static {
     /// The key authorization for a `/.well-known/acme-challenge/<token>` path we expect.
@@ -98,6 +109,8 @@ struct ProxyInner {
     drain: Drain,
     metrics: Option<Arc<Metrics>>,
     trusted_proxies: Arc<TrustedProxies>,
+    /// `Alt-Svc` for responses over TLS on TCP, when HTTP/3 is served.
+    alt_svc: Option<HeaderValue>,
 }
 
 const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
@@ -115,6 +128,7 @@ impl Proxy {
             drain: Drain::new(),
             metrics: None,
             trusted_proxies: Arc::default(),
+            alt_svc: None,
         };
         Self {
             inner: Arc::new(inner),
@@ -156,12 +170,40 @@ impl Proxy {
         self
     }
 
+    /// Tells clients of HTTPS over TCP that HTTP/3 is served on UDP `port` (as kamal-proxy
+    /// does with `--http3`).
+    pub fn with_http3(mut self, port: u16) -> Self {
+        Arc::make_mut(&mut self.inner).alt_svc = Some(crate::http3::alt_svc(port));
+        self
+    }
+
     /// Serves one request. Never fails: every problem becomes an error page. `hints` passes
     /// the app's `103 Early Hints` on to the client, when its connection can take them.
-    pub async fn handle(
+    pub async fn handle<B: ClientRequestBody>(
         &self,
         conn: ConnectionInfo,
-        request: Request<Incoming>,
+        request: Request<B>,
+        hints: Option<EarlyHints>,
+    ) -> Response<ProxyBody> {
+        let alt_svc = match &self.inner.alt_svc {
+            Some(alt_svc) if conn.tls && request.version() != Version::HTTP_3 => {
+                Some(alt_svc.clone())
+            }
+            _ => None,
+        };
+        let mut response = self.respond(conn, request, hints).await;
+        if let Some(alt_svc) = alt_svc {
+            response.headers_mut().append(header::ALT_SVC, alt_svc);
+        }
+        response
+    }
+
+    /// Every request's phases, in order: check the head, answer ACME, route, redirect, admit,
+    /// pick a target, forward.
+    async fn respond<B: ClientRequestBody>(
+        &self,
+        conn: ConnectionInfo,
+        request: Request<B>,
         hints: Option<EarlyHints>,
     ) -> Response<ProxyBody> {
         let scheme = if conn.tls { "https" } else { "http" };
@@ -343,12 +385,12 @@ impl Proxy {
         }
     }
 
-    async fn forward(
+    async fn forward<B: ClientRequestBody>(
         &self,
         client: Downstream,
         settings: &ServiceSettings,
         claim: &InFlight,
-        mut request: Request<Incoming>,
+        mut request: Request<B>,
         path_and_query: PathAndQuery,
         record: &mut RequestRecord,
     ) -> Result<Forwarded, ForwardError> {
@@ -402,7 +444,7 @@ impl Proxy {
         let buffering = &config.buffering;
         // Only a streamed body can fail as it is read; the flag is not allocated otherwise.
         let mut client_body_failed: Option<Arc<AtomicBool>> = None;
-        let mut stream_body = |inner: Incoming| {
+        let mut stream_body = |inner: B| {
             let failed = client_body_failed.get_or_insert_with(Default::default);
             body::boxed(ClientBody {
                 inner,
@@ -560,7 +602,7 @@ const LINGER_BYTES: u64 = 128 * 1024 * 1024;
 /// connection, and a client still writing would see a broken pipe instead of the answer.
 /// Bounded in time, quiet time and bytes; once the body ends, the connection can even be
 /// reused.
-fn discard_lingering(mut incoming: Incoming) {
+fn discard_lingering<B: ClientRequestBody>(mut incoming: B) {
     tokio::spawn(async move {
         let started = tokio::time::Instant::now();
         let mut discarded: u64 = 0;
@@ -699,19 +741,19 @@ fn finish_with_error(
 
 /// A streamed request body on its way to the target. Remembers whether reading it from the
 /// client failed, so a malformed body is answered 400 rather than blamed on the target.
-struct ClientBody {
-    inner: Incoming,
+struct ClientBody<B> {
+    inner: B,
     failed: Arc<AtomicBool>,
 }
 
-impl Body for ClientBody {
+impl<B: ClientRequestBody> Body for ClientBody<B> {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = B::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(Some(Err(_))) = &polled {

@@ -27,6 +27,13 @@ pub trait CertificateSource: Send + Sync + 'static {
         server_name: &'a str,
     ) -> Pin<Box<dyn Future<Output = Option<Arc<CertifiedKey>>> + Send + 'a>>;
 
+    /// The certificate for `server_name` if there is one now, without waiting: for QUIC
+    /// handshakes, which choose their certificate in place. A name whose certificate is still
+    /// being obtained gets `None`; its client falls back to TCP, where the handshake waits.
+    fn certificate_ready(&self, _server_name: &str) -> Option<Arc<CertifiedKey>> {
+        None
+    }
+
     /// The ACME TLS-ALPN-01 certificate for `server_name`, while such a challenge is open;
     /// shown only to a client that offers the `acme-tls/1` protocol (the ACME server).
     fn acme_challenge_certificate(&self, _server_name: &str) -> Option<Arc<CertifiedKey>> {
@@ -189,6 +196,14 @@ fn server_config(certified: Arc<CertifiedKey>) -> Arc<ServerConfig> {
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(Chosen(Arc::clone(&certified))));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    share_resumption(&mut config);
+    let config = Arc::new(config);
+    configs.push((Arc::downgrade(&certified), Arc::clone(&config)));
+    config
+}
+
+/// Lets clients resume sessions started under any configuration (TCP or QUIC).
+pub(crate) fn share_resumption(config: &mut ServerConfig) {
     if let Some(resumption) = RESUMPTION.as_ref() {
         config.ticketer = Arc::clone(&resumption.tickets);
         config.session_storage = Arc::clone(&resumption.sessions);
@@ -196,9 +211,6 @@ fn server_config(certified: Arc<CertifiedKey>) -> Arc<ServerConfig> {
         // encryption on every new connection, and a client uses one to come back.
         config.send_tls13_tickets = 1;
     }
-    let config = Arc::new(config);
-    configs.push((Arc::downgrade(&certified), Arc::clone(&config)));
-    config
 }
 
 /// The certificate already chosen for this connection.
