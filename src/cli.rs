@@ -30,7 +30,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy daemon
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Deploy a service: wait for its new targets to be healthy, switch, drain the old ones
     Deploy(Box<DeployArgs>),
     /// Remove a service
@@ -147,6 +147,15 @@ pub struct RunArgs {
     /// Longest time to connect to a target before answering 502 [env: KAMAL_PROXY_TARGET_CONNECT_TIMEOUT] [default: 5s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub target_connect_timeout: Option<GoDuration>,
+    /// Keep certificates in a store several proxies share, so each is ordered once for the fleet and any instance answers any challenge: redis://[:PASSWORD@]HOST[:PORT][/DB] or rediss://... (TLS) [env: KAMAL_PROXY_CERT_STORE] [default: the local directory]
+    #[arg(long, value_name = "URL")]
+    pub cert_store: Option<String>,
+    /// File holding the key that seals private keys in the shared store (32 bytes as 64 hex digits or base64; the same on every instance) [env: KAMAL_PROXY_CERT_STORE_KEY_FILE, or the key itself in KAMAL_PROXY_CERT_STORE_KEY]
+    #[arg(long, value_name = "PATH")]
+    pub cert_store_key_file: Option<std::path::PathBuf>,
+    /// This instance's name in the shared store (who ordered each certificate) [env: KAMAL_PROXY_INSTANCE_NAME] [default: the host name]
+    #[arg(long, value_name = "NAME")]
+    pub instance_name: Option<String>,
     /// Read run options from this TOML file (flags and environment take precedence); see proxy.toml.example
     #[arg(long, value_name = "PATH")]
     pub config: Option<std::path::PathBuf>,
@@ -165,6 +174,9 @@ pub struct RunArgs {
     /// Address ranges (CIDR or single addresses, comma-separated) of proxies in front of this one whose X-Forwarded-For is believed, for every service [env: KAMAL_PROXY_TRUSTED_PROXIES] [default: none]
     #[arg(long, value_name = "RANGES")]
     pub trusted_proxies: Option<IpRanges>,
+    /// Hosts (comma-separated) served with automatic HTTPS even when deployed without --tls: for Kamal roles on several servers, where Kamal refuses ssl: true [env: KAMAL_PROXY_TLS_HOSTS] [default: none]
+    #[arg(long, value_name = "HOSTS")]
+    pub tls_hosts: Option<HostList>,
 }
 
 #[derive(Debug, Args)]
@@ -367,6 +379,39 @@ impl std::str::FromStr for IpRanges {
             })
             .collect::<Result<_, _>>()
             .map(IpRanges)
+    }
+}
+
+/// Host names given as `a.example.com,b.example.com`, lowercased.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostList(pub Vec<String>);
+
+impl std::str::FromStr for HostList {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        text.split(',')
+            .map(str::trim)
+            .filter(|entry| !entry.is_empty())
+            .map(|entry| {
+                let plausible = entry
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'*');
+                if plausible {
+                    Ok(entry.to_ascii_lowercase())
+                } else {
+                    Err(format!("{entry:?} is not a host name"))
+                }
+            })
+            .collect::<Result<_, _>>()
+            .map(HostList)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for HostList {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let hosts = Vec::<String>::deserialize(deserializer)?;
+        hosts.join(",").parse().map_err(serde::de::Error::custom)
     }
 }
 

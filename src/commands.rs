@@ -300,17 +300,48 @@ fn print_status(status: &StatusReport, output: &OutputArgs) -> anyhow::Result<()
         .filter(|route| seen_hosts.insert(route.host.as_str()))
         .filter_map(|route| {
             let certificate = route.certificate.as_ref()?;
-            Some(vec![
+            let mut row = vec![
                 route.host.clone(),
                 certificate.state.clone(),
                 certificate.expires.clone().unwrap_or_else(|| "-".into()),
                 certificate.issuer.clone().unwrap_or_else(|| "-".into()),
-            ])
+            ];
+            if status.cert_store.is_some() {
+                row.push(match (&certificate.ordered_by, &certificate.ordered_at) {
+                    (Some(by), Some(at)) => format!("{by} at {at}"),
+                    _ => "-".into(),
+                });
+            }
+            Some(row)
         })
         .collect();
     if !certificates.is_empty() {
         println!();
-        print_table(&["Host", "Certificate", "Expires", "Issuer"], certificates);
+        let mut headers = vec!["Host", "Certificate", "Expires", "Issuer"];
+        if status.cert_store.is_some() {
+            headers.push("Ordered by");
+        }
+        print_table(&headers, certificates);
+    }
+    if let Some(store) = &status.cert_store {
+        println!();
+        let reachable = if store.reachable {
+            "reachable".to_string()
+        } else {
+            format!(
+                "UNREACHABLE ({})",
+                store.last_error.as_deref().unwrap_or("not yet reached")
+            )
+        };
+        println!(
+            "Certificate store: {} ({reachable}); this instance: {}; errors: {}; lock waits: {}",
+            store.location, store.instance, store.errors, store.lock_waits
+        );
+        if store.reachable {
+            if let Some(error) = &store.last_error {
+                println!("Last store error: {error}");
+            }
+        }
     }
     Ok(())
 }

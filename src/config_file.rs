@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use berth_proxy::GoDuration;
 
-use crate::cli::IpRanges;
+use crate::cli::{HostList, IpRanges};
 use serde::Deserialize;
 
 /// The run options a file may set; absent keys fall through to the defaults.
@@ -34,6 +34,11 @@ pub struct RunFile {
     pub proxy_protocol: Option<bool>,
     /// CIDR ranges, as a list of strings.
     pub trusted_proxies: Option<IpRanges>,
+    pub cert_store: Option<String>,
+    /// Host names, as a list of strings.
+    pub tls_hosts: Option<HostList>,
+    pub cert_store_key_file: Option<PathBuf>,
+    pub instance_name: Option<String>,
 }
 
 impl RunFile {

@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use berth_acme::{AcmeSettings, Certificates, LETS_ENCRYPT_PRODUCTION};
+use berth_acme::{
+    AcmeSettings, Certificates, SharedStore, StoreError, StoreKey, StoreSetupError,
+    LETS_ENCRYPT_PRODUCTION,
+};
 use berth_control::{paths, Registry, StateFile};
 use berth_proxy::listener::{self, ServerLimits};
 use berth_proxy::upstream::upstream_client;
@@ -28,6 +31,85 @@ const UPGRADE_DRAIN: Duration = Duration::from_secs(30);
 /// How much longer than its own drain timeout a new process waits for the old one to let go
 /// of the HTTP/3 socket (the old one's drain timeout may differ).
 const HTTP3_RELEASE_SLACK: Duration = Duration::from_secs(10);
+/// Where a shared certificate store is and how to open its sealed keys.
+pub struct CertStoreOptions {
+    pub url: String,
+    pub key: StoreKey,
+    pub instance: String,
+}
+
+impl std::fmt::Debug for CertStoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Neither the URL (it may hold a password) nor the key.
+        f.debug_struct("CertStoreOptions")
+            .field("instance", &self.instance)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertStoreOptions {
+    fn resolve(args: &RunArgs, file: &RunFile) -> anyhow::Result<Option<Self>> {
+        let Some(url) = layered(
+            args.cert_store.clone(),
+            "CERT_STORE",
+            file.cert_store.clone(),
+        )?
+        else {
+            return Ok(None);
+        };
+        let key_file = layered(
+            args.cert_store_key_file.clone(),
+            "CERT_STORE_KEY_FILE",
+            file.cert_store_key_file.clone(),
+        )?;
+        let key_text = match (key_file, prefixed_env("CERT_STORE_KEY")) {
+            (Some(path), _) => std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read the store key file {}", path.display()))?,
+            (None, Some((_, key))) => key,
+            (None, None) => anyhow::bail!(StoreSetupError::MissingKey),
+        };
+        let key = StoreKey::parse(&key_text).context("--cert-store-key-file")?;
+        let instance = match layered(
+            args.instance_name.clone(),
+            "INSTANCE_NAME",
+            file.instance_name.clone(),
+        )? {
+            Some(name) => name,
+            None => host_name(),
+        };
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            anyhow::bail!("--cert-store must be a redis:// or rediss:// URL, not {url:?}");
+        }
+        Ok(Some(Self { url, key, instance }))
+    }
+}
+
+/// Looks at the shared store once at start, so a problem is in the log from the first line:
+/// unreachable (the instance serves its local cache and keeps trying) or a wrong store key
+/// (nothing in the store can be used, and nothing is ordered over it).
+async fn check_shared_store(shared: &SharedStore) {
+    match shared.check_key().await {
+        Ok(()) => {
+            tracing::info!(store = %shared.status().location, instance = shared.instance(), "Using the shared certificate store")
+        }
+        Err(error @ StoreError::Unreachable(_)) => {
+            tracing::error!(store = %shared.status().location, %error, "Shared certificate store unreachable at start; serving the local cache and retrying")
+        }
+        Err(error) => {
+            tracing::error!(store = %shared.status().location, %error, "Shared certificate store unusable with this key; certificates in it will not be used and none will be ordered over them")
+        }
+    }
+}
+
+/// This machine's name, for the shared store's record of who ordered what.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| format!("pid-{}", std::process::id()))
+}
+
 /// How long in-flight requests get to finish after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long connecting to a target may take before the request fails with 502, by default.
@@ -49,6 +131,10 @@ pub struct RunOptions {
     pub target_connect_timeout: Duration,
     pub proxy_protocol: bool,
     pub trusted_proxies: TrustedProxies,
+    /// The certificate store several instances share, if any (else the local directory).
+    pub cert_store: Option<CertStoreOptions>,
+    /// Hosts served with automatic HTTPS even when deployed without `--tls`.
+    pub tls_hosts: Vec<String>,
     /// Environment values that could not be read and were replaced by the default (logged
     /// once logging is set up).
     pub warnings: Vec<String>,
@@ -90,7 +176,12 @@ impl RunOptions {
             .metrics_port
             .or_else(|| kamal_env("METRICS_PORT", &mut warnings))
             .or(file.metrics_port);
+        let cert_store = CertStoreOptions::resolve(&args, &file)?;
         Ok(Self {
+            cert_store,
+            tls_hosts: layered(args.tls_hosts, "TLS_HOSTS", file.tls_hosts)?
+                .unwrap_or_default()
+                .0,
             warnings,
             http_port: http_port.unwrap_or(80),
             https_port: https_port.unwrap_or(443),
@@ -276,7 +367,23 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         .create(paths::config_dir())
         .with_context(|| format!("cannot create {}", paths::config_dir().display()))?;
     let socket_path = paths::socket_path();
-    let certificates = Arc::new(TlsBridge::new(Certificates::new(options.acme.clone())));
+    let shared_store = match &options.cert_store {
+        Some(store) => {
+            let shared = SharedStore::new(&store.url, store.key.clone(), store.instance.clone())
+                .context("--cert-store")?;
+            let shared = Arc::new(shared);
+            check_shared_store(&shared).await;
+            Some(shared)
+        }
+        None => None,
+    };
+    let certificates = Arc::new(
+        TlsBridge::new(Certificates::with_shared_store(
+            options.acme.clone(),
+            shared_store,
+        ))
+        .with_tls_hosts(options.tls_hosts.clone()),
+    );
     let metrics = (options.metrics_port != 0).then(|| Arc::new(Metrics::new()));
     let mut registry = Registry::new(routes.clone(), client.clone(), state_file.clone())
         .with_tls(certificates.clone());

@@ -33,6 +33,9 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => return report_usage_error(error),
     };
+    // rustls's process-wide provider, for the libraries that take the default (the Redis
+    // client's TLS); Berth's own configurations name ring explicitly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     // The main thread runs the control plane (and every client command); the data plane has
     // threads of its own (`workers`).
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -43,7 +46,7 @@ fn main() -> ExitCode {
         Err(error) => return fail(anyhow::anyhow!("cannot start the async runtime: {error}")),
     };
     let outcome = match cli.command {
-        Command::Run(args) => daemon::RunOptions::resolve(args).and_then(|options| {
+        Command::Run(args) => daemon::RunOptions::resolve(*args).and_then(|options| {
             daemon::init_logging(options.debug);
             for warning in &options.warnings {
                 tracing::warn!(warning = %warning, "Environment value ignored");

@@ -90,8 +90,29 @@ pub async fn serve(
 async fn scrape(State(sources): State<Sources>) -> impl IntoResponse {
     let sample = sample_state(&sources.registry, &sources.certificates);
     let mut text = sources.metrics.encode(&sample);
+    text.push_str(&cert_store_families(&sources.certificates));
     text.push_str(&process_families());
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], text)
+}
+
+/// The shared certificate store's counters, when one is in use.
+fn cert_store_families(certificates: &TlsBridge) -> String {
+    let Some(store) = certificates.certificates.store_status() else {
+        return String::new();
+    };
+    let reachable = u8::from(store.reachable);
+    format!(
+        "# HELP berth_cert_store_reachable Whether the shared certificate store answered its last operation.\n\
+         # TYPE berth_cert_store_reachable gauge\n\
+         berth_cert_store_reachable {reachable}\n\
+         # HELP berth_cert_store_errors_total Shared certificate store operations that failed.\n\
+         # TYPE berth_cert_store_errors_total counter\n\
+         berth_cert_store_errors_total {}\n\
+         # HELP berth_cert_store_lock_waits_total Times a certificate order waited for another instance holding its lock.\n\
+         # TYPE berth_cert_store_lock_waits_total counter\n\
+         berth_cert_store_lock_waits_total {}\n",
+        store.errors, store.lock_waits
+    )
 }
 
 /// The `process_*` families Go's client (and so kamal-proxy) serves, read from `/proc`.

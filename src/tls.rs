@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use berth_acme::{Certificates, OnDemand, TlsSource};
-use berth_control::protocol::CertificateStatus;
+use berth_control::protocol::{CertStoreStatus, CertificateStatus};
 use berth_control::TlsProvider;
 use berth_proxy::config::ServiceConfig;
 use berth_proxy::pipeline::ChallengeResponder;
@@ -21,6 +21,8 @@ pub struct TlsBridge {
     /// The host whose certificate a client that sends no server name gets: the first TLS
     /// service's first host, by service name (kamal-proxy shows its first TLS service's).
     default_host: std::sync::RwLock<Option<String>>,
+    /// Hosts served with automatic HTTPS even when deployed without `--tls` (`--tls-hosts`).
+    tls_hosts: Vec<String>,
 }
 
 impl TlsBridge {
@@ -28,7 +30,23 @@ impl TlsBridge {
         Self {
             certificates,
             default_host: std::sync::RwLock::new(None),
+            tls_hosts: Vec::new(),
         }
+    }
+
+    pub fn with_tls_hosts(mut self, hosts: Vec<String>) -> Self {
+        self.tls_hosts = hosts;
+        self
+    }
+
+    /// Whether `config` is for a host named by `--tls-hosts` and takes TLS settings (a root
+    /// path service: path services follow their root's).
+    fn wants_automatic_tls(&self, config: &ServiceConfig) -> bool {
+        let root = config.path_prefixes.is_empty() || config.path_prefixes.iter().any(|p| p == "/");
+        root && config
+            .hosts
+            .iter()
+            .any(|host| self.tls_hosts.iter().any(|h| h.eq_ignore_ascii_case(host)))
     }
 }
 
@@ -80,13 +98,22 @@ impl CertificateSource for TlsBridge {
 }
 
 impl ChallengeResponder for TlsBridge {
-    fn answer(&self, path: &str) -> Option<String> {
-        self.certificates.challenge_answer(path)
+    fn answer<'a>(
+        &'a self,
+        path: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Option<String>> + Send + 'a>> {
+        Box::pin(self.certificates.challenge_answer(path))
     }
 }
 
 impl TlsProvider for TlsBridge {
     fn complete(&self, config: &mut ServiceConfig) {
+        if !config.tls.enabled && self.wants_automatic_tls(config) {
+            // As a deploy with --tls would: HTTPS, and X-Forwarded-* from clients not believed
+            // (the balancer in front is named with --trusted-proxies).
+            config.tls.enabled = true;
+            config.forward_headers = false;
+        }
         let settings = self.certificates.settings();
         if config.tls.acme_directory.is_none() {
             config.tls.acme_directory = Some(settings.directory_key().to_string());
@@ -159,6 +186,22 @@ impl TlsProvider for TlsBridge {
             expires: info
                 .not_after
                 .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            ordered_by: info.ordered_by,
+            ordered_at: info
+                .ordered_at
+                .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+        })
+    }
+
+    fn store_status(&self) -> Option<CertStoreStatus> {
+        let status = self.certificates.store_status()?;
+        Some(CertStoreStatus {
+            location: status.location,
+            instance: status.instance,
+            reachable: status.reachable,
+            last_error: status.last_error,
+            errors: status.errors,
+            lock_waits: status.lock_waits,
         })
     }
 }

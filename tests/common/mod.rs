@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod fleet;
 pub mod h3_client;
 pub mod kamal_proxy;
 pub mod load;
@@ -303,6 +304,14 @@ impl ProxyProcess {
         }
         let extra_args = std::mem::take(&mut self.extra_args);
         self.start_another(extra_args)
+    }
+
+    /// Kills the daemon with SIGKILL and leaves it dead.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL the proxy");
+            let _ = child.wait();
+        }
     }
 
     /// Starts `proxy run --upgrade` with the same home, socket and flags: the new process

@@ -14,6 +14,16 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 
+/// Settings that change how pebble behaves.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PebbleOptions {
+    /// How long the certificates it issues are valid (default: five years).
+    pub validity_secs: Option<u64>,
+    /// Wait up to this many seconds (at random) before each validation, as a slow CA
+    /// would; by default it validates at once.
+    pub validation_sleep_secs: Option<u64>,
+}
+
 pub struct Pebble {
     dir: tempfile::TempDir,
     pebble: Child,
@@ -52,6 +62,11 @@ impl Pebble {
 
     /// Starts pebble validating HTTP-01 on `http_port` and TLS-ALPN-01 on `tls_port`.
     pub fn start_validating(http_port: u16, tls_port: u16) -> Self {
+        Self::start_with(http_port, tls_port, PebbleOptions::default())
+    }
+
+    /// Starts pebble with `options`.
+    pub fn start_with(http_port: u16, tls_port: u16, options: PebbleOptions) -> Self {
         let pebble_bin = require("pebble");
         let dns_bin = require("pebble-challtestsrv");
         let dir = tempfile::tempdir().unwrap();
@@ -86,7 +101,8 @@ impl Pebble {
                 "httpPort": http_port,
                 "tlsPort": tls_port,
                 "ocspResponderURL": "",
-                "externalAccountBindingRequired": false
+                "externalAccountBindingRequired": false,
+                "certificateValidityPeriod": options.validity_secs.unwrap_or(157_766_400)
             }
         });
         std::fs::write(dir.path().join("pebble.json"), config.to_string()).unwrap();
@@ -101,11 +117,16 @@ impl Pebble {
             .stderr(Stdio::from(log("dns.err")))
             .spawn()
             .expect("start pebble-challtestsrv");
-        let pebble = Command::new(pebble_bin)
+        let mut pebble = Command::new(pebble_bin);
+        pebble
             .args(["-config", dir.path().join("pebble.json").to_str().unwrap()])
             .args(["-dnsserver", &format!("127.0.0.1:{dns_port}")])
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .env("PEBBLE_WFE_NONCEREJECT", "0");
+        match options.validation_sleep_secs {
+            Some(secs) => pebble.env("PEBBLE_VA_SLEEPTIME", secs.to_string()),
+            None => pebble.env("PEBBLE_VA_NOSLEEP", "1"),
+        };
+        let pebble = pebble
             .stdout(log("pebble.log"))
             .stderr(Stdio::from(log("pebble.err")))
             .spawn()
@@ -136,6 +157,14 @@ impl Pebble {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// How many orders pebble has finalized (certificates it issued).
+    pub fn finalized_orders(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|line| line.contains("POST /finalize-order/"))
+            .count()
     }
 
     pub fn directory_url(&self) -> String {

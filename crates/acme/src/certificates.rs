@@ -4,6 +4,11 @@
 //! one over ACME (HTTP-01, else TLS-ALPN-01) when none is stored or the stored one is due (a
 //! third of its life left), sleeps until the next renewal, and retries failures with a growing backoff. A failed
 //! order only affects its own host. Hosts with custom certificates are served from their files.
+//!
+//! With a shared store (`fleet`), the same task first looks there, orders only under the
+//! fleet-wide lock, and stores what it orders for the other instances.
+
+mod fleet;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,8 +16,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use instant_acme::{
-    Account, AuthorizationStatus, ChallengeType, Identifier, Key, NewAccount, NewOrder,
-    OrderStatus, RetryPolicy,
+    Account, AuthorizationStatus, ChallengeStatus, ChallengeType, Identifier, Key, NewAccount,
+    NewOrder, OrderStatus, RetryPolicy,
 };
 use rustls::pki_types::PrivateKeyDer;
 use rustls::sign::CertifiedKey;
@@ -21,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::certificate::{Certificate, CertificateError};
 use crate::challenge::Challenges;
+use crate::shared::{SharedStore, StoreStatus};
 use crate::store::CertStore;
 
 /// How long a TLS handshake may wait for a certificate that is being obtained.
@@ -87,6 +93,9 @@ pub struct CertificateInfo {
     pub not_after: Option<SystemTime>,
     /// `valid`, `pending`, `failed: <reason>` or `custom`.
     pub state: String,
+    /// With a shared store: the instance that ordered the certificate, and when.
+    pub ordered_by: Option<String>,
+    pub ordered_at: Option<SystemTime>,
 }
 
 #[derive(Debug, Clone)]
@@ -101,6 +110,8 @@ struct Host {
     /// Admitted by the on-demand check rather than named by a service.
     on_demand: bool,
     certificate: Option<Arc<Certificate>>,
+    /// Which instance ordered the certificate, and when (known from the shared store).
+    origin: Option<(String, SystemTime)>,
     state: watch::Sender<HostState>,
     stop: CancellationToken,
 }
@@ -114,11 +125,25 @@ pub struct Certificates {
     /// Where a path-only on-demand URL is asked (the proxy's own HTTP listener).
     local_http: RwLock<Option<std::net::SocketAddr>>,
     check_client: Option<CheckClient>,
+    /// The store several instances share, when there is one.
+    shared: Option<Arc<SharedStore>>,
+    /// The shared store's generation as last seen: moves when any instance stores one.
+    generation: watch::Sender<u64>,
 }
 
 impl Certificates {
     pub fn new(settings: AcmeSettings) -> Arc<Self> {
-        Arc::new(Self {
+        Self::with_shared_store(settings, None)
+    }
+
+    /// Certificates kept in `shared` (as well as in the local cache, which serves when the
+    /// shared store cannot be reached). Must be called within a Tokio runtime when `shared`
+    /// is given: it starts watching the store.
+    pub fn with_shared_store(
+        settings: AcmeSettings,
+        shared: Option<Arc<SharedStore>>,
+    ) -> Arc<Self> {
+        let certificates = Arc::new(Self {
             settings,
             challenges: Arc::new(Challenges::default()),
             hosts: RwLock::new(HashMap::new()),
@@ -126,7 +151,18 @@ impl Certificates {
             on_demand: RwLock::new(None),
             local_http: RwLock::new(None),
             check_client: check_client(),
-        })
+            shared,
+            generation: watch::Sender::new(0),
+        });
+        if certificates.shared.is_some() {
+            tokio::spawn(fleet::watch_store(Arc::downgrade(&certificates)));
+        }
+        certificates
+    }
+
+    /// The shared store's state, when one is in use.
+    pub fn store_status(&self) -> Option<StoreStatus> {
+        self.shared.as_ref().map(|shared| shared.status())
     }
 
     /// Tells where the proxy's HTTP listener is, for path-only on-demand URLs.
@@ -138,9 +174,21 @@ impl Certificates {
         &self.settings
     }
 
-    /// The answer to an HTTP-01 challenge request path, if it is one.
-    pub fn challenge_answer(&self, path: &str) -> Option<String> {
-        self.challenges.answer(path)
+    /// The answer to an HTTP-01 challenge request path, if it is one: ours, or (with a shared
+    /// store) one another instance's order is waiting on.
+    pub async fn challenge_answer(&self, path: &str) -> Option<String> {
+        if let Some(answer) = self.challenges.answer(path) {
+            return Some(answer);
+        }
+        let token = path.strip_prefix(crate::CHALLENGE_PATH_PREFIX)?;
+        let valid_token = !token.is_empty()
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !valid_token {
+            return None;
+        }
+        self.shared.as_ref()?.challenge(token).await.ok().flatten()
     }
 
     /// Checks custom certificate files before a deploy accepts them.
@@ -221,6 +269,7 @@ impl Certificates {
                     source,
                     on_demand,
                     certificate,
+                    origin: None,
                     state: watch::Sender::new(state),
                     stop,
                 },
@@ -352,12 +401,19 @@ impl Certificates {
             issuer: entry.certificate.as_ref().map(|c| c.issuer.clone()),
             not_after: entry.certificate.as_ref().map(|c| c.not_after),
             state,
+            ordered_by: entry.origin.as_ref().map(|(by, _)| by.clone()),
+            ordered_at: entry.origin.as_ref().map(|(_, at)| *at),
         })
     }
 
     /// The per-host loop: obtain when missing or due, then sleep until due; back off on failure.
     async fn keep_certified(&self, host: &str, directory: &str, cache: &Path) {
         let store = CertStore::new(cache, directory);
+        if let Some(shared) = &self.shared {
+            return self
+                .keep_certified_in_fleet(shared, host, directory, &store)
+                .await;
+        }
         let mut retry_in = FIRST_RETRY;
         loop {
             let current = self
@@ -402,6 +458,16 @@ impl Certificates {
     }
 
     fn publish(&self, host: &str, outcome: Result<Arc<Certificate>, String>) {
+        self.publish_from(host, outcome, None)
+    }
+
+    /// Like `publish`, noting which instance ordered the certificate and when.
+    fn publish_from(
+        &self,
+        host: &str,
+        outcome: Result<Arc<Certificate>, String>,
+        origin: Option<(String, SystemTime)>,
+    ) {
         let mut hosts = self.write_hosts();
         let Some(entry) = hosts.get_mut(host) else {
             return;
@@ -409,6 +475,7 @@ impl Certificates {
         match outcome {
             Ok(certificate) => {
                 entry.certificate = Some(certificate);
+                entry.origin = origin;
                 entry.state.send_replace(HostState::Valid);
             }
             // A failed renewal keeps serving the certificate we still have.
@@ -477,11 +544,22 @@ impl Certificates {
                     self.challenges
                         .add(&challenge.token, key_authorization.as_str());
                     tokens.push(challenge.token.clone());
+                    if let Some(shared) = &self.shared {
+                        // The ACME server's request may reach any instance.
+                        shared
+                            .put_challenge(&challenge.token, key_authorization.as_str())
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
                 }
-                challenge
-                    .set_ready()
-                    .await
-                    .map_err(|e| format!("challenge: {}", describe(&e)))?;
+                // Already being validated: another instance of a shared store asked for it
+                // and died before the order finished; the answer is still being served.
+                if challenge.status != ChallengeStatus::Processing {
+                    challenge
+                        .set_ready()
+                        .await
+                        .map_err(|e| format!("challenge: {}", describe(&e)))?;
+                }
             }
             let retries = RetryPolicy::new().timeout(ORDER_TIMEOUT);
             match order
@@ -511,6 +589,9 @@ impl Certificates {
         .await;
         for token in tokens {
             self.challenges.remove(&token);
+            if let Some(shared) = &self.shared {
+                let _ = shared.remove_challenge(&token).await;
+            }
         }
         for host in alpn_hosts {
             self.challenges.remove_tls_alpn(&host);
@@ -537,7 +618,24 @@ impl Certificates {
             None => Account::builder(),
         };
         let url = crate::directory_url(directory).to_string();
-        let account = match store.load_account_key() {
+        let stored_key = match &self.shared {
+            Some(shared) => match shared.account_key(directory).await {
+                Ok(Some(der)) => Some(rustls::pki_types::PrivatePkcs8KeyDer::from(der)),
+                // Adopted from the local cache (kamal-proxy's, after a swap) and offered.
+                Ok(None) => match store.load_account_key() {
+                    Some(local) => Some(rustls::pki_types::PrivatePkcs8KeyDer::from(
+                        shared
+                            .offer_account_key(directory, local.secret_pkcs8_der())
+                            .await
+                            .map_err(|e| e.to_string())?,
+                    )),
+                    None => None,
+                },
+                Err(error) => return Err(error.to_string()),
+            },
+            None => store.load_account_key(),
+        };
+        let account = match stored_key {
             Some(pkcs8) => {
                 let key = Key::from_pkcs8_der(pkcs8.clone_key()).map_err(|e| describe(&e))?;
                 // Finds the account registered with this key, or registers one.
@@ -572,7 +670,33 @@ impl Certificates {
                     .save_account_key(credentials.private_key())
                     .map_err(|e| format!("cannot store account key: {e}"))?;
                 tracing::info!(directory, "ACME account created");
-                account
+                match &self.shared {
+                    Some(shared) => {
+                        let ours = credentials.private_key().secret_pkcs8_der().to_vec();
+                        let chosen = shared
+                            .offer_account_key(directory, &ours)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        if chosen == ours {
+                            account
+                        } else {
+                            // Another instance stored its account first: use that one.
+                            let pkcs8 = rustls::pki_types::PrivatePkcs8KeyDer::from(chosen);
+                            let key =
+                                Key::from_pkcs8_der(pkcs8.clone_key()).map_err(|e| describe(&e))?;
+                            builder()
+                                .map_err(|e| describe(&e))?
+                                .create_from_key(
+                                    (key, PrivateKeyDer::Pkcs8(pkcs8)),
+                                    crate::directory_url(directory).to_string(),
+                                )
+                                .await
+                                .map_err(|e| describe(&e))?
+                                .0
+                        }
+                    }
+                    None => account,
+                }
             }
         };
         accounts.insert(directory.to_string(), account.clone());

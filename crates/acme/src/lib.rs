@@ -9,16 +9,20 @@
 //! - [`CertStore`]: the on-disk cache in kamal-proxy's layout (one folder per ACME directory,
 //!   one file per host; owner-only files), so certificates survive a swap either way.
 //! - `challenge`: the HTTP-01 answers the HTTP listener serves.
+//! - [`SharedStore`]: the store several instances share (Redis): certificates with sealed
+//!   keys, the ACME account, challenge answers, order locks.
 
 mod certificate;
 mod certificates;
 mod challenge;
 mod key_pem;
+mod shared;
 mod store;
 
 pub use certificate::{Certificate, CertificateError};
 pub use certificates::{AcmeSettings, CertificateInfo, Certificates, OnDemand, TlsSource};
 pub use challenge::CHALLENGE_PATH_PREFIX;
+pub use shared::{SharedStore, StoreError, StoreKey, StoreSetupError, StoreStatus};
 pub use store::CertStore;
 
 pub const LETS_ENCRYPT_PRODUCTION: &str = "https://acme-v02.api.letsencrypt.org/directory";

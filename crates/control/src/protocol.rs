@@ -136,6 +136,25 @@ pub struct ServiceSummary {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusReport {
     pub routes: Vec<RouteStatus>,
+    /// The certificate store several instances share, when one is in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_store: Option<CertStoreStatus>,
+}
+
+/// The shared certificate store as this instance sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CertStoreStatus {
+    /// The store's URL, without its password.
+    pub location: String,
+    /// This instance's name in the store.
+    pub instance: String,
+    pub reachable: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Store operations that failed, since start.
+    pub errors: u64,
+    /// Times an order waited for another instance holding its lock, since start.
+    pub lock_waits: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -174,6 +193,11 @@ pub struct CertificateStatus {
     pub issuer: Option<String>,
     /// RFC 3339.
     pub expires: Option<String>,
+    /// With a shared store: the instance that ordered it, and when (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordered_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordered_at: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

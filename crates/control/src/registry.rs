@@ -23,8 +23,9 @@ use futures_util::future::join_all;
 
 use crate::progress::DeployTracker;
 use crate::protocol::{
-    CertificateStatus, DeployProgress, DeployRequest, RolloutDeployRequest, RolloutSetRequest,
-    RolloutStatus, RouteStatus, ServiceList, ServiceSummary, StatusReport, TargetStatus,
+    CertStoreStatus, CertificateStatus, DeployProgress, DeployRequest, RolloutDeployRequest,
+    RolloutSetRequest, RolloutStatus, RouteStatus, ServiceList, ServiceSummary, StatusReport,
+    TargetStatus,
 };
 use crate::state::{PersistedPause, ServiceState, State, StateError, StateFile, UnknownKeys};
 
@@ -55,6 +56,10 @@ pub trait TlsProvider: Send + Sync + 'static {
     /// Told after every change, with every service's settings.
     fn services_changed(&self, configs: &[&ServiceConfig]);
     fn certificate_status(&self, host: &str) -> Option<CertificateStatus>;
+    /// The shared certificate store, when one is in use.
+    fn store_status(&self) -> Option<CertStoreStatus> {
+        None
+    }
 }
 
 /// A service's saved rollout.
@@ -703,7 +708,8 @@ impl Registry {
             }
         }
         routes.sort_by(|a, b| (&a.host, &a.path).cmp(&(&b.host, &b.path)));
-        StatusReport { routes }
+        let cert_store = self.tls.as_ref().and_then(|tls| tls.store_status());
+        StatusReport { routes, cert_store }
     }
 
     fn set_pause(

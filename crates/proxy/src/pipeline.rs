@@ -90,7 +90,12 @@ impl<B> ClientRequestBody for B where
 /// Answers ACME HTTP-01 challenges on the plain HTTP listener.
 pub trait ChallengeResponder: Send + Sync + 'static {
     /// The key authorization for a `/.well-known/acme-challenge/<token>` path we expect.
-    fn answer(&self, path: &str) -> Option<String>;
+    /// Asynchronous because with a store shared by several proxies, the answer may be
+    /// another instance's, looked up in that store.
+    fn answer<'a>(
+        &'a self,
+        path: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Option<String>> + Send + 'a>>;
 }
 
 /// Everything a request needs to find its way. One shared allocation: cloning it for a
@@ -223,12 +228,11 @@ impl Proxy {
         let mut record = RequestRecord::begin(&request, conn.peer, conn.local_port, scheme);
 
         if !conn.tls && request.uri().path().starts_with(ACME_CHALLENGE_PREFIX) {
-            if let Some(answer) = self
-                .inner
-                .challenges
-                .as_ref()
-                .and_then(|c| c.answer(request.uri().path()))
-            {
+            let answer = match &self.inner.challenges {
+                Some(challenges) => challenges.answer(request.uri().path()).await,
+                None => None,
+            };
+            if let Some(answer) = answer {
                 record.status = 200;
                 record.resp_content_length = Some(answer.len() as u64);
                 record.emit();
