@@ -59,6 +59,7 @@ IDLE_PID=$!; PIDS+=($IDLE_PID)
 for _ in $(seq 600); do [ -f "$WORK/idle.ready" ] && break; sleep 0.1; done
 sleep 8
 RSS_IDLE=$(rss_kb $PID)
+UPSTREAM_CONNECTIONS=$(ss -Htn state established "( dport = :$UPSTREAM_PORT )" | wc -l)
 METRICS=$(curl -s "http://127.0.0.1:$METRICS_PORT/metrics")
 parked=$(echo "$METRICS" | awk '/^berth_parked_client_connections /{print $2}')
 open=$(echo "$METRICS" | awk '/^berth_client_connections /{print $2}')
@@ -67,3 +68,4 @@ echo "| 100 services, idle | $RSS_100 KiB |"
 echo "| $COUNT idle keep-alive connections, 8 s after their response | $RSS_IDLE KiB |"
 echo "| per idle keep-alive connection | $(( (RSS_IDLE - RSS_100) * 1024 / COUNT )) bytes |"
 echo "| connections open / parked | ${open:-?} / ${parked:-?} |"
+echo "| pooled connections to the upstream | $UPSTREAM_CONNECTIONS |"
