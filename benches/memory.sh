@@ -33,7 +33,7 @@ taskset -c 1 nginx -c "$WORK/upstream.conf" -e stderr & PIDS+=($!)
 export HOME=$WORK/home KAMAL_PROXY_SOCKET=$WORK/proxy.sock
 mkdir -p "$HOME"
 TOKIO_WORKER_THREADS=1 taskset -c 0 "$PROXY" run --bind 127.0.0.1 --http-port $MEMORY_PORT \
-  --https-port 18494 --metrics-port $METRICS_PORT > /dev/null 2>&1 & PIDS+=($!)
+  --https-port 18494 --metrics-port $METRICS_PORT > /dev/null 2>"${PROXY_STDERR:-/dev/null}" & PIDS+=($!)
 PID=$!
 for _ in $(seq 100); do [ -S "$KAMAL_PROXY_SOCKET" ] && break; sleep 0.05; done
 for i in $(seq 1 100); do
