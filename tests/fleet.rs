@@ -361,3 +361,54 @@ async fn hosts_named_by_tls_hosts_get_https_though_deployed_without_tls() {
         assert_eq!(web["tls"], true, "{status}");
     }
 }
+
+/// `rediss://` with a password: the store over TLS, verified against the CA the server's
+/// certificate chains to (here given with `SSL_CERT_FILE`, as for any system root).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_is_reached_over_tls_with_a_password() {
+    let redis = Redis::start_tls();
+    let http_port = free_port();
+    let pebble = Pebble::start(http_port);
+    let key = key_file(STORE_KEY);
+    let mut flags = store_flags(&redis, &pebble, key.path(), "tls-instance");
+    flags.push(format!("--http-port={http_port}"));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let ca = redis.ca_path().unwrap().display().to_string();
+    let proxy = ProxyProcess::start_with_env(&flags, &[("SSL_CERT_FILE", &ca)]);
+    let app = Upstream::start("app").await;
+    deploy_tls(&proxy, &app, HOST);
+    let root = pebble.issuing_root().await;
+    leaf_of(&proxy, HOST, &root).await;
+    let status = status_json(&proxy);
+    assert_eq!(status["cert_store"]["reachable"], true, "{status}");
+    assert!(
+        status["cert_store"]["location"]
+            .as_str()
+            .unwrap()
+            .starts_with("rediss://127.0.0.1"),
+        "{status}"
+    );
+    assert_eq!(
+        status["routes"][0]["certificate"]["ordered_by"], "tls-instance",
+        "the certificate went through the store: {status}"
+    );
+
+    // Without the CA, the same store is refused: a server that cannot be verified is not
+    // trusted with private keys, even sealed.
+    let other = key_file(STORE_KEY);
+    let mut flags = store_flags(&redis, &pebble, other.path(), "untrusting");
+    flags.push(format!("--http-port={}", free_port()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let untrusting = ProxyProcess::start_with(&flags);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = status_json(&untrusting);
+        if let Some(error) = status["cert_store"]["last_error"].as_str() {
+            assert!(error.contains("UnknownIssuer"), "{status}");
+            assert_eq!(status["cert_store"]["reachable"], false, "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -32,6 +32,8 @@ pub struct Redis {
     pub password: String,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Serving TLS only (`rediss://`), with a certificate from this CA (PEM file).
+    tls_ca: Option<PathBuf>,
 }
 
 impl Redis {
@@ -41,14 +43,57 @@ impl Redis {
             password: "fleet-secret".to_string(),
             dir: tempfile::tempdir().unwrap(),
             child: None,
+            tls_ca: None,
         };
         redis.start_again();
         redis
     }
 
+    /// A server that speaks TLS only, for `rediss://` URLs, with a certificate for
+    /// 127.0.0.1 from a CA made here.
+    pub fn start_tls() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "berth test Redis CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+        let mut redis = Self {
+            port: free_port(),
+            password: "fleet-secret".to_string(),
+            tls_ca: Some(dir.path().join("ca.pem")),
+            dir,
+            child: None,
+        };
+        redis.start_again();
+        redis
+    }
+
+    /// The CA that signs a TLS server's certificate.
+    pub fn ca_path(&self) -> Option<&std::path::Path> {
+        self.tls_ca.as_deref()
+    }
+
     /// The URL the proxies are given.
     pub fn url(&self) -> String {
-        format!("redis://:{}@127.0.0.1:{}/0", self.password, self.port)
+        let scheme = if self.tls_ca.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://:{}@127.0.0.1:{}/0", self.password, self.port)
     }
 
     /// Kills the server (SIGKILL: the store going away, not a clean shutdown).
@@ -62,8 +107,21 @@ impl Redis {
     /// Starts the server again on the same port and data.
     pub fn start_again(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("redis.log")).unwrap();
-        let child = Command::new(require("redis-server"))
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+        let mut command = Command::new(require("redis-server"));
+        match &self.tls_ca {
+            None => command.args(["--port", &self.port.to_string()]),
+            Some(ca) => {
+                let file = |name: &str| self.dir.path().join(name).display().to_string();
+                command
+                    .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                    .args(["--tls-cert-file", &file("cert.pem")])
+                    .args(["--tls-key-file", &file("key.pem")])
+                    .args(["--tls-ca-cert-file", &ca.display().to_string()])
+                    .args(["--tls-auth-clients", "no"])
+            }
+        };
+        let child = command
+            .args(["--bind", "127.0.0.1"])
             .args(["--requirepass", &self.password])
             .args(["--dir", self.dir.path().to_str().unwrap()])
             .args([

@@ -35,6 +35,8 @@ pub struct ProxyProcess {
     pub port: u16,
     pub https_port: u16,
     extra_args: Vec<String>,
+    /// Environment variables beyond the home's, kept for restarts.
+    extra_env: Vec<(String, String)>,
     log_path: PathBuf,
     /// The user the daemon runs as, when not the test's own.
     run_as: Option<u32>,
@@ -104,12 +106,34 @@ impl ProxyProcess {
         Self::start_in(home, 0, 0, extra_args, None)
     }
 
+    /// Like `start_with`, with extra environment variables too.
+    pub fn start_with_env(extra_args: &[&str], env: &[(&str, &str)]) -> Self {
+        let home = std::sync::Arc::new(tempfile::tempdir().expect("temp home"));
+        let extra_args = extra_args.iter().map(|a| a.to_string()).collect();
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::start_in_env(home, 0, 0, extra_args, None, env)
+    }
+
     fn start_in(
         home: std::sync::Arc<tempfile::TempDir>,
         port: u16,
         https_port: u16,
         extra_args: Vec<String>,
         run_as: Option<u32>,
+    ) -> Self {
+        Self::start_in_env(home, port, https_port, extra_args, run_as, Vec::new())
+    }
+
+    fn start_in_env(
+        home: std::sync::Arc<tempfile::TempDir>,
+        port: u16,
+        https_port: u16,
+        extra_args: Vec<String>,
+        run_as: Option<u32>,
+        extra_env: Vec<(String, String)>,
     ) -> Self {
         static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let start_number = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -140,6 +164,7 @@ impl ProxyProcess {
         let child = command
             .args(&args)
             .envs(env_for(home.path()))
+            .envs(extra_env.iter().cloned())
             .env_remove("HTTP_PORT")
             .env_remove("KAMAL_PROXY_HTTP_PORT")
             .stdout(log.try_clone().unwrap())
@@ -152,6 +177,7 @@ impl ProxyProcess {
             port,
             https_port,
             extra_args,
+            extra_env,
             log_path,
             run_as,
         };
@@ -278,12 +304,13 @@ impl ProxyProcess {
 
     /// Starts another daemon with this one's home, ports and user, and `extra_args`.
     fn start_another(&self, extra_args: Vec<String>) -> Self {
-        Self::start_in(
+        Self::start_in_env(
             self.home.clone(),
             self.port,
             self.https_port,
             extra_args,
             self.run_as,
+            self.extra_env.clone(),
         )
     }
 
