@@ -398,6 +398,8 @@ async fn the_store_is_reached_over_tls_with_a_password() {
     let other = key_file(STORE_KEY);
     let mut flags = store_flags(&redis, &pebble, other.path(), "untrusting");
     flags.push(format!("--http-port={}", free_port()));
+    let metrics_port = free_port();
+    flags.push(format!("--metrics-port={metrics_port}"));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let untrusting = ProxyProcess::start_with(&flags);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -411,4 +413,23 @@ async fn the_store_is_reached_over_tls_with_a_password() {
         assert!(Instant::now() < deadline, "{status}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The same, as metrics.
+    let metrics_address = std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port));
+    let metrics = common::get(metrics_address, "127.0.0.1", "/metrics")
+        .await
+        .body;
+    assert!(
+        metrics.contains("berth_cert_store_reachable 0"),
+        "{metrics}"
+    );
+    let errors: u64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("berth_cert_store_errors_total "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(errors > 0, "{metrics}");
+    assert!(
+        metrics.contains("berth_cert_store_lock_waits_total 0"),
+        "{metrics}"
+    );
 }
