@@ -11,6 +11,9 @@
 #
 #   benches/run.sh                          # 3 rounds of 5 s runs
 #   ROUNDS=5 DURATION=10s benches/run.sh    # longer, steadier
+#   KAMAL_PROXY_BIN=../shared/peers/kamal-proxy benches/run.sh   # kamal-proxy alongside
+#
+# The HTTP/2 and HTTP/1.1-over-TLS rows use h2load (apt-get install nghttp2-client).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,9 +25,11 @@ NGINX_TLS_PORT=18085
 # The proxy under test gets CPU 0 and one worker; wrk and the upstream share CPU 1.
 SUT_CPU=0 LOAD_CPU=1
 
-for tool in wrk nginx taskset python3 openssl; do
-  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install wrk nginx-light openssl" >&2; exit 1; }
+for tool in wrk nginx taskset python3 openssl h2load curl; do
+  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install wrk nginx-light openssl nghttp2-client curl" >&2; exit 1; }
 done
+KAMAL_PROXY_BIN=${KAMAL_PROXY_BIN:-}
+KP_PORT=18086 KP_TLS_PORT=18446
 cargo build --release -q
 PROXY=$PWD/target/release/proxy
 
@@ -65,6 +70,10 @@ http {
     listen 127.0.0.1:$NGINX_PROXY_PORT;
     listen 127.0.0.1:$NGINX_TLS_PORT ssl;
     ssl_certificate $WORK/tls-cert.pem; ssl_certificate_key $WORK/tls-key.pem;
+    # nginx's default from 1.23.4 on, as production nginx speaks it. Debian 12's 1.22 defaults
+    # to TLS 1.2 at most, whose resumption skips the key exchange that TLS 1.3's still does:
+    # with it, nginx's new-connection figures were for a cheaper handshake than Berth's.
+    ssl_protocols TLSv1.2 TLSv1.3;
     client_max_body_size 10m;
     location / {
       proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
@@ -80,8 +89,9 @@ NGINX_MASTER=$!
 # --- Berth ----------------------------------------------------------------------------------
 export HOME=$WORK/home KAMAL_PROXY_SOCKET=$WORK/proxy.sock
 mkdir -p "$HOME"
+BERTH_METRICS_PORT=18087
 TOKIO_WORKER_THREADS=1 taskset -c $SUT_CPU "$PROXY" run --bind 127.0.0.1 --http-port $BERTH_PORT \
-  --https-port $BERTH_TLS_PORT > /dev/null 2>&1 & PIDS+=($!)
+  --https-port $BERTH_TLS_PORT --metrics-port $BERTH_METRICS_PORT > /dev/null 2>&1 & PIDS+=($!)
 BERTH_PID=$!
 for _ in $(seq 100); do [ -S "$KAMAL_PROXY_SOCKET" ] && break; sleep 0.05; done
 until curl -sf "http://127.0.0.1:$UPSTREAM_PORT/up" >/dev/null; do sleep 0.05; done
@@ -93,6 +103,25 @@ rss_kb() { awk '/VmRSS/ { print $2 }' "/proc/$1/status"; }
 "$PROXY" deploy tls --target 127.0.0.1:$UPSTREAM_PORT --host tls.bench --health-check-interval=100ms \
   --tls --tls-redirect=false --tls-certificate-path "$WORK/tls-cert.pem" \
   --tls-private-key-path "$WORK/tls-key.pem" --buffer-requests --buffer-responses
+
+# --- kamal-proxy, when given: the same services, one core, GOMAXPROCS=1 -------------------
+KP_PID=""
+if [ -n "$KAMAL_PROXY_BIN" ]; then
+  KP_HOME=$WORK/home-kamal-proxy
+  mkdir -p "$KP_HOME"
+  kp() { HOME=$KP_HOME KAMAL_PROXY_SOCKET=$KP_HOME/kamal-proxy.sock "$KAMAL_PROXY_BIN" "$@"; }
+  GOMAXPROCS=1 HOME=$KP_HOME KAMAL_PROXY_SOCKET=$KP_HOME/kamal-proxy.sock taskset -c $SUT_CPU \
+    "$KAMAL_PROXY_BIN" run --http-port $KP_PORT --https-port $KP_TLS_PORT > "$WORK/kamal-proxy.log" 2>&1 & PIDS+=($!)
+  KP_PID=$!
+  for _ in $(seq 200); do kp list >/dev/null 2>&1 && break; sleep 0.05; done
+  kp list >/dev/null 2>&1 || { echo "kamal-proxy did not start:" >&2; cat "$WORK/kamal-proxy.log" >&2; exit 1; }
+  kp deploy plain --target 127.0.0.1:$UPSTREAM_PORT --host plain.bench --health-check-interval=100ms >/dev/null
+  kp deploy buffered --target 127.0.0.1:$UPSTREAM_PORT --host buffered.bench --health-check-interval=100ms \
+    --buffer-requests --buffer-responses >/dev/null
+  kp deploy tls --target 127.0.0.1:$UPSTREAM_PORT --host tls.bench --health-check-interval=100ms \
+    --tls --tls-redirect=false --tls-certificate-path "$WORK/tls-cert.pem" \
+    --tls-private-key-path "$WORK/tls-key.pem" --buffer-requests --buffer-responses >/dev/null
+fi
 
 cat > "$WORK/post.lua" <<'LUA'
 wrk.method = "POST"
@@ -140,18 +169,22 @@ PY
 
 report() {
   local title=$1 path=$2 script=${3:-}
-  local direct="" plain="" buffered="" nginx=""
+  local direct="" plain="" buffered="" kamal="" nginx=""
   for _ in $(seq "$ROUNDS"); do
     direct+="$(run direct $UPSTREAM_PORT up.bench "$path" "$script");"
     plain+="$(run berth $BERTH_PORT plain.bench "$path" "$script" http "" $BERTH_PID);"
     buffered+="$(run berth-buffered $BERTH_PORT buffered.bench "$path" "$script" http "" $BERTH_PID);"
+    [ -n "$KP_PID" ] && kamal+="$(run kamal-proxy $KP_PORT buffered.bench "$path" "$script" http "" $KP_PID);"
     nginx+="$(run nginx $NGINX_PROXY_PORT up.bench "$path" "$script" http "" $NGINX_PID);"
   done
-  table "$title" "direct to upstream|$direct" "berth (unbuffered)|$plain" \
-    "berth (buffered, Kamal's default)|$buffered" "nginx|$nginx"
+  local rows=("direct to upstream|$direct" "berth (unbuffered)|$plain" "berth (buffered, Kamal's default)|$buffered")
+  [ -n "$KP_PID" ] && rows+=("kamal-proxy (buffered)|$kamal")
+  table "$title" "${rows[@]}" "nginx|$nginx"
 }
 
-# report_tls TITLE PATH [HEADER]: Berth (Kamal's buffering) and nginx over HTTPS.
+# report_tls TITLE PATH [HEADER]: Berth (Kamal's buffering) and nginx over HTTPS, with wrk.
+# Not kamal-proxy: wrk sends the URL's IP address as the server name, which kamal-proxy
+# refuses (Berth, like rustls, ignores an IP address there); the h2load rows name the host.
 report_tls() {
   local title=$1 path=$2 header=${3:-}
   local berth="" nginx=""
@@ -160,6 +193,60 @@ report_tls() {
     nginx+="$(run nginx-tls $NGINX_TLS_PORT tls.bench "$path" "" https "$header" $NGINX_PID);"
   done
   table "$title" "berth (buffered, Kamal's default)|$berth" "nginx|$nginx"
+}
+
+# run_h2load NAME PORT PATH PROTOCOL PID -> "rps p50_ms p99_ms cpu_us_per_request", from
+# h2load over TLS: PROTOCOL h2 (8 connections x 16 streams) or http/1.1 (32 connections).
+# Percentiles come from h2load's per-request log. The URL names tls.bench (the server name
+# sent) and --connect-to the proxy's address.
+run_h2load() {
+  local port=$2 path=$3 protocol=$4 pid=$5
+  local args=(-c8 -m16)
+  [ "$protocol" = "http/1.1" ] && args=(-c32 -m1 --h1)
+  local seconds=${DURATION%s}
+  args+=(--connect-to="127.0.0.1:$port")
+  taskset -c $LOAD_CPU h2load "${args[@]}" -D 2 "https://tls.bench:$port$path" > /dev/null 2>&1
+  local before
+  before=$(cpu_ticks "$pid")
+  taskset -c $LOAD_CPU h2load "${args[@]}" -D "$seconds" \
+    --log-file="$WORK/h2load.log" "https://tls.bench:$port$path" > "$WORK/h2load.out" 2>&1
+  local ticks=$(( $(cpu_ticks "$pid") - before ))
+  python3 - "$WORK/h2load.out" "$WORK/h2load.log" "$ticks" "$(getconf CLK_TCK)" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+ticks, hz = float(sys.argv[3]), float(sys.argv[4])
+rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", text)
+done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", text)
+status = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
+if not done or int(done.group(3)) or int(done.group(4)) or (status and (int(status.group(3)) or int(status.group(4)))):
+    print("errors in h2load run:", done.group(0) if done else text[-300:], status.group(0) if status else "", file=sys.stderr)
+times = sorted(int(line.split()[2]) for line in open(sys.argv[2]) if line.strip())
+def pct(p):
+    return times[min(len(times) - 1, int(len(times) * p))] / 1000 if times else float("nan")
+count = int(done.group(1)) if done else 0
+cpu = ticks / hz * 1e6 / count if count else float("nan")
+print(rps.group(1) if rps else "nan", pct(0.50), pct(0.99), cpu)
+PY
+}
+
+# report_h2load TITLE PATH PROTOCOL: the same path through each proxy with h2load.
+report_h2load() {
+  local title=$1 path=$2 protocol=$3
+  local berth="" kamal="" nginx=""
+  for _ in $(seq "$ROUNDS"); do
+    berth+="$(run_h2load berth $BERTH_TLS_PORT "$path" "$protocol" $BERTH_PID);"
+    [ -n "$KP_PID" ] && kamal+="$(run_h2load kamal-proxy $KP_TLS_PORT "$path" "$protocol" $KP_PID);"
+    nginx+="$(run_h2load nginx $NGINX_TLS_PORT "$path" "$protocol" $NGINX_PID);"
+  done
+  local rows=("berth (buffered, Kamal's default)|$berth")
+  [ -n "$KP_PID" ] && rows+=("kamal-proxy (buffered)|$kamal")
+  table "$title" "${rows[@]}" "nginx|$nginx"
+}
+
+# Berth's TLS handshakes so far, full and resumed: tells whether a row's clients resumed.
+handshakes() {
+  curl -s "http://127.0.0.1:$BERTH_METRICS_PORT/metrics" |
+    awk '/^berth_tls_handshakes_total\{kind="full"\}/ { full = $2 } /^berth_tls_handshakes_total\{kind="resumed"\}/ { resumed = $2 } END { printf "%d %d", full, resumed }'
 }
 
 # table TITLE "NAME|RUNS"...: the median of each figure over the rounds, and the ratios to
@@ -189,7 +276,13 @@ report "GET, 1 KB response" /1k
 report "GET, 100 KB response" /100k
 report "POST, 100 KB body" /post "$WORK/post.lua"
 report_tls "HTTPS (HTTP/1.1 keep-alive), GET, 1 KB response" /1k
+report_h2load "HTTPS, HTTP/2 (h2load, 8 connections x 16 streams), GET, 1 KB" /1k h2
+report_h2load "HTTPS, HTTP/1.1 (h2load, 32 connections), GET, 1 KB" /1k http/1.1
+read -r FULL_BEFORE RESUMED_BEFORE <<< "$(handshakes)"
 report_tls "HTTPS, a new TLS connection per request (Connection: close; wrk resumes sessions), GET, 1 KB" /1k "Connection: close"
+read -r FULL_AFTER RESUMED_AFTER <<< "$(handshakes)"
+echo
+echo "Berth's handshakes during the new-connection row: $((FULL_AFTER - FULL_BEFORE)) full, $((RESUMED_AFTER - RESUMED_BEFORE)) resumed (\`berth_tls_handshakes_total\`): the row measures resumed handshakes."
 
 # --- memory ---------------------------------------------------------------------------------
 # A fresh process, so what the allocator kept from the load runs above is not counted.
