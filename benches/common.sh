@@ -15,3 +15,24 @@ mkdir -p "$WORK/www"
 head -c 1024 /dev/zero | tr '\0' 'a' > "$WORK/www/1k"
 head -c 102400 /dev/zero | tr '\0' 'b' > "$WORK/www/100k"
 echo ok > "$WORK/www/up"
+
+# idle_clients PORT COUNT HOST READY_FILE: opens COUNT keep-alive connections to PORT, sends
+# one GET /up for HOST on each, reads the responses, touches READY_FILE, then holds them all
+# open (idle) for 10 minutes or until killed. Run it in the background: `exec` makes $! the
+# client itself, so killing $! closes the connections.
+idle_clients() {
+  exec python3 - "$@" <<'PY'
+import socket, sys, time, resource
+port, count, host, ready = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+resource.setrlimit(resource.RLIMIT_NOFILE, (count + 100, count + 100))
+conns = []
+for i in range(count):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"GET /up HTTP/1.1\r\nHost: " + host.encode() + b"\r\n\r\n")
+    conns.append(s)
+for s in conns:
+    s.recv(4096)
+open(ready, "w").close()
+time.sleep(600)
+PY
+}

@@ -41,20 +41,7 @@ for i in $(seq 1 100); do
 done
 sleep 3
 RSS_100=$(rss_kb $PID)
-python3 - $MEMORY_PORT "$COUNT" "$WORK/idle.ready" <<'PY' &
-import socket, sys, time, resource
-port, count, ready = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-resource.setrlimit(resource.RLIMIT_NOFILE, (count + 100, count + 100))
-conns = []
-for i in range(count):
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(b"GET /up HTTP/1.1\r\nHost: svc1.bench\r\n\r\n")
-    conns.append(s)
-for s in conns:
-    s.recv(4096)
-open(ready, "w").close()
-time.sleep(600)
-PY
+idle_clients $MEMORY_PORT "$COUNT" svc1.bench "$WORK/idle.ready" &
 IDLE_PID=$!; PIDS+=($IDLE_PID)
 for _ in $(seq 600); do [ -f "$WORK/idle.ready" ] && break; sleep 0.1; done
 sleep 8

@@ -39,6 +39,14 @@ impl TlsBridge {
         self
     }
 
+    /// The host whose certificate a client that sends no server name gets.
+    fn default_host(&self) -> Option<String> {
+        self.default_host
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Whether `config` is for a host named by `--tls-hosts` and takes TLS settings (a root
     /// path service: path services follow their root's).
     fn wants_automatic_tls(&self, config: &ServiceConfig) -> bool {
@@ -57,18 +65,13 @@ impl CertificateSource for TlsBridge {
 
     fn certificate_ready(&self, server_name: &str) -> Option<Arc<CertifiedKey>> {
         if server_name.is_empty() {
-            let default = self
-                .default_host
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()?;
-            return self.certificates.certificate_ready(&default);
+            return self.certificates.certificate_ready(&self.default_host()?);
         }
         self.certificates
             .certificate_ready(server_name)
             .or_else(|| {
-                let (_, domain) = server_name.split_once('.')?;
-                self.certificates.certificate_ready(&format!("*.{domain}"))
+                self.certificates
+                    .certificate_ready(&wildcard_for(server_name)?)
             })
     }
 
@@ -78,20 +81,16 @@ impl CertificateSource for TlsBridge {
     ) -> Pin<Box<dyn Future<Output = Option<Arc<CertifiedKey>>> + Send + 'a>> {
         Box::pin(async move {
             if server_name.is_empty() {
-                let default = self
-                    .default_host
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone()?;
-                return self.certificates.certificate_for(&default).await;
+                return self
+                    .certificates
+                    .certificate_for(&self.default_host()?)
+                    .await;
             }
             if let Some(found) = self.certificates.certificate_for(server_name).await {
                 return Some(found);
             }
-            // A custom wildcard certificate covers one label below its domain.
-            let (_, domain) = server_name.split_once('.')?;
             self.certificates
-                .certificate_for(&format!("*.{domain}"))
+                .certificate_for(&wildcard_for(server_name)?)
                 .await
         })
     }
@@ -204,4 +203,11 @@ impl TlsProvider for TlsBridge {
             lock_waits: status.lock_waits,
         })
     }
+}
+
+/// The custom wildcard certificate's name that would cover `server_name` (one label below
+/// its domain).
+fn wildcard_for(server_name: &str) -> Option<String> {
+    let (_, domain) = server_name.split_once('.')?;
+    Some(format!("*.{domain}"))
 }

@@ -2,16 +2,21 @@
 
 use rustls::pki_types::CertificateDer;
 
-/// A certificate for `host` from a throwaway CA, 3 hours long with 1 hour left.
-pub fn short_lived_certificate(host: &str) -> (String, String, CertificateDer<'static>) {
+/// A throwaway CA named `name`: its certificate, and the issuer that signs with it.
+pub fn test_ca(name: &str) -> (rcgen::Certificate, rcgen::Issuer<'static, rcgen::KeyPair>) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     ca_params
         .distinguished_name
-        .push(rcgen::DnType::CommonName, "berth test short-lived CA");
+        .push(rcgen::DnType::CommonName, name);
     let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    (ca, rcgen::Issuer::new(ca_params, ca_key))
+}
+
+/// A certificate for `host` from a throwaway CA, 3 hours long with 1 hour left.
+pub fn short_lived_certificate(host: &str) -> (String, String, CertificateDer<'static>) {
+    let (ca, issuer) = test_ca("berth test short-lived CA");
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::new(vec![host.to_string()]).unwrap();
     let now = time::OffsetDateTime::now_utc();

@@ -71,14 +71,7 @@ impl Pebble {
         let dns_bin = require("pebble-challtestsrv");
         let dir = tempfile::tempdir().unwrap();
 
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "berth test API CA");
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let (ca, issuer) = super::certs::test_ca("berth test API CA");
         let server_key = rcgen::KeyPair::generate().unwrap();
         let mut server_params =
             rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();

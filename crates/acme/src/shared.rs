@@ -227,19 +227,28 @@ impl SharedStore {
         self.lock_waits.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Runs one command, connecting first if need be; notes whether the store answered.
-    async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Result<T, StoreError> {
+    /// Runs one operation on the connection (made first if need be), bounded in time; notes
+    /// whether the store answered.
+    async fn with_connection<T, F, Fut>(&self, operation: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(redis::aio::ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
         let outcome = tokio::time::timeout(OPERATION_TIMEOUT, async {
-            let mut connection = self.connection().await?;
-            command
-                .query_async::<T>(&mut connection)
-                .await
-                .map_err(|e| e.to_string())
+            let connection = self.connection().await?;
+            operation(connection).await.map_err(|e| e.to_string())
         })
         .await
         .unwrap_or_else(|_| Err("timed out".to_string()));
-        self.note(outcome.as_ref().err())?;
+        self.note(outcome.as_ref().err());
         outcome.map_err(StoreError::Unreachable)
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Result<T, StoreError> {
+        self.with_connection(|mut connection| async move {
+            command.query_async::<T>(&mut connection).await
+        })
+        .await
     }
 
     async fn invoke<T: redis::FromRedisValue>(
@@ -248,24 +257,17 @@ impl SharedStore {
         keys: &[&str],
         args: &[&str],
     ) -> Result<T, StoreError> {
-        let outcome = tokio::time::timeout(OPERATION_TIMEOUT, async {
-            let mut connection = self.connection().await?;
-            let mut invocation = script.prepare_invoke();
-            for key in keys {
-                invocation.key(*key);
-            }
-            for arg in args {
-                invocation.arg(*arg);
-            }
-            invocation
-                .invoke_async::<T>(&mut connection)
-                .await
-                .map_err(|e| e.to_string())
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(*key);
+        }
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        self.with_connection(|mut connection| async move {
+            invocation.invoke_async::<T>(&mut connection).await
         })
         .await
-        .unwrap_or_else(|_| Err("timed out".to_string()));
-        self.note(outcome.as_ref().err())?;
-        outcome.map_err(StoreError::Unreachable)
     }
 
     async fn connection(&self) -> Result<redis::aio::ConnectionManager, String> {
@@ -286,7 +288,7 @@ impl SharedStore {
     }
 
     /// Records the outcome of an operation; logs a change between reachable and not loudly.
-    fn note(&self, error: Option<&String>) -> Result<(), StoreError> {
+    fn note(&self, error: Option<&String>) {
         match error {
             None => {
                 if !self.reachable.swap(true, Ordering::Relaxed) {
@@ -301,7 +303,6 @@ impl SharedStore {
                 }
             }
         }
-        Ok(())
     }
 
     /// Checks the store key against the store (once it has passed, without asking again),
@@ -413,17 +414,10 @@ impl SharedStore {
             .cmd("INCR")
             .arg(format!("{PREFIX}generation"))
             .ignore();
-        let outcome = tokio::time::timeout(OPERATION_TIMEOUT, async {
-            let mut connection = self.connection().await?;
-            pipeline
-                .query_async::<()>(&mut connection)
-                .await
-                .map_err(|e| e.to_string())
+        self.with_connection(|mut connection| async move {
+            pipeline.query_async::<()>(&mut connection).await
         })
-        .await
-        .unwrap_or_else(|_| Err("timed out".to_string()));
-        self.note(outcome.as_ref().err())?;
-        outcome.map_err(StoreError::Unreachable)?;
+        .await?;
         Ok(now)
     }
 
