@@ -325,26 +325,36 @@ impl SharedStore {
 
     async fn check_key_now(&self) -> Result<(), StoreError> {
         let name = format!("{PREFIX}keycheck");
-        let sealed = self.key.seal(&name, KEYCHECK_PLAINTEXT);
+        match self.put_sealed_if_absent(&name, KEYCHECK_PLAINTEXT).await {
+            Ok(None) => Ok(()),
+            Ok(Some(plain)) if plain == KEYCHECK_PLAINTEXT => Ok(()),
+            Ok(Some(_)) | Err(StoreError::WrongKey { .. }) => Err(StoreError::WrongKey {
+                what: "the key check value".into(),
+            }),
+            Err(other) => Err(other),
+        }
+    }
+
+    /// Stores `plaintext` sealed under `name` unless a value is there already (one `SET NX
+    /// GET`, so two instances cannot both win); returns that earlier value, opened.
+    async fn put_sealed_if_absent(
+        &self,
+        name: &str,
+        plaintext: &[u8],
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let sealed = self.key.seal(name, plaintext);
         let existing: Option<String> = self
             .query(
                 redis::cmd("SET")
-                    .arg(&name)
+                    .arg(name)
                     .arg(&sealed)
                     .arg("NX")
                     .arg("GET"),
             )
             .await?;
-        match existing {
-            None => Ok(()),
-            Some(existing) => match self.key.open(&name, &existing) {
-                Ok(plain) if plain == KEYCHECK_PLAINTEXT => Ok(()),
-                Ok(_) | Err(StoreError::WrongKey { .. }) => Err(StoreError::WrongKey {
-                    what: "the key check value".into(),
-                }),
-                Err(other) => Err(other),
-            },
-        }
+        existing
+            .map(|existing| self.key.open(name, &existing))
+            .transpose()
     }
 
     /// The certificate for `host` under ACME `directory`, if the store has one.
@@ -455,21 +465,10 @@ impl SharedStore {
         directory: &str,
         key: &[u8],
     ) -> Result<Vec<u8>, StoreError> {
-        let name = account_key_name(directory);
-        let sealed = self.key.seal(&name, key);
-        let existing: Option<String> = self
-            .query(
-                redis::cmd("SET")
-                    .arg(&name)
-                    .arg(&sealed)
-                    .arg("NX")
-                    .arg("GET"),
-            )
+        let existing = self
+            .put_sealed_if_absent(&account_key_name(directory), key)
             .await?;
-        match existing {
-            None => Ok(key.to_vec()),
-            Some(existing) => self.key.open(&name, &existing),
-        }
+        Ok(existing.unwrap_or_else(|| key.to_vec()))
     }
 
     /// Publishes an HTTP-01 answer for any instance to serve.
