@@ -317,7 +317,27 @@ async fn fifty_handovers_in_a_row_under_load_fail_no_request() {
         let LoadResult {
             served, failures, ..
         } = load.finish().await;
-        assert!(failures.is_empty(), "{kind}: {failures:?}");
+        assert!(
+            failures.is_empty(),
+            "{kind}: {failures:?}\nconnections the drain deadline closed:\n{}",
+            deadline_closes(current.home())
+        );
         assert_no_failures(served, &failures);
     }
+}
+
+/// The "Drain time is up" lines of every process that ran in `home`: which connections each
+/// old process still had when its drain time ran out.
+fn deadline_closes(home: &std::path::Path) -> String {
+    let mut lines = String::new();
+    for entry in std::fs::read_dir(home).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("proxy-") && name.ends_with(".log") {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            for line in text.lines().filter(|l| l.contains("Drain time is up")) {
+                lines.push_str(&format!("{name}: {line}\n"));
+            }
+        }
+    }
+    lines
 }

@@ -414,6 +414,14 @@ where
                 closing = true;
             }
             Event::DrainDeadline if !closing => {
+                // A client still here when the drain time is up was told nothing it could
+                // act on; logged so that a request cut here can be told apart.
+                tracing::info!(
+                    peer = %info.peer,
+                    request_in_flight = !activity.is_idle(),
+                    requests = activity.requests(),
+                    "Drain time is up; closing a client connection"
+                );
                 Pin::new(&mut connection).graceful_shutdown();
                 closing = true;
             }
