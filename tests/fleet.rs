@@ -250,9 +250,13 @@ async fn an_order_whose_holder_dies_is_finished_by_another_instance_once() {
     );
     let app = Upstream::start("app").await;
     deploy_tls(&fleet.proxies[0], &app, HOST);
+    // Killed once it holds the lock and has placed its order (its challenge answer is
+    // published), while pebble is still validating.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while fleet.redis.keys("berth:lock:*").is_empty() {
-        assert!(Instant::now() < deadline, "no order lock taken");
+    while fleet.redis.keys("berth:lock:*").is_empty()
+        || fleet.redis.keys("berth:challenge:*").is_empty()
+    {
+        assert!(Instant::now() < deadline, "no order under way");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     fleet.proxies[0].kill();
