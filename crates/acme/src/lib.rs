@@ -38,6 +38,17 @@ pub fn directory_key(url: &str) -> &str {
     }
 }
 
+/// The hex SHA-256 of a directory key: what names its certificate folder (as autocert names
+/// it) and its entries in a shared store.
+pub(crate) fn directory_hash(key: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    digest
+        .as_ref()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
 /// The directory URL a stored `acme_directory` stands for.
 pub fn directory_url(key: &str) -> &str {
     if key.is_empty() {

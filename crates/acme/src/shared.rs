@@ -556,12 +556,12 @@ impl SharedStore {
     }
 }
 
+/// A short name for an ACME directory in keys: the start of its hash, as the cache's folder
+/// is named.
 fn directory_id(directory: &str) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, directory.as_bytes());
-    digest.as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    let mut hash = crate::directory_hash(directory);
+    hash.truncate(16);
+    hash
 }
 
 fn certificate_key(directory: &str, host: &str) -> String {

@@ -39,12 +39,7 @@ impl CertStore {
     /// The store for certificates from the ACME directory `directory_key` (`""` = Let's
     /// Encrypt production), under `cache`.
     pub fn new(cache: &Path, directory_key: &str) -> Self {
-        let digest = ring::digest::digest(&ring::digest::SHA256, directory_key.as_bytes());
-        let hash: String = digest
-            .as_ref()
-            .iter()
-            .map(|byte| format!("{byte:02x}"))
-            .collect();
+        let hash = crate::directory_hash(directory_key);
         let legacy_name: String = crate::directory_url(directory_key)
             .trim_start_matches("https://")
             .trim_start_matches("http://")

@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
+use http::{HeaderValue, Request, Response};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -114,7 +114,9 @@ pub async fn serve(endpoint: quinn::Endpoint, proxy: Proxy) {
 /// One QUIC connection: its handshake, then its requests, each on its own task.
 async fn serve_connection(incoming: quinn::Incoming, proxy: Proxy, local_port: u16) {
     let drain = proxy.drain().clone();
-    let peer = canonical(incoming.remote_address());
+    // IPv4 clients on a dual-stack socket appear as `::ffff:a.b.c.d`; shown plain, as for TCP.
+    let remote = incoming.remote_address();
+    let peer = SocketAddr::new(remote.ip().to_canonical(), remote.port());
     let connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
         Ok(Ok(connection)) => connection,
         Ok(Err(error)) => {
@@ -204,7 +206,9 @@ async fn send_response(
     response: Response<crate::body::ProxyBody>,
 ) -> Result<(), BoxError> {
     let (mut parts, mut body) = response.into_parts();
-    remove_connection_headers(&mut parts.headers);
+    // HTTP/3 has no connection-level headers (RFC 9114 §4.2): one would make the response
+    // malformed to the client.
+    crate::headers::remove_hop_by_hop(&mut parts.headers, false);
     send.send_response(Response::from_parts(parts, ())).await?;
     while let Some(frame) = body.frame().await {
         let frame = match frame {
@@ -230,20 +234,6 @@ async fn send_response(
     }
     send.finish().await?;
     Ok(())
-}
-
-/// HTTP/3 has no connection-level headers (RFC 9114 §4.2); a response carrying one is
-/// malformed to the client.
-fn remove_connection_headers(headers: &mut HeaderMap) {
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-    ] {
-        headers.remove(name);
-    }
 }
 
 /// The request body, read from the QUIC stream as the pipeline asks for it.
@@ -342,17 +332,5 @@ impl ResolvesServerCert for ReadyCertificates {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         self.0
             .certificate_ready(hello.server_name().unwrap_or_default())
-    }
-}
-
-/// IPv4 clients on a dual-stack socket appear as `::ffff:a.b.c.d`; logs and headers show
-/// them as plain IPv4, as for TCP.
-fn canonical(address: SocketAddr) -> SocketAddr {
-    match address {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => address,
-        },
-        v4 => v4,
     }
 }
