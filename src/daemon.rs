@@ -427,48 +427,18 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     certificates
         .certificates
         .set_local_http(reachable(http_address));
-    // HTTP/3: the old process's socket (read once it lets go), or one bound now.
-    let http3_socket = match (
+    let http3 = Http3Socket::open(
         options.http3,
         taken_over.as_mut().and_then(|t| t.http3.take()),
-    ) {
-        (false, _) => None,
-        (true, Some(socket)) => Some((socket, true)),
-        (true, None) => {
-            let address = SocketAddr::new(https_address.ip(), https_address.port());
-            let socket = listener::bind_udp(address)
-                .with_context(|| format!("cannot listen for HTTP/3 on udp {address}"))?;
-            Some((socket, false))
-        }
-    };
-    let mut http3_handoff = None;
-    let mut http3_released = None;
-    let http3_start = match &http3_socket {
-        Some((socket, from_old_process)) => {
-            let (socket_tx, socket_rx) = tokio::sync::oneshot::channel();
-            let (released_tx, released_rx) = tokio::sync::oneshot::channel();
-            http3_handoff = Some((socket_tx, socket.try_clone()?, *from_old_process));
-            http3_released = Some(released_rx);
-            Some(Http3Start {
-                socket: socket_rx,
-                released: released_tx,
-            })
-        }
-        None => None,
-    };
+        https_address,
+    )?;
+    let (http3, http3_start) = http3.unzip();
     let listeners = handover::Listeners {
         http: http.as_fd().try_clone_to_owned()?,
         https: https.as_fd().try_clone_to_owned()?,
-        http3: match &http3_socket {
-            Some((socket, _)) => Some(socket.as_fd().try_clone_to_owned()?),
-            None => None,
-        },
+        http3: http3.as_ref().map(Http3Socket::handover_fd).transpose()?,
     };
-    let http3_address = match &http3_socket {
-        Some((socket, _)) => Some(socket.local_addr()?),
-        None => None,
-    };
-    drop(http3_socket);
+    let http3_address = http3.as_ref().map(|http3| http3.address);
     let control = if taken_over.is_some() {
         berth_control::api::bind_replacing(&socket_path).await
     } else {
@@ -545,21 +515,12 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             None
         }
     };
-    if let Some((socket_tx, socket, from_old_process)) = http3_handoff {
-        match old_process.filter(|_| from_old_process) {
-            Some(old_process) => {
-                let limit = options.upgrade_drain_timeout + HTTP3_RELEASE_SLACK;
-                std::thread::spawn(move || {
-                    old_process.released(limit);
-                    tracing::info!("The old process let go of the HTTP/3 socket");
-                    let _ = socket_tx.send(socket);
-                });
-            }
-            None => {
-                let _ = socket_tx.send(socket);
-            }
-        }
-    }
+    let http3_released = http3.map(|http3| {
+        http3.start_reading(
+            old_process,
+            options.upgrade_drain_timeout + HTTP3_RELEASE_SLACK,
+        )
+    });
 
     let (handed_over_tx, mut handed_over) = tokio::sync::mpsc::channel::<handover::NewProcess>(1);
     // A plain thread, not `spawn_blocking`: it blocks in accept for the life of the process,
@@ -617,6 +578,86 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(1), api).await;
     tracing::info!(finished_in_time = finished, "Stopped");
     Ok(())
+}
+
+/// The HTTP/3 socket in this process: bound here, or taken over from the old process, which
+/// may still be reading it.
+struct Http3Socket {
+    socket: std::net::UdpSocket,
+    address: SocketAddr,
+    from_old_process: bool,
+    /// The workers' end of [`Http3Start`]: given the socket when they may read it.
+    to_workers: tokio::sync::oneshot::Sender<std::net::UdpSocket>,
+    /// Told by the workers when this process no longer reads the socket.
+    released: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl Http3Socket {
+    /// The old process's socket (`taken`), or one bound on the HTTPS address; `None` without
+    /// `--http3`. Also returns what the worker serving HTTP/3 starts from.
+    fn open(
+        wanted: bool,
+        taken: Option<std::net::UdpSocket>,
+        https: SocketAddr,
+    ) -> anyhow::Result<Option<(Self, Http3Start)>> {
+        if !wanted {
+            return Ok(None);
+        }
+        let from_old_process = taken.is_some();
+        let socket = match taken {
+            Some(socket) => socket,
+            None => listener::bind_udp(https)
+                .with_context(|| format!("cannot listen for HTTP/3 on udp {https}"))?,
+        };
+        let (to_workers, socket_rx) = tokio::sync::oneshot::channel();
+        let (released_tx, released) = tokio::sync::oneshot::channel();
+        let opened = Self {
+            address: socket.local_addr()?,
+            socket,
+            from_old_process,
+            to_workers,
+            released,
+        };
+        let start = Http3Start {
+            socket: socket_rx,
+            released: released_tx,
+        };
+        Ok(Some((opened, start)))
+    }
+
+    /// A descriptor of the socket, to hand on to a later process.
+    fn handover_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        self.socket.as_fd().try_clone_to_owned()
+    }
+
+    /// Lets the workers read the socket: at once, or (taken over) once `old_process` has let
+    /// go of it, waiting at most `limit`. Returns what tells when this process lets go.
+    fn start_reading(
+        self,
+        old_process: Option<handover::OldProcess>,
+        limit: Duration,
+    ) -> tokio::sync::oneshot::Receiver<()> {
+        let Self {
+            socket,
+            from_old_process,
+            to_workers,
+            released,
+            ..
+        } = self;
+        match old_process.filter(|_| from_old_process) {
+            Some(old_process) => {
+                std::thread::spawn(move || {
+                    old_process.released(limit);
+                    tracing::info!("The old process let go of the HTTP/3 socket");
+                    let _ = to_workers.send(socket);
+                });
+            }
+            None => {
+                let _ = to_workers.send(socket);
+            }
+        }
+        released
+    }
 }
 
 /// Serves handover requests (blocking: run on its own thread) until one succeeds.

@@ -72,14 +72,6 @@ fn start_fleet_with(count: usize, options: PebbleOptions, extra: &[&str]) -> Fle
     }
 }
 
-fn deploy_tls(proxy: &ProxyProcess, upstream: &Upstream, host: &str) {
-    proxy.deploy(
-        "web",
-        &upstream.target(),
-        &[&format!("--host={host}"), "--tls"],
-    );
-}
-
 fn deploy_hosts(proxy: &ProxyProcess, upstream: &Upstream, hosts: &[&str]) {
     let mut flags: Vec<String> = hosts.iter().map(|h| format!("--host={h}")).collect();
     flags.push("--tls".to_string());
@@ -103,7 +95,7 @@ async fn three_proxies_behind_a_balancer_order_one_certificate_and_all_serve_it(
     let mut fleet = start_fleet(3, PebbleOptions::default());
     let app = Upstream::start("app").await;
     for proxy in &fleet.proxies {
-        deploy_tls(proxy, &app, HOST);
+        deploy_hosts(proxy, &app, &[HOST]);
     }
     let root = fleet.pebble.issuing_root().await;
     let mut leaves = Vec::new();
@@ -249,7 +241,7 @@ async fn an_order_whose_holder_dies_is_finished_by_another_instance_once() {
         },
     );
     let app = Upstream::start("app").await;
-    deploy_tls(&fleet.proxies[0], &app, HOST);
+    deploy_hosts(&fleet.proxies[0], &app, &[HOST]);
     // Killed once it holds the lock and has placed its order (its challenge answer is
     // published), while pebble is still validating.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -265,7 +257,7 @@ async fn an_order_whose_holder_dies_is_finished_by_another_instance_once() {
         "killed before it finished"
     );
     for proxy in &fleet.proxies[1..] {
-        deploy_tls(proxy, &app, HOST);
+        deploy_hosts(proxy, &app, &[HOST]);
     }
     let root = fleet.pebble.issuing_root().await;
     let first = leaf_of(&fleet.proxies[1], HOST, &root).await;
@@ -296,7 +288,7 @@ async fn a_renewal_is_done_once_and_every_instance_serves_it_without_a_restart()
     );
     let app = Upstream::start("app").await;
     for proxy in &fleet.proxies {
-        deploy_tls(proxy, &app, HOST);
+        deploy_hosts(proxy, &app, &[HOST]);
     }
     let root = fleet.pebble.issuing_root().await;
     let mut first = Vec::new();
@@ -380,7 +372,7 @@ async fn the_store_is_reached_over_tls_with_a_password() {
     let ca = redis.ca_path().unwrap().display().to_string();
     let proxy = ProxyProcess::start_with_env(&flags, &[("SSL_CERT_FILE", &ca)]);
     let app = Upstream::start("app").await;
-    deploy_tls(&proxy, &app, HOST);
+    deploy_hosts(&proxy, &app, &[HOST]);
     let root = pebble.issuing_root().await;
     leaf_of(&proxy, HOST, &root).await;
     let status = status_json(&proxy);

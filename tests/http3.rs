@@ -40,6 +40,16 @@ fn server_of(body: &str) -> String {
     report["server"].as_str().unwrap_or("?").to_string()
 }
 
+/// The `Alt-Svc` of a 200 answer over HTTPS on TCP, from `port`.
+async fn alt_svc_over_tcp(port: u16, certs: &CertificateFiles) -> Option<String> {
+    let reply = https_get(port, HOST, "/", std::slice::from_ref(&certs.root))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200);
+    let alt_svc = reply.headers.get("alt-svc")?;
+    Some(alt_svc.to_str().unwrap().to_string())
+}
+
 /// Connects over QUIC, retrying for up to `limit` (the endpoint may not be reading yet).
 async fn connect_within(
     address: SocketAddr,
@@ -70,22 +80,10 @@ async fn http3_serves_the_routes_https_serves_and_tcp_advertises_it() {
     deploy_tls(&proxy, &app.target(), &certs);
 
     // TCP clients learn where HTTP/3 is, as kamal-proxy tells them.
-    let over_tcp = https_get(
-        proxy.https_port,
-        HOST,
-        "/",
-        std::slice::from_ref(&certs.root),
-    )
-    .await
-    .unwrap();
-    assert_eq!(over_tcp.status, 200);
     let expected = format!("h3=\":{}\"; ma=2592000", proxy.https_port);
     assert_eq!(
-        over_tcp
-            .headers
-            .get("alt-svc")
-            .and_then(|v| v.to_str().ok()),
-        Some(expected.as_str())
+        alt_svc_over_tcp(proxy.https_port, &certs).await,
+        Some(expected)
     );
 
     let mut client =
@@ -153,16 +151,7 @@ async fn http3_serves_the_routes_https_serves_and_tcp_advertises_it() {
     // Without --http3 nothing is advertised.
     let plain = ProxyProcess::start();
     deploy_tls(&plain, &app.target(), &certs);
-    let over_tcp = https_get(
-        plain.https_port,
-        HOST,
-        "/",
-        std::slice::from_ref(&certs.root),
-    )
-    .await
-    .unwrap();
-    assert_eq!(over_tcp.status, 200);
-    assert!(over_tcp.headers.get("alt-svc").is_none());
+    assert_eq!(alt_svc_over_tcp(plain.https_port, &certs).await, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,16 +281,10 @@ async fn http3_answers_as_kamal_proxys_does() {
             ],
         );
         let port = peer.https_port();
-        let over_tcp = https_get(port, HOST, "/", std::slice::from_ref(&certs.root))
-            .await
-            .unwrap();
         let expected = format!("h3=\":{port}\"; ma=2592000");
         assert_eq!(
-            over_tcp
-                .headers
-                .get("alt-svc")
-                .and_then(|v| v.to_str().ok()),
-            Some(expected.as_str()),
+            alt_svc_over_tcp(port, &certs).await,
+            Some(expected),
             "{name}"
         );
 
