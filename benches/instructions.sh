@@ -8,6 +8,7 @@
 #
 #   benches/instructions.sh           # 4000 requests per run
 #   REQUESTS=20000 benches/instructions.sh
+#   PROXY=/tmp/proxy-before benches/instructions.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,9 +17,12 @@ UPSTREAM_PORT=18091 NGINX_PORT=18092 BERTH_PORT=18093
 for tool in valgrind callgrind_control h2load nginx; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install valgrind nghttp2-client nginx-light" >&2; exit 1; }
 done
-# Symbols for the report; otherwise the release build.
-cargo build --profile profiling -q
-PROXY=$PWD/target/profiling/proxy
+# Symbols for the report; otherwise the release build. PROXY=path measures that binary
+# instead (another commit's, say, built and copied aside).
+if [ -z "${PROXY:-}" ]; then
+  cargo build --profile profiling -q
+  PROXY=$PWD/target/profiling/proxy
+fi
 
 # shellcheck source=benches/common.sh
 . benches/common.sh

@@ -191,7 +191,11 @@ where
         let proxy = proxy.clone();
         // Boxed: a request's state then takes memory only while the request is in flight.
         // HTTP/2 clients get no early hints: hyper's server cannot send interim responses.
-        Box::pin(async move { Ok::<_, Infallible>(proxy.handle(info, request, None).await) })
+        Box::pin(async move {
+            let mut response = proxy.handle(info, request, None).await;
+            proxy.advertise_http3(info, &mut response);
+            Ok::<_, Infallible>(response)
+        })
     });
     let connection = protocols.http2.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
@@ -340,6 +344,7 @@ impl hyper::service::Service<Request<Incoming>> for Http1Service {
         // instead of being reserved inside every connection's task, idle ones included.
         Box::pin(async move {
             let mut response = proxy.handle(info, request, Some(hints)).await;
+            proxy.advertise_http3(info, &mut response);
             // While the process drains, responses ask the client to reconnect, which takes
             // it to the process that is taking over.
             if proxy.drain().is_started() && response.status() != StatusCode::SWITCHING_PROTOCOLS {

@@ -182,30 +182,23 @@ impl Proxy {
         self
     }
 
-    /// Serves one request. Never fails: every problem becomes an error page. `hints` passes
-    /// the app's `103 Early Hints` on to the client, when its connection can take them.
-    pub async fn handle<B: ClientRequestBody>(
-        &self,
-        conn: ConnectionInfo,
-        request: Request<B>,
-        hints: Option<EarlyHints>,
-    ) -> Response<ProxyBody> {
-        let alt_svc = match &self.inner.alt_svc {
-            Some(alt_svc) if conn.tls && request.version() != Version::HTTP_3 => {
-                Some(alt_svc.clone())
-            }
-            _ => None,
-        };
-        let mut response = self.respond(conn, request, hints).await;
-        if let Some(alt_svc) = alt_svc {
-            response.headers_mut().append(header::ALT_SVC, alt_svc);
+    /// Adds `Alt-Svc` to a response on a TLS connection over TCP, when HTTP/3 is served: a
+    /// connection-level header, like the drain's `Connection: close`, so the TCP listeners
+    /// add it after the pipeline.
+    pub(crate) fn advertise_http3(&self, conn: ConnectionInfo, response: &mut Response<ProxyBody>) {
+        if let (Some(alt_svc), true) = (&self.inner.alt_svc, conn.tls) {
+            response
+                .headers_mut()
+                .append(header::ALT_SVC, alt_svc.clone());
         }
-        response
     }
 
-    /// Every request's phases, in order: check the head, answer ACME, route, redirect, admit,
-    /// pick a target, forward.
-    async fn respond<B: ClientRequestBody>(
+    /// Serves one request. Never fails: every problem becomes an error page. `hints` passes
+    /// the app's `103 Early Hints` on to the client, when its connection can take them.
+    ///
+    /// Its phases, in order: check the head, answer ACME, route, redirect, admit, pick a
+    /// target, forward.
+    pub async fn handle<B: ClientRequestBody>(
         &self,
         conn: ConnectionInfo,
         request: Request<B>,
