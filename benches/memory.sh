@@ -44,7 +44,7 @@ RSS_100=$(rss_kb $PID)
 idle_clients $MEMORY_PORT "$COUNT" svc1.bench "$WORK/idle.ready" &
 IDLE_PID=$!; PIDS+=($IDLE_PID)
 for _ in $(seq 600); do [ -f "$WORK/idle.ready" ] && break; sleep 0.1; done
-sleep 8
+sleep "${IDLE_WAIT:-8}"
 RSS_IDLE=$(rss_kb $PID)
 UPSTREAM_CONNECTIONS=$(ss -Htn state established "( dport = :$UPSTREAM_PORT )" | wc -l)
 METRICS=$(curl -s "http://127.0.0.1:$METRICS_PORT/metrics")

@@ -30,11 +30,13 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use crate::body::{BoxError, ProxyBody};
-use crate::client_io::{Activity, ClientIo, EarlyHints, RequestGuard};
+use crate::client_io::{self, Activity, ClientIo, EarlyHints, Relocate, RequestGuard};
 use crate::drain::Drain;
+use crate::parking;
 use crate::pipeline::{ConnectionInfo, Proxy};
 use crate::tunnel::{self, UpgradeHandOff};
 
@@ -120,25 +122,49 @@ pub struct Protocols {
     pub idle_timeout: Duration,
 }
 
-/// Serves one connection until it closes or the drain ends it.
-pub async fn serve<S>(protocols: &Protocols, stream: S, info: ConnectionInfo, proxy: Proxy)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+/// What a connection holds for as long as it is open, parked or not: its place under the
+/// connection limit, and its count among the open connections.
+pub struct ConnectionSlot {
+    _permit: Option<OwnedSemaphorePermit>,
+    _open: OpenConnection,
+}
+
+impl ConnectionSlot {
+    /// `permit` is the connection's place under the limit (`None`: accepted while draining).
+    pub fn new(permit: Option<OwnedSemaphorePermit>) -> Self {
+        Self {
+            _permit: permit,
+            _open: OpenConnection::new(),
+        }
+    }
+}
+
+/// Serves one connection until it closes or the drain ends it. A parked HTTP/1.1 connection
+/// goes on in a task of its own (see [`park`]), so this may return while the connection is
+/// still open.
+pub async fn serve<S>(
+    protocols: &Arc<Protocols>,
+    stream: S,
+    info: ConnectionInfo,
+    proxy: Proxy,
+    slot: ConnectionSlot,
+) where
+    S: AsyncRead + AsyncWrite + Relocate + Unpin + Send + 'static,
 {
-    let _open = OpenConnection::new();
-    let mut io = ClientIo::new(stream);
-    let drain = proxy.drain().clone();
+    let (mut stream, mut first_bytes) = (stream, Bytes::new());
     // hyper's header timer would start only once hyper is given the connection: a client that
     // never sends a byte is held to the same limit here.
-    if !wait_for_bytes(&mut io, protocols.header_read_timeout, &drain).await {
+    let timeout = protocols.header_read_timeout;
+    if !wait_for_bytes(&mut stream, &mut first_bytes, timeout, proxy.drain()).await {
         tracing::debug!(peer = %info.peer, "No request in time; closing the connection");
         return;
     }
+    let mut io = ClientIo::with_replay(stream, first_bytes);
     match speaks_http2(&mut io, protocols.header_read_timeout).await {
         // Boxed, as hyper's state is below: it would otherwise be reserved in every
         // connection's task, parked ones included.
         Some(true) => Box::pin(serve_http2(protocols, io, info, proxy)).await,
-        Some(false) => serve_http1(protocols, io, info, proxy).await,
+        Some(false) => serve_http1(protocols, io, info, proxy, slot).await,
         None => tracing::debug!(peer = %info.peer, "Connection closed during its preface"),
     }
 }
@@ -165,17 +191,23 @@ where
     }
 }
 
-/// Waits, holding no buffers, until the client sends something (`true`), or until it closes,
-/// `timeout` passes, or the drain says idle connections should go (`false`).
-async fn wait_for_bytes<S>(io: &mut ClientIo<S>, timeout: Duration, drain: &Drain) -> bool
+/// Waits, holding no buffers, until the client sends something (`true`, the bytes appended to
+/// `replay`), or until it closes, `timeout` passes, or the drain says idle connections should
+/// go (`false`).
+async fn wait_for_bytes<S>(
+    stream: &mut S,
+    replay: &mut Bytes,
+    timeout: Duration,
+    drain: &Drain,
+) -> bool
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + Unpin,
 {
-    if !io.replayed().is_empty() {
+    if !replay.is_empty() {
         return true;
     }
     tokio::select! {
-        read = io.read_ahead() => matches!(read, Ok(read) if read > 0),
+        read = client_io::read_ahead(stream, replay) => matches!(read, Ok(read) if read > 0),
         _ = tokio::time::sleep(timeout) => false,
         _ = drain.close_idle().cancelled() => false,
         _ = drain.deadline().cancelled() => false,
@@ -226,10 +258,23 @@ enum Http1End<S> {
     },
 }
 
-/// An HTTP/1.1 connection without hyper: what is kept while it is parked.
+/// An HTTP/1.1 connection hyper gave back.
 struct Idle<S> {
     io: ClientIo<S>,
     service: Http1Service,
+}
+
+/// What a parked HTTP/1.1 connection keeps: its stream, the bytes read ahead of hyper, and
+/// what it needs to be served again. Everything else (hyper's state, the activity counters,
+/// the upgrade hand-off) is made anew when its client speaks.
+struct Parked<S> {
+    stream: S,
+    replay: Bytes,
+    protocols: Arc<Protocols>,
+    info: ConnectionInfo,
+    proxy: Proxy,
+    slot: ConnectionSlot,
+    idle_left: Duration,
 }
 
 /// What the connection's task watches while hyper serves the connection.
@@ -240,9 +285,14 @@ struct Watch {
     info: ConnectionInfo,
 }
 
-async fn serve_http1<S>(protocols: &Protocols, io: ClientIo<S>, info: ConnectionInfo, proxy: Proxy)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+async fn serve_http1<S>(
+    protocols: &Arc<Protocols>,
+    io: ClientIo<S>,
+    info: ConnectionInfo,
+    proxy: Proxy,
+    slot: ConnectionSlot,
+) where
+    S: AsyncRead + AsyncWrite + Relocate + Unpin + Send + 'static,
 {
     let watch = Watch {
         activity: Arc::clone(io.activity()),
@@ -256,30 +306,91 @@ where
         activity: Arc::clone(&watch.activity),
         hand_off: watch.hand_off.clone(),
     };
-    let mut idle = Idle { io, service };
-    loop {
-        idle = match with_hyper(protocols, idle, &watch).await {
-            Http1End::Closed => return,
-            Http1End::Upgraded { io, relay } => {
-                return relay_upgrade(io, relay, &watch.drain).await;
-            }
-            Http1End::Parked {
-                mut connection,
-                quiet_since,
-            } => {
-                let idle_left = protocols.idle_timeout.saturating_sub(quiet_since.elapsed());
-                let_go();
-                let parked = Counted::new(&PARKED);
-                let woken = wait_for_bytes(&mut connection.io, idle_left, &watch.drain).await;
-                drop(parked);
-                if !woken {
-                    close_quietly(connection.io).await;
-                    return;
-                }
-                connection
-            }
-        };
+    let idle = Idle { io, service };
+    match with_hyper(protocols, idle, &watch).await {
+        Http1End::Closed => {}
+        Http1End::Upgraded { io, relay } => relay_upgrade(io, relay, &watch.drain).await,
+        Http1End::Parked {
+            connection,
+            quiet_since,
+        } => {
+            let (stream, replay) = connection.io.into_parts();
+            let Http1Service { proxy, info, .. } = connection.service;
+            let parked = Parked {
+                stream,
+                replay,
+                protocols: Arc::clone(protocols),
+                info,
+                proxy,
+                slot,
+                idle_left: protocols.idle_timeout.saturating_sub(quiet_since.elapsed()),
+            };
+            let_go();
+            park(parked);
+        }
     }
+}
+
+/// Moves a parked connection into a task of its own, made on the parking thread (see
+/// `parking` for why), and lets the serving task end. The drain waits for the connection
+/// while it is on its way.
+fn park<S>(parked: Parked<S>)
+where
+    S: AsyncRead + AsyncWrite + Relocate + Unpin + Send + 'static,
+{
+    let runtime = tokio::runtime::Handle::current();
+    let drain = parked.proxy.drain().clone();
+    let on_its_way = drain.hold();
+    parking::run(Box::new(move || {
+        let _on_its_way = on_its_way;
+        let _entered = runtime.enter();
+        match parked.stream.relocate() {
+            Ok(stream) => drain.track_on(wait_parked(Parked { stream, ..parked }), &runtime),
+            Err(error) => {
+                tracing::debug!(%error, peer = %parked.info.peer, "Parking failed; connection closed");
+            }
+        }
+    }));
+}
+
+/// Waits, holding no buffers, for a parked connection's client to speak again, and serves it.
+/// The serving is boxed, so this task is no larger than a parked connection needs.
+async fn wait_parked<S>(parked: Parked<S>)
+where
+    S: AsyncRead + AsyncWrite + Relocate + Unpin + Send + 'static,
+{
+    let Parked {
+        mut stream,
+        mut replay,
+        protocols,
+        info,
+        proxy,
+        slot,
+        idle_left,
+    } = parked;
+    let counted = Counted::new(&PARKED);
+    let woken = wait_for_bytes(&mut stream, &mut replay, idle_left, proxy.drain()).await;
+    drop(counted);
+    let io = ClientIo::with_replay(stream, replay);
+    if !woken {
+        close_quietly(io).await;
+        return;
+    }
+    serve_again(protocols, io, info, proxy, slot).await;
+}
+
+/// A parked connection's HTTP/1.1 serving, boxed (see [`wait_parked`]).
+fn serve_again<S>(
+    protocols: Arc<Protocols>,
+    io: ClientIo<S>,
+    info: ConnectionInfo,
+    proxy: Proxy,
+    slot: ConnectionSlot,
+) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+where
+    S: AsyncRead + AsyncWrite + Relocate + Unpin + Send + 'static,
+{
+    Box::pin(async move { serve_http1(&protocols, io, info, proxy, slot).await })
 }
 
 // The two functions below are not `async`: what they start is boxed, so that hyper's state
@@ -519,8 +630,41 @@ mod tests {
             tls: false,
         };
         let (stream, _peer) = tokio::io::duplex(64);
-        let task = serve(&protocols, stream, info, proxy);
+        let protocols = Arc::new(protocols);
+        let task = serve(&protocols, stream, info, proxy, ConnectionSlot::new(None));
         let size = std::mem::size_of_val(&task);
         assert!(size < 2048, "a connection's future takes {size} bytes");
+    }
+
+    /// A parked connection's task is what an idle connection costs (with its socket's
+    /// registration): guards against serving state creeping into it unboxed.
+    #[test]
+    fn a_parked_connection_task_stays_small() {
+        let protocols = Arc::new(Protocols {
+            http1: http1::Builder::new(),
+            http2: http2::Builder::new(TokioExecutor::new()),
+            header_read_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+        });
+        let client = crate::upstream::upstream_client(Duration::from_secs(1));
+        let parked = Parked {
+            stream: tokio::io::duplex(64).0,
+            replay: Bytes::new(),
+            protocols,
+            info: ConnectionInfo {
+                peer: ([127, 0, 0, 1], 1).into(),
+                local_port: 80,
+                tls: false,
+            },
+            proxy: Proxy::new(crate::RouteTableHandle::default(), client),
+            slot: ConnectionSlot::new(None),
+            idle_left: Duration::from_secs(1),
+        };
+        let task = wait_parked(parked);
+        let size = std::mem::size_of_val(&task);
+        assert!(
+            size < 800,
+            "a parked connection's future takes {size} bytes"
+        );
     }
 }

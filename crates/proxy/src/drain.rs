@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
 #[derive(Clone, Default)]
 pub struct Drain {
@@ -57,6 +57,20 @@ impl Drain {
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         self.tasks.spawn(work);
+    }
+
+    /// Like [`Drain::track`], on `runtime` (when called from outside it).
+    pub fn track_on<F>(&self, work: F, runtime: &tokio::runtime::Handle)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn_on(work, runtime);
+    }
+
+    /// Keeps the drain waiting, as tracked work does, until the token is dropped: for work on
+    /// its way to becoming tracked.
+    pub fn hold(&self) -> TaskTrackerToken {
+        self.tasks.token()
     }
 
     /// Drains for a shutdown: like [`Drain::finish`], but idle connections close at once.

@@ -11,7 +11,8 @@
 //! - [`health`]: the periodic health check of each target.
 //! - [`pipeline`]: the request pipeline: route → admit → pick target → forward → log.
 //! - [`proxy_protocol`]: the PROXY protocol header a TCP load balancer sends first.
-//! - [`listener`]: listening sockets and the accept loop.
+//! - [`listener`]: listening sockets and the accept loop; `connection` serves one connection
+//!   and parks it when idle, `parking` is the thread a parked connection's state is made on.
 //! - [`drain`]: the process-wide drain (shutdown or handover): stop accepting, turn clients
 //!   away gently, wait for open work up to a deadline.
 //! - [`metrics`]: Prometheus counters and histograms, and the gauges filled in at scrape.
@@ -39,6 +40,7 @@ mod ip_text;
 pub mod listener;
 pub mod metrics;
 mod page_template;
+mod parking;
 pub mod pipeline;
 pub mod proxy_protocol;
 mod read_targets;

@@ -181,7 +181,7 @@ pub async fn serve(
         let (protocols, proxy, tls) = (Arc::clone(&protocols), proxy.clone(), tls.clone());
         let first_request_timeout = limits.header_read_timeout;
         drain.clone().track(async move {
-            let _permit = permit;
+            let slot = connection::ConnectionSlot::new(permit);
             let mut stream = stream;
             if proxy_protocol {
                 let header = tokio::time::timeout(
@@ -203,11 +203,11 @@ pub async fn serve(
                 }
             }
             match tls {
-                None => connection::serve(&protocols, stream, info, proxy).await,
+                None => connection::serve(&protocols, stream, info, proxy, slot).await,
                 // Boxed: a TLS connection's state is about 4 KB larger, and every plain
                 // connection's task would otherwise be sized for it.
                 Some(certificates) => {
-                    Box::pin(serve_tls(&protocols, stream, certificates, info, proxy)).await
+                    Box::pin(serve_tls(&protocols, stream, certificates, info, proxy, slot)).await
                 }
             }
         });
@@ -216,11 +216,12 @@ pub async fn serve(
 
 /// Completes the TLS handshake, then serves the connection.
 async fn serve_tls(
-    protocols: &Protocols,
+    protocols: &Arc<Protocols>,
     stream: TcpStream,
     certificates: Arc<dyn CertificateSource>,
     info: ConnectionInfo,
     proxy: Proxy,
+    slot: connection::ConnectionSlot,
 ) {
     // Boxed: the handshake's state is needed only until it completes.
     let handshake = Box::pin(tls::accept(stream, certificates.as_ref())).await;
@@ -233,7 +234,7 @@ async fn serve_tls(
                     stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
                 metrics.observe_tls_handshake(resumed);
             }
-            connection::serve(protocols, Box::new(stream), info, proxy).await
+            connection::serve(protocols, Box::new(stream), info, proxy, slot).await
         }
         Err(error) => tracing::debug!(%error, peer = %info.peer, "TLS handshake refused"),
     }
