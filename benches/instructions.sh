@@ -9,6 +9,8 @@
 #   benches/instructions.sh           # 4000 requests per run
 #   REQUESTS=20000 benches/instructions.sh
 #   PROXY=/tmp/proxy-before benches/instructions.sh
+#   KEEP_PROFILES=/tmp/profiles benches/instructions.sh   # keeps each run's profile, for
+#                                        # callgrind_annotate --inclusive=yes /tmp/profiles/...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -62,6 +64,9 @@ count() {
   sleep 1
   local total
   total=$(grep -h "^summary:" "$WORK"/cg."$pid".[0-9]* | awk '{ print $2 }')
+  if [ -n "${KEEP_PROFILES:-}" ]; then
+    mkdir -p "$KEEP_PROFILES" && cp "$WORK"/cg."$pid".[0-9]* "$KEEP_PROFILES/$host.callgrind"
+  fi
   rm -f "$WORK"/cg.*
   echo $(( total / REQUESTS ))
 }
