@@ -55,6 +55,53 @@ async fn hundreds_of_slow_and_idle_clients_do_not_keep_a_new_one_waiting() {
     }
 }
 
+/// The header read timeout holds each head of a keep-alive connection, not only the first:
+/// a client that has been answered once and then trickles a head that never ends is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_whose_next_head_stalls_is_closed() {
+    let proxy = ProxyProcess::start_with(&["--header-read-timeout=2s"]);
+    let app = Upstream::start("app").await;
+    proxy.deploy("web", &app.target(), &[]);
+
+    let mut stream = TcpStream::connect(proxy.address()).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let read = stream.read(&mut answer).await.unwrap();
+    assert!(String::from_utf8_lossy(&answer[..read]).starts_with("HTTP/1.1 200"));
+
+    let stalled_at = std::time::Instant::now();
+    stream
+        .write_all(b"GET /next HTTP/1.1\r\nHost: app.test\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            // A byte every 500 ms: the connection is never quiet, so only the timeout ends it.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if stream.write_all(b"x").await.is_err() {
+                return;
+            }
+            let mut byte = [0u8; 64];
+            match tokio::time::timeout(Duration::from_millis(1), stream.read(&mut byte)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                Ok(Ok(_)) => panic!("the stalled head was answered"),
+                Err(_) => {}
+            }
+        }
+    })
+    .await;
+    closed.expect("a stalled head was still open 15 s later");
+    let after = stalled_at.elapsed();
+    assert!(
+        after >= Duration::from_secs(2),
+        "closed after {after:?}, before the timeout"
+    );
+    assert_eq!(app.requests(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_limit_is_100_header_fields() {
     let proxy = ProxyProcess::start();

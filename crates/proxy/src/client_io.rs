@@ -30,6 +30,9 @@ pub struct Activity {
     in_flight: AtomicUsize,
     /// A write found the socket full and has not been flushed since.
     write_blocked: AtomicBool,
+    /// Bytes of a request head have arrived and its request has not started yet: the
+    /// connection's task holds such a head to the header read timeout.
+    head_begun: AtomicBool,
     /// Interim responses to write before anything else; `interim_pending` says whether there
     /// are any without taking the lock.
     interim: std::sync::Mutex<BytesMut>,
@@ -48,6 +51,11 @@ impl Activity {
         self.requests.load(Ordering::Relaxed)
     }
 
+    /// A request head has begun to arrive and is not yet complete.
+    pub fn head_begun(&self) -> bool {
+        self.head_begun.load(Ordering::Relaxed)
+    }
+
     /// No request is being served and nothing is waiting to be written.
     pub fn is_idle(&self) -> bool {
         self.in_flight.load(Ordering::Acquire) == 0 && !self.write_blocked.load(Ordering::Relaxed)
@@ -57,6 +65,7 @@ impl Activity {
     pub fn request_started(self: &Arc<Self>) -> RequestGuard {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.head_begun.store(false, Ordering::Relaxed);
         RequestGuard(Arc::clone(self))
     }
 
@@ -64,6 +73,14 @@ impl Activity {
         // One writer (the connection's task), so no read-modify-write instruction is needed.
         let events = self.events.load(Ordering::Relaxed);
         self.events.store(events.wrapping_add(1), Ordering::Relaxed);
+    }
+
+    /// Bytes read while no request is in flight are the start of the next request's head.
+    fn read_bytes(&self) {
+        self.moved_bytes();
+        if !self.head_begun.load(Ordering::Relaxed) && self.in_flight.load(Ordering::Relaxed) == 0 {
+            self.head_begun.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -116,10 +133,15 @@ pub struct ClientIo<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> ClientIo<S> {
     /// A client's stream, with bytes already read from it to replay first.
     pub fn with_replay(inner: S, replay: Bytes) -> Self {
+        let activity = Activity::default();
+        // Bytes already read are the start of a request head.
+        activity
+            .head_begun
+            .store(!replay.is_empty(), Ordering::Relaxed);
         Self {
             inner,
             replay,
-            activity: Arc::default(),
+            activity: Arc::new(activity),
         }
     }
 
@@ -227,7 +249,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            this.activity.moved_bytes();
+            this.activity.read_bytes();
         }
         polled
     }

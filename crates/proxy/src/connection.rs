@@ -9,6 +9,10 @@
 //! bytes already read replayed. Upgrades (WebSockets) are handed back from hyper the same way
 //! once the 101 is written, and relayed from this task.
 //!
+//! The header read timeout is kept here too, by the same one-second tick that finds quiet
+//! connections: a connection whose request head has begun is never parked, and is closed
+//! once the head has taken longer than the timeout (to within a second).
+//!
 //! The drain: HTTP/2 clients get GOAWAY at once. HTTP/1.1 clients get `Connection: close` on
 //! their next response (the pipeline adds it), and idle ones are closed when the drain time is
 //! up, or at once in a shutdown, where no other process will serve them.
@@ -152,8 +156,8 @@ pub async fn serve<S>(
     S: AsyncRead + AsyncWrite + Relocate + Unpin + Send + 'static,
 {
     let (mut stream, mut first_bytes) = (stream, Bytes::new());
-    // hyper's header timer would start only once hyper is given the connection: a client that
-    // never sends a byte is held to the same limit here.
+    // The header read timeout (kept by `drive_http1`'s tick) starts with a head's first bytes:
+    // a client that never sends a byte is held to the same limit here.
     let timeout = protocols.header_read_timeout;
     if !wait_for_bytes(&mut stream, &mut first_bytes, timeout, proxy.drain()).await {
         tracing::debug!(peer = %info.peer, "No request in time; closing the connection");
@@ -280,6 +284,7 @@ struct Parked<S> {
 /// What the connection's task watches while hyper serves the connection.
 struct Watch {
     activity: Arc<Activity>,
+    header_read_timeout: Duration,
     drain: Drain,
     hand_off: UpgradeHandOff,
     info: ConnectionInfo,
@@ -296,6 +301,7 @@ async fn serve_http1<S>(
 {
     let watch = Watch {
         activity: Arc::clone(io.activity()),
+        header_read_timeout: protocols.header_read_timeout,
         drain: proxy.drain().clone(),
         hand_off: UpgradeHandOff::default(),
         info,
@@ -406,13 +412,10 @@ fn with_hyper<'a, S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // Bytes replayed to hyper are the start of a request head: parking again before a request
-    // starts would restart hyper's header timer, so a client trickling a head could stay on.
-    let may_park_after = watch.activity.requests() + u64::from(!idle.io.replayed().is_empty());
     let connection = protocols
         .http1
         .serve_connection(TokioIo::new(idle.io), idle.service);
-    Box::pin(drive_http1(connection, watch, may_park_after))
+    Box::pin(drive_http1(connection, watch))
 }
 
 fn relay_upgrade<'a, S>(
@@ -475,13 +478,13 @@ impl hyper::service::Service<Request<Incoming>> for Http1Service {
 async fn drive_http1<S>(
     mut connection: http1::Connection<TokioIo<ClientIo<S>>, Http1Service>,
     watch: &Watch,
-    may_park_after: u64,
 ) -> Http1End<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Watch {
         activity,
+        header_read_timeout,
         drain,
         hand_off,
         info,
@@ -497,6 +500,10 @@ where
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut events_seen = activity.events();
     let mut quiet_since = Instant::now();
+    // When a tick first saw the current request head begun (with the request count then,
+    // which tells one head from the next): the head must be complete within the header read
+    // timeout of that, so between the timeout and a tick more after the head's first bytes.
+    let mut head_seen: Option<(u64, Instant)> = None;
     let mut parking = false;
     let mut draining = drain.is_started();
     let mut closing = false;
@@ -514,11 +521,15 @@ where
         match event {
             Event::Ended(ended) => break ended,
             Event::Tick => {
+                if head_read_too_long(activity, &mut head_seen, *header_read_timeout) {
+                    tracing::debug!(peer = %info.peer, "No complete request head in time; closing the connection");
+                    return Http1End::Closed;
+                }
                 let events = activity.events();
                 if events != events_seen {
                     events_seen = events;
                     quiet_since = Instant::now();
-                } else if activity.is_idle() && activity.requests() >= may_park_after {
+                } else if activity.is_idle() && !activity.head_begun() {
                     // Idle: hyper closes its side at once, without writing anything.
                     Pin::new(&mut connection).graceful_shutdown();
                     parking = true;
@@ -565,6 +576,29 @@ where
     }
     close_quietly(io).await;
     Http1End::Closed
+}
+
+/// The header read timeout, kept by the connection's one-second tick instead of by hyper: its
+/// timer cost a boxed sleep and a timer-wheel entry per request, about 1,300 instructions of
+/// ~41,000. Whether a request head has begun (and not yet completed) since `head_seen` was
+/// noted, for longer than `timeout`.
+fn head_read_too_long(
+    activity: &Activity,
+    head_seen: &mut Option<(u64, Instant)>,
+    timeout: Duration,
+) -> bool {
+    if !activity.head_begun() {
+        *head_seen = None;
+        return false;
+    }
+    let requests = activity.requests();
+    match *head_seen {
+        Some((seen_at_request, since)) if seen_at_request == requests => since.elapsed() >= timeout,
+        _ => {
+            *head_seen = Some((requests, Instant::now()));
+            false
+        }
+    }
 }
 
 /// Ends the connection with a FIN (or TLS close_notify), as hyper would have.

@@ -116,7 +116,8 @@ pub async fn serve(
     let mut http1 = http1::Builder::new();
     http1
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // Kept by the connection's own tick (see `connection`), which costs nothing per request.
+        .header_read_timeout(None::<Duration>)
         .max_buf_size(limits.max_header_bytes)
         .keep_alive(true);
     // hyper's own limit is the same 100; set explicitly, it builds the header index table
