@@ -354,3 +354,125 @@ async fn ipv4_clients_of_a_dual_stack_listener_appear_as_plain_ipv4() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// An app that records the head of each request it gets (health checks aside) and answers
+/// every request with an empty 200, reading Content-Length and chunked bodies alike.
+struct HeadRecorder {
+    address: std::net::SocketAddr,
+    heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl HeadRecorder {
+    async fn start() -> Self {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let recorded = heads.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let recorded = recorded.clone();
+                tokio::spawn(async move {
+                    let mut stream = BufReader::new(stream);
+                    loop {
+                        let mut head = String::new();
+                        loop {
+                            let mut line = String::new();
+                            if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            head.push_str(&line);
+                            if line == "\r\n" {
+                                break;
+                            }
+                        }
+                        let lower = head.to_ascii_lowercase();
+                        if let Some(length) = lower
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length: "))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                        {
+                            let mut body = vec![0u8; length];
+                            stream.read_exact(&mut body).await.unwrap();
+                        } else if lower.contains("transfer-encoding: chunked") {
+                            loop {
+                                let mut size = String::new();
+                                stream.read_line(&mut size).await.unwrap();
+                                let size = usize::from_str_radix(size.trim(), 16).unwrap();
+                                let mut chunk = vec![0u8; size + 2];
+                                stream.read_exact(&mut chunk).await.unwrap();
+                                if size == 0 {
+                                    break;
+                                }
+                            }
+                        }
+                        if !head.starts_with("GET /up ") {
+                            recorded.lock().unwrap().push(head);
+                        }
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if stream.get_mut().write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { address, heads }
+    }
+
+    fn target(&self) -> String {
+        self.address.to_string()
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+}
+
+/// The headers the proxy adds when the client sent none of them take a shortcut (written
+/// straight into the head sent to the app); whole and streamed bodies go different ways.
+/// Either way each must arrive exactly once, with kamal-proxy's values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn added_headers_reach_the_app_once_each_for_whole_and_streamed_bodies() {
+    let proxy = ProxyProcess::start();
+    let app = HeadRecorder::start().await;
+    proxy.deploy("web", &app.target(), &["--host=app.test"]);
+    let mut connection = Connection::open(proxy.address()).await.unwrap();
+    let whole = connection
+        .send(request("GET", "app.test", "/whole", Bytes::new()))
+        .await
+        .unwrap();
+    assert_eq!(whole.status, 200);
+    let streamed = connection
+        .send(request("POST", "app.test", "/streamed", vec![7u8; 300_000]))
+        .await
+        .unwrap();
+    assert_eq!(streamed.status, 200);
+
+    let heads = app.heads();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    for head in &heads {
+        let fields: Vec<(String, String)> = head
+            .lines()
+            .skip(1)
+            .filter_map(|line| line.split_once(": "))
+            .map(|(name, value)| (name.to_ascii_lowercase(), value.to_string()))
+            .collect();
+        let values = |name: &str| -> Vec<&str> {
+            fields
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+                .collect()
+        };
+        assert_eq!(values("x-forwarded-for"), ["127.0.0.1"], "{head}");
+        assert_eq!(values("x-forwarded-proto"), ["http"], "{head}");
+        assert_eq!(values("x-forwarded-host"), ["app.test"], "{head}");
+        assert_eq!(values("x-kamal-target"), [app.target().as_str()], "{head}");
+        assert_eq!(values("host"), ["app.test"], "{head}");
+        let start = values("x-request-start");
+        assert!(start.len() == 1 && start[0].starts_with("t=1"), "{head}");
+        let id = values("x-request-id");
+        assert!(id.len() == 1 && id[0].len() == 36, "{head}");
+    }
+}

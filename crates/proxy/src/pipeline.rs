@@ -426,16 +426,15 @@ impl Proxy {
             client_ip_header.and_then(|name| headers::client_ip_from_header(&parts.headers, name));
         let trust_incoming = config.forward_headers || trusted_peer;
         let scheme = if conn.tls { "https" } else { "http" };
-        headers::set_forwarded(
+        let (request_id, added_headers) = headers::forwarding_headers(
             &mut parts.headers,
             peer_ip,
             scheme,
             original_host.as_ref(),
             trust_incoming,
             client_ip_header,
+            target.address_header(),
         );
-        headers::set_kamal_headers(&mut parts.headers, target.address_header(), trust_incoming);
-        let request_id = headers::ensure_request_id(&mut parts.headers);
         record.request_id = Some(request_id);
 
         let buffering = &config.buffering;
@@ -500,11 +499,11 @@ impl Proxy {
         let sent_at = std::time::Instant::now();
         // Boxed: a future is copied whole each time it moves into its caller's state, and
         // this one would sit inline in every level of the pipeline above it.
-        let sent = Box::pin(
-            self.inner
-                .client
-                .send(Request::from_parts(parts, outgoing), hints),
-        );
+        let sent = Box::pin(self.inner.client.send(
+            Request::from_parts(parts, outgoing),
+            added_headers,
+            hints,
+        ));
         let response = tokio::select! {
             result = tokio::time::timeout(time_limit(config.target_timeout.get()), sent) => result.ok(),
             _ = target.cut_requests().cancelled() => return Err(ForwardError::Cut),

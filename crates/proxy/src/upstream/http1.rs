@@ -25,6 +25,7 @@ use super::Received;
 use super::TCP_KEEPALIVE;
 use crate::body;
 use crate::client_io::EarlyHints;
+use crate::headers::AddedHeaders;
 
 /// Largest response head accepted from a target.
 const MAX_HEAD: usize = 64 * 1024;
@@ -72,6 +73,7 @@ impl Http1Client {
     pub async fn send(
         &self,
         request: Request<Bytes>,
+        added: Option<&AddedHeaders>,
         hints: Option<&EarlyHints>,
     ) -> Result<Response<Received>, UpstreamError> {
         let target = request
@@ -81,7 +83,7 @@ impl Http1Client {
             .ok_or(UpstreamError::NoTarget)?;
         let head_request = request.method() == Method::HEAD;
         let idempotent = is_idempotent(request.method());
-        let message = Message::encode(&request);
+        let message = Message::encode(&request, added);
         loop {
             let (pooled, buffer) = self.pool.checkout(&target);
             let (stream, reused) = match pooled {
@@ -230,7 +232,7 @@ struct Message {
 }
 
 impl Message {
-    fn encode(request: &Request<Bytes>) -> Self {
+    fn encode(request: &Request<Bytes>, added: Option<&AddedHeaders>) -> Self {
         let body = request.body();
         let inline = body.len() <= INLINE_BODY;
         let mut head = Vec::with_capacity(512 + if inline { body.len() } else { 0 });
@@ -255,6 +257,9 @@ impl Message {
             head.extend_from_slice(b": ");
             head.extend_from_slice(value.as_bytes());
             head.extend_from_slice(b"\r\n");
+        }
+        if let Some(added) = added {
+            added.write_to(&mut head);
         }
         // The length we send is the body's: the only framing the target sees is ours.
         if !body.is_empty() || method_expects_body(request.method()) {

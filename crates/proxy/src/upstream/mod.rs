@@ -22,6 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::{self, BoxError, ProxyBody};
 use crate::client_io::EarlyHints;
+use crate::headers::AddedHeaders;
 use pool::ConnectionPool;
 
 pub use http1::UpstreamError;
@@ -76,15 +77,23 @@ impl UpstreamClient {
     pub async fn send(
         &self,
         request: Request<Outgoing>,
+        added: Option<AddedHeaders>,
         hints: Option<EarlyHints>,
     ) -> Result<Response<Received>, BoxError> {
-        let (parts, outgoing) = request.into_parts();
+        let (mut parts, outgoing) = request.into_parts();
         match outgoing {
             Outgoing::Whole(bytes) => Ok(self
                 .whole
-                .send(Request::from_parts(parts, bytes), hints.as_ref())
+                .send(
+                    Request::from_parts(parts, bytes),
+                    added.as_ref(),
+                    hints.as_ref(),
+                )
                 .await?),
             Outgoing::Streaming(body) => {
+                if let Some(added) = added {
+                    added.insert_into(&mut parts.headers);
+                }
                 let mut request = Request::from_parts(parts, body);
                 if let Some(hints) = hints {
                     hyper::ext::on_informational(&mut request, move |interim| {
