@@ -362,8 +362,12 @@ fn parse_head(buffer: &mut BytesMut) -> Result<Option<Head>, UpstreamError> {
     for &(name_at, name_len, value_at, value_len) in &places[..count] {
         let (name_at, name_len) = (name_at as usize, name_len as usize);
         let (value_at, value_len) = (value_at as usize, value_len as usize);
-        let name = HeaderName::from_bytes(&bytes[name_at..name_at + name_len])
-            .map_err(|_| UpstreamError::InvalidResponse("invalid header name"))?;
+        let name_bytes = &bytes[name_at..name_at + name_len];
+        let name = match common_name(name_bytes) {
+            Some(name) => name,
+            None => HeaderName::from_bytes(name_bytes)
+                .map_err(|_| UpstreamError::InvalidResponse("invalid header name"))?,
+        };
         let text = &bytes[value_at..value_at + value_len];
         if name == header::CONNECTION {
             if text.eq_ignore_ascii_case(b"close") {
@@ -381,6 +385,38 @@ fn parse_head(buffer: &mut BytesMut) -> Result<Option<Head>, UpstreamError> {
         head.headers.append(name, value);
     }
     Ok(Some(head))
+}
+
+/// The names response heads usually carry, spelled as servers and app frameworks send them.
+/// Matched on the bytes (a length test, then a comparison or two), they skip
+/// `HeaderName::from_bytes`, which lowercases and looks up each name: about 180 instructions
+/// a name, eight or more names a response.
+fn common_name(name: &[u8]) -> Option<HeaderName> {
+    Some(match name {
+        b"Date" | b"date" => header::DATE,
+        b"Server" | b"server" => header::SERVER,
+        b"Content-Type" | b"content-type" => header::CONTENT_TYPE,
+        b"Content-Length" | b"content-length" => header::CONTENT_LENGTH,
+        b"Connection" | b"connection" => header::CONNECTION,
+        b"Last-Modified" | b"last-modified" => header::LAST_MODIFIED,
+        b"ETag" | b"etag" => header::ETAG,
+        b"Accept-Ranges" | b"accept-ranges" => header::ACCEPT_RANGES,
+        b"Cache-Control" | b"cache-control" => header::CACHE_CONTROL,
+        b"Vary" | b"vary" => header::VARY,
+        b"Set-Cookie" | b"set-cookie" => header::SET_COOKIE,
+        b"Transfer-Encoding" | b"transfer-encoding" => header::TRANSFER_ENCODING,
+        b"Content-Encoding" | b"content-encoding" => header::CONTENT_ENCODING,
+        b"Location" | b"location" => header::LOCATION,
+        b"Expires" | b"expires" => header::EXPIRES,
+        b"Referrer-Policy" | b"referrer-policy" => header::REFERRER_POLICY,
+        b"X-Content-Type-Options" | b"x-content-type-options" => header::X_CONTENT_TYPE_OPTIONS,
+        b"X-Frame-Options" | b"x-frame-options" => header::X_FRAME_OPTIONS,
+        b"Strict-Transport-Security" | b"strict-transport-security" => {
+            header::STRICT_TRANSPORT_SECURITY
+        }
+        b"Content-Security-Policy" | b"content-security-policy" => header::CONTENT_SECURITY_POLICY,
+        _ => return None,
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -581,6 +617,45 @@ fn is_idempotent(method: &Method) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The shortcut gives the same names `HeaderName::from_bytes` would, in either spelling.
+    #[test]
+    fn common_names_are_the_names_a_full_parse_gives() {
+        let spelled = [
+            "Date",
+            "Server",
+            "Content-Type",
+            "Content-Length",
+            "Connection",
+            "Last-Modified",
+            "ETag",
+            "Accept-Ranges",
+            "Cache-Control",
+            "Vary",
+            "Set-Cookie",
+            "Transfer-Encoding",
+            "Content-Encoding",
+            "Location",
+            "Expires",
+            "Referrer-Policy",
+            "X-Content-Type-Options",
+            "X-Frame-Options",
+            "Strict-Transport-Security",
+            "Content-Security-Policy",
+        ];
+        for name in spelled {
+            for spelling in [name.to_string(), name.to_ascii_lowercase()] {
+                let parsed = HeaderName::from_bytes(spelling.as_bytes()).unwrap();
+                assert_eq!(common_name(spelling.as_bytes()), Some(parsed), "{spelling}");
+            }
+        }
+        assert_eq!(
+            common_name(b"CONTENT-TYPE"),
+            None,
+            "other spellings take the full parse"
+        );
+        assert_eq!(common_name(b"X-Custom"), None);
+    }
 
     fn parse(text: &str) -> Head {
         let mut buffer = BytesMut::from(text);
