@@ -191,7 +191,8 @@ impl RequestRecord {
             key!("duration"),
             u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
         );
-        line.string(key!("method"), self.method.as_str());
+        // A method is a token (RFC 9110), which has no quote, backslash or control character.
+        line.plain_string(key!("method"), self.method.as_str());
         line.signed(key!("req_content_length"), self.req_content_length);
         line.string(
             key!("req_content_type"),
@@ -205,18 +206,18 @@ impl RequestRecord {
             key!("resp_content_type"),
             header_text(self.resp_content_type.as_ref()),
         );
-        line.string(key!("client_addr"), IpText::new(self.peer.ip()).as_str());
-        line.string(
+        line.plain_string(key!("client_addr"), IpText::new(self.peer.ip()).as_str());
+        line.plain_string(
             key!("client_port"),
             itoa::Buffer::new().format(self.peer.port()),
         );
-        line.string(
+        line.plain_string(
             key!("remote_addr"),
             IpText::new(self.remote_addr().unwrap_or(self.peer.ip())).as_str(),
         );
         line.string(key!("user_agent"), header_text(self.user_agent.as_ref()));
-        line.string(key!("proto"), proto_name(self.proto));
-        line.string(key!("scheme"), self.scheme);
+        line.plain_string(key!("proto"), proto_name(self.proto));
+        line.plain_string(key!("scheme"), self.scheme);
         line.string(key!("query"), self.uri.query().unwrap_or_default());
         for (key, value) in &self.extra {
             line.named_string(key, value);
@@ -282,6 +283,17 @@ impl<'a> JsonObject<'a> {
         self.out.extend_from_slice(key.as_bytes());
         self.out.push(b'"');
         escape_into(self.out, value);
+        self.out.push(b'"');
+    }
+
+    /// A string that cannot hold anything JSON escapes (an IP address, digits, a method
+    /// token, a constant): copied as it is. Six of a line's fields, about 100 instructions
+    /// each saved.
+    fn plain_string(&mut self, key: &'static str, value: &str) {
+        debug_assert!(first_to_escape(value.as_bytes()).is_none(), "{value:?}");
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.push(b'"');
+        self.out.extend_from_slice(value.as_bytes());
         self.out.push(b'"');
     }
 
