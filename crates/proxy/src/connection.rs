@@ -507,6 +507,10 @@ where
     let mut parking = false;
     let mut draining = drain.is_started();
     let mut closing = false;
+    // Made once: hyper wakes this task several times per request, and a fresh one would
+    // register with the drain each time, while this one registers once (see `Signal`).
+    let drain_started = drain.started().cancelled();
+    tokio::pin!(drain_started);
     let ended = loop {
         // `biased`: hyper is polled first, so a tick is handled only while hyper is waiting,
         // never while it holds a finished response it has not yet reported.
@@ -514,7 +518,7 @@ where
             biased;
             ended = poll_fn(|cx| connection.poll_without_shutdown(cx)) => Event::Ended(ended),
             _ = ticks.tick(), if !parking && !draining => Event::Tick,
-            _ = drain.started().cancelled(), if !draining => Event::DrainStarted,
+            _ = &mut drain_started, if !draining => Event::DrainStarted,
             _ = drain.close_idle().cancelled(), if draining && !closing => Event::CloseIdle,
             _ = drain.deadline().cancelled(), if draining => Event::DrainDeadline,
         };

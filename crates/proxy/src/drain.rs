@@ -13,11 +13,13 @@
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+
+use crate::signal::Signal;
 use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
 #[derive(Clone, Default)]
 pub struct Drain {
-    started: CancellationToken,
+    started: Signal,
     close_idle: CancellationToken,
     deadline: CancellationToken,
     tasks: TaskTracker,
@@ -30,14 +32,16 @@ impl Drain {
 
     /// Stops accepting and starts turning clients away gently.
     pub fn start(&self) {
-        self.started.cancel();
+        self.started.fire();
     }
 
     pub fn is_started(&self) -> bool {
         self.started.is_cancelled()
     }
 
-    pub fn started(&self) -> &CancellationToken {
+    /// Tested on every response and polled by every HTTP/1.1 connection's loop: a
+    /// [`Signal`], not a bare token, so that costs no lock.
+    pub fn started(&self) -> &Signal {
         &self.started
     }
 

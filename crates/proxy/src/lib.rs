@@ -48,6 +48,7 @@ mod request_log;
 pub mod rollout;
 pub mod route;
 pub mod service;
+pub mod signal;
 pub mod target;
 pub mod tls;
 mod tunnel;

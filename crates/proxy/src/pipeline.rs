@@ -15,7 +15,9 @@ use http::uri::{PathAndQuery, Scheme, Uri};
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use crate::signal::Signal;
 
 use crate::body::{self, BoxError, ProxyBody};
 use crate::buffer::{buffer_body, BufferError};
@@ -774,7 +776,7 @@ struct ObservedBody {
     inner: ProxyBody,
     claim: Option<InFlight>,
     record: Option<RequestRecord>,
-    cut: CancellationToken,
+    cut: Signal,
     /// Registered only once the body has to wait: most bodies are already complete when
     /// first polled, and registering a waiter costs two locks.
     waiting_for_cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
@@ -815,7 +817,7 @@ impl Body for ObservedBody {
             let cut = &this.cut;
             let waiting = this
                 .waiting_for_cut
-                .get_or_insert_with(|| Box::pin(cut.clone().cancelled_owned()));
+                .get_or_insert_with(|| Box::pin(cut.cancelled_owned()));
             if waiting.as_mut().poll(cx).is_ready() {
                 return this.cut_off();
             }

@@ -15,6 +15,7 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HealthCheckConfig;
+use crate::signal::Signal;
 
 #[derive(Debug, thiserror::Error)]
 #[error("invalid target {0:?}: expected host or host:port")]
@@ -49,7 +50,7 @@ pub struct Target {
     draining: AtomicBool,
     drained: Notify,
     /// Cancelled when the drain timeout runs out: requests still running are cut.
-    cut_requests: CancellationToken,
+    cut_requests: Signal,
     /// Cancelled when draining starts: upgraded connections (WebSockets) are closed.
     close_upgrades: CancellationToken,
     /// Cancelled when the target is retired: its health check stops.
@@ -94,7 +95,7 @@ impl Target {
             checks: AtomicU32::new(0),
             draining: AtomicBool::new(false),
             drained: Notify::new(),
-            cut_requests: CancellationToken::new(),
+            cut_requests: Signal::new(),
             close_upgrades: CancellationToken::new(),
             retired: CancellationToken::new(),
             health_check,
@@ -227,7 +228,7 @@ impl Target {
         let cut = if finished { 0 } else { self.in_flight() };
         if cut > 0 {
             tracing::warn!(address = %self.address, cut, "Drain timeout reached; cutting requests");
-            self.cut_requests.cancel();
+            self.cut_requests.fire();
         }
         self.retire();
         cut
@@ -255,7 +256,8 @@ impl Target {
         &self.retired
     }
 
-    pub fn cut_requests(&self) -> &CancellationToken {
+    /// Waited on by every request to this target: a [`Signal`], so that costs no lock.
+    pub fn cut_requests(&self) -> &Signal {
         &self.cut_requests
     }
 
