@@ -148,17 +148,29 @@ fn remove_listed_in_connection(headers: &mut HeaderMap) {
     }
 }
 
+/// What the X-Forwarded-* headers are made from: the connection, the request's host, and
+/// whether what the client sent is trusted (`--forward-headers`, or a trusted proxy).
+pub struct Forwarding<'a> {
+    pub peer: IpAddr,
+    pub scheme: &'static str,
+    pub host: Option<&'a HeaderValue>,
+    pub trust_incoming: bool,
+    /// `--client-ip-header`: a trusted header naming the client, which X-Forwarded-For then
+    /// starts from.
+    pub client_ip_header: Option<&'a str>,
+}
+
 /// Sets X-Forwarded-For/Proto/Host as kamal-proxy does. With `trust_incoming`, values from
 /// the client are kept: X-Forwarded-For (all its lines, joined) or, when given, the client-IP
 /// header's value, with the peer appended; otherwise they are replaced.
-pub fn set_forwarded(
-    headers: &mut HeaderMap,
-    peer: IpAddr,
-    scheme: &'static str,
-    host: Option<&HeaderValue>,
-    trust_incoming: bool,
-    client_ip_header: Option<&str>,
-) {
+pub fn set_forwarded(headers: &mut HeaderMap, forwarding: &Forwarding<'_>) {
+    let Forwarding {
+        peer,
+        scheme,
+        host,
+        trust_incoming,
+        client_ip_header,
+    } = *forwarding;
     let peer = IpText::new(peer);
     let peer = peer.as_str();
     // Looked up only when it is kept: the untrusted case, the usual one, replaces it unread.
@@ -263,33 +275,23 @@ fn is_added_name(name: &HeaderName) -> bool {
 /// `headers`, by the rules for what the client sent.
 pub fn forwarding_headers(
     headers: &mut HeaderMap,
-    peer: IpAddr,
-    scheme: &'static str,
-    host: Option<&HeaderValue>,
-    trust_incoming: bool,
-    client_ip_header: Option<&str>,
+    forwarding: &Forwarding<'_>,
     target: &HeaderValue,
 ) -> (HeaderValue, Option<AddedHeaders>) {
+    let trust_incoming = forwarding.trust_incoming;
     // A trusted client-IP header (any name) decides X-Forwarded-For: the rules read it.
-    let rules_needed =
-        (trust_incoming && client_ip_header.is_some()) || headers.keys().any(is_added_name);
+    let rules_needed = (trust_incoming && forwarding.client_ip_header.is_some())
+        || headers.keys().any(is_added_name);
     if rules_needed {
-        set_forwarded(
-            headers,
-            peer,
-            scheme,
-            host,
-            trust_incoming,
-            client_ip_header,
-        );
+        set_forwarded(headers, forwarding);
         set_kamal_headers(headers, target, trust_incoming);
         return (ensure_request_id(headers), None);
     }
     let request_id = new_request_id();
     let added = AddedHeaders {
-        forwarded_for: IpText::new(peer),
-        forwarded_proto: scheme,
-        forwarded_host: host.cloned(),
+        forwarded_for: IpText::new(forwarding.peer),
+        forwarded_proto: forwarding.scheme,
+        forwarded_host: forwarding.host.cloned(),
         request_start: request_start_now(),
         kamal_target: target.clone(),
         request_id: request_id.clone(),
@@ -671,7 +673,14 @@ mod tests {
             ("x-forwarded-proto", "https"),
         ]);
         trusted.append("x-forwarded-for", HeaderValue::from_static("5.6.7.8"));
-        set_forwarded(&mut trusted, ip, "http", Some(&host), true, None);
+        let forwarding = |host, trust_incoming, client_ip_header| Forwarding {
+            peer: ip,
+            scheme: "http",
+            host,
+            trust_incoming,
+            client_ip_header,
+        };
+        set_forwarded(&mut trusted, &forwarding(Some(&host), true, None));
         assert_eq!(trusted["x-forwarded-for"], "1.2.3.4, 5.6.7.8, 10.0.0.9");
         assert_eq!(trusted["x-forwarded-proto"], "https");
         assert_eq!(trusted["x-forwarded-host"], "app.test");
@@ -682,11 +691,7 @@ mod tests {
         ]);
         set_forwarded(
             &mut untrusted,
-            ip,
-            "http",
-            Some(&host),
-            false,
-            Some("x-real-ip"),
+            &forwarding(Some(&host), false, Some("x-real-ip")),
         );
         assert_eq!(untrusted["x-forwarded-for"], "10.0.0.9");
         assert_eq!(untrusted["x-forwarded-proto"], "http");
@@ -696,7 +701,14 @@ mod tests {
     fn a_client_ip_header_replaces_forwarded_for_when_trusted_as_in_kamal_proxy() {
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         let mut map = headers(&[("x-forwarded-for", "1.2.3.4"), ("x-real-ip", "9.9.9.9")]);
-        set_forwarded(&mut map, ip, "http", None, true, Some("x-real-ip"));
+        let forwarding = Forwarding {
+            peer: ip,
+            scheme: "http",
+            host: None,
+            trust_incoming: true,
+            client_ip_header: Some("x-real-ip"),
+        };
+        set_forwarded(&mut map, &forwarding);
         assert_eq!(map["x-forwarded-for"], "9.9.9.9, 127.0.0.1");
     }
 

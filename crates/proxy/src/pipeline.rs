@@ -428,15 +428,15 @@ impl Proxy {
             client_ip_header.and_then(|name| headers::client_ip_from_header(&parts.headers, name));
         let trust_incoming = config.forward_headers || trusted_peer;
         let scheme = if conn.tls { "https" } else { "http" };
-        let (request_id, added_headers) = headers::forwarding_headers(
-            &mut parts.headers,
-            peer_ip,
+        let forwarding = headers::Forwarding {
+            peer: peer_ip,
             scheme,
-            original_host.as_ref(),
+            host: original_host.as_ref(),
             trust_incoming,
             client_ip_header,
-            target.address_header(),
-        );
+        };
+        let (request_id, added_headers) =
+            headers::forwarding_headers(&mut parts.headers, &forwarding, target.address_header());
         record.request_id = Some(request_id);
 
         let buffering = &config.buffering;
