@@ -15,6 +15,8 @@
 //!   and parks it when idle, `parking` is the thread a parked connection's state is made on.
 //! - [`drain`]: the process-wide drain (shutdown or handover): stop accepting, turn clients
 //!   away gently, wait for open work up to a deadline.
+//! - [`signal`]: a one-shot signal the request path tests without a lock (the drain's start,
+//!   a target's cut).
 //! - [`metrics`]: Prometheus counters and histograms, and the gauges filled in at scrape.
 //! - [`tls`]: TLS termination with the certificate chosen by server name.
 //! - [`http3`]: HTTP/3 over QUIC on the HTTPS port's UDP socket, into the same pipeline.
