@@ -206,14 +206,20 @@ impl RequestRecord {
             key!("resp_content_type"),
             header_text(self.resp_content_type.as_ref()),
         );
-        line.plain_string(key!("client_addr"), IpText::new(self.peer.ip()).as_str());
+        let client_addr = IpText::new(self.peer.ip());
+        line.plain_string(key!("client_addr"), client_addr.as_str());
         line.plain_string(
             key!("client_port"),
             itoa::Buffer::new().format(self.peer.port()),
         );
         line.plain_string(
             key!("remote_addr"),
-            IpText::new(self.remote_addr().unwrap_or(self.peer.ip())).as_str(),
+            // Usually the peer itself, already formatted above.
+            match self.remote_addr() {
+                Some(remote) if remote != self.peer.ip() => IpText::new(remote),
+                _ => client_addr,
+            }
+            .as_str(),
         );
         line.string(key!("user_agent"), header_text(self.user_agent.as_ref()));
         line.plain_string(key!("proto"), proto_name(self.proto));
