@@ -65,8 +65,25 @@ impl Pebble {
         Self::start_with(http_port, tls_port, PebbleOptions::default())
     }
 
-    /// Starts pebble with `options`.
+    /// Starts pebble with `options`. Its own ports are picked free just before it starts, so
+    /// another test can take one in between: pebble then exits at once ("address already in
+    /// use"), and it is started again on fresh ports.
     pub fn start_with(http_port: u16, tls_port: u16, options: PebbleOptions) -> Self {
+        const ATTEMPTS: usize = 5;
+        for attempt in 1..=ATTEMPTS {
+            let mut started = Self::start_once(http_port, tls_port, options);
+            if started.wait_until_serving() {
+                return started;
+            }
+            eprintln!(
+                "pebble exited while starting (attempt {attempt} of {ATTEMPTS}), starting it again on fresh ports:\n{}",
+                started.log()
+            );
+        }
+        panic!("pebble did not start in {ATTEMPTS} attempts");
+    }
+
+    fn start_once(http_port: u16, tls_port: u16, options: PebbleOptions) -> Self {
         let pebble_bin = require("pebble");
         let dns_bin = require("pebble-challtestsrv");
         let dir = tempfile::tempdir().unwrap();
@@ -125,7 +142,7 @@ impl Pebble {
             .spawn()
             .expect("start pebble");
         let api_ca_pem = ca.pem();
-        let started = Self {
+        Self {
             dir,
             pebble,
             dns,
@@ -133,23 +150,39 @@ impl Pebble {
             management_port,
             dns_management_port,
             api_ca_pem,
-        };
-        started.wait_for_port(acme_port);
-        started.wait_for_port(management_port);
-        started.wait_for_port(dns_management_port);
-        started
+        }
     }
 
-    fn wait_for_port(&self, port: u16) {
+    /// Waits until both processes answer on their ports and are still running a moment later;
+    /// false when one of them exited (a port was taken). A port that answers is not proof on
+    /// its own: whoever took it answers too.
+    fn wait_until_serving(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "pebble did not start:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        for port in [
+            self.acme_port,
+            self.management_port,
+            self.dns_management_port,
+        ] {
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                if self.exited() {
+                    return false;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "pebble did not start:\n{}",
+                    self.log()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
+        std::thread::sleep(Duration::from_millis(200));
+        !self.exited()
+    }
+
+    fn exited(&mut self) -> bool {
+        [&mut self.pebble, &mut self.dns]
+            .into_iter()
+            .any(|child| !matches!(child.try_wait(), Ok(None)))
     }
 
     /// How many orders pebble has finalized (certificates it issued).
