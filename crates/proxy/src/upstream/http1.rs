@@ -182,9 +182,10 @@ impl Http1Client {
             }
         };
 
-        let framing = body_framing(head_request, head.status, &mut head.headers)
+        let framing = body_framing(head_request, head.status, &mut head.headers, head.noted)
             .map_err(|error| failed(error, false))?;
-        let close = head.connection_close || connection_says_close(&head.headers);
+        let close = head.connection_close
+            || (head.noted.connection_kept && connection_says_close(&head.headers));
         let keep_alive =
             head.version == Version::HTTP_11 && !close && !matches!(framing, Framing::UntilClose);
         let mut response = Response::new(Received::Whole(Bytes::new()));
@@ -300,6 +301,28 @@ struct Head {
     headers: HeaderMap,
     /// `Connection: close` was among them (and so left out).
     connection_close: bool,
+    /// What the fields said about framing and the connection, noted as they were parsed so
+    /// that the framing and keep-alive decisions look in the map only for what is there.
+    noted: NotedFields,
+}
+
+/// The framing and connection fields of a response head, as [`parse_head`] met them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct NotedFields {
+    transfer_encoding: bool,
+    content_length: NotedLength,
+    /// A Connection field that stayed in the map (it names more than close or keep-alive).
+    connection_kept: bool,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum NotedLength {
+    #[default]
+    Absent,
+    /// One Content-Length field of plain digits.
+    One(u64),
+    /// Several fields, or one that is not plain digits: [`body_framing`] reads them all.
+    Other,
 }
 
 /// Parses a complete response head off the front of `buffer`, if it holds one. Header values
@@ -358,6 +381,7 @@ fn parse_head(buffer: &mut BytesMut) -> Result<Option<Head>, UpstreamError> {
         version,
         headers: HeaderMap::with_capacity(count),
         connection_close: false,
+        noted: NotedFields::default(),
     };
     for &(name_at, name_len, value_at, value_len) in &places[..count] {
         let (name_at, name_len) = (name_at as usize, name_len as usize);
@@ -377,11 +401,24 @@ fn parse_head(buffer: &mut BytesMut) -> Result<Option<Head>, UpstreamError> {
             if text.eq_ignore_ascii_case(b"keep-alive") {
                 continue;
             }
+            head.noted.connection_kept = true;
+        } else if name == header::CONTENT_LENGTH {
+            head.noted.content_length = match (head.noted.content_length, plain_length(text)) {
+                (NotedLength::Absent, Some(length)) => NotedLength::One(length),
+                _ => NotedLength::Other,
+            };
+        } else if name == header::TRANSFER_ENCODING {
+            head.noted.transfer_encoding = true;
         } else if name.as_str() == "keep-alive" {
             continue;
         }
-        let value = HeaderValue::from_maybe_shared(bytes.slice(value_at..value_at + value_len))
-            .map_err(|_| UpstreamError::InvalidResponse("invalid header value"))?;
+        // SAFETY: `from_maybe_shared_unchecked` asks for bytes `HeaderValue` accepts: tab,
+        // 0x20 to 0x7e and 0x80 to 0xff. httparse has checked every byte of this value against
+        // exactly that set (`its_header_value_bytes_are_the_ones_header_value_accepts` tests
+        // it), so checking again would only cost a second pass over every value.
+        let value = unsafe {
+            HeaderValue::from_maybe_shared_unchecked(bytes.slice(value_at..value_at + value_len))
+        };
         head.headers.append(name, value);
     }
     Ok(Some(head))
@@ -427,12 +464,25 @@ enum Framing {
     UntilClose,
 }
 
+/// A Content-Length value that is plain digits (and fits), as most are.
+fn plain_length(text: &[u8]) -> Option<u64> {
+    if text.is_empty() {
+        return None;
+    }
+    text.iter().try_fold(0u64, |length, &byte| {
+        let digit = byte.wrapping_sub(b'0');
+        (digit <= 9).then_some(())?;
+        length.checked_mul(10)?.checked_add(u64::from(digit))
+    })
+}
+
 /// How the response body is delimited (RFC 9112 section 6.3). A chunked body's
 /// Content-Length is dropped: it must not reach the client beside another framing.
 fn body_framing(
     head_request: bool,
     status: StatusCode,
     headers: &mut HeaderMap,
+    noted: NotedFields,
 ) -> Result<Framing, UpstreamError> {
     if head_request
         || status.is_informational()
@@ -441,7 +491,7 @@ fn body_framing(
     {
         return Ok(Framing::Empty);
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    if noted.transfer_encoding {
         let chunked_last = headers
             .get_all(header::TRANSFER_ENCODING)
             .iter()
@@ -455,6 +505,11 @@ fn body_framing(
         } else {
             Framing::UntilClose
         });
+    }
+    match noted.content_length {
+        NotedLength::Absent => return Ok(Framing::UntilClose),
+        NotedLength::One(length) => return Ok(Framing::Length(length)),
+        NotedLength::Other => {}
     }
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
@@ -690,6 +745,86 @@ mod tests {
         assert!(head.headers.contains_key(header::CONNECTION) && !head.connection_close);
         assert!(connection_says_close(&head.headers));
         assert_eq!(head.headers.len(), 2);
+    }
+
+    #[test]
+    fn its_header_value_bytes_are_the_ones_header_value_accepts() {
+        // parse_head builds values unchecked, trusting httparse's check: the two must agree
+        // on every byte.
+        for byte in 0..=255u8 {
+            let value = [b'a', byte, b'a'];
+            let mut text = b"HTTP/1.1 200 OK\r\nX-Value: ".to_vec();
+            text.extend_from_slice(&value);
+            text.extend_from_slice(b"\r\n\r\nbody");
+            let mut buffer = BytesMut::from(&text[..]);
+            let parsed = parse_head(&mut buffer).ok().flatten();
+            let stored = parsed.as_ref().and_then(|head| head.headers.get("x-value"));
+            match HeaderValue::from_bytes(&value) {
+                Ok(accepted) => assert_eq!(stored, Some(&accepted), "byte {byte:#04x}"),
+                Err(_) => assert!(stored.is_none(), "byte {byte:#04x} got through"),
+            }
+        }
+    }
+
+    #[test]
+    fn framing_and_connection_fields_are_noted_as_they_are_parsed() {
+        let noted = |text: &str| parse(text).noted;
+        assert_eq!(
+            noted("HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nbody"),
+            NotedFields {
+                content_length: NotedLength::One(4),
+                ..NotedFields::default()
+            }
+        );
+        for other in ["4, 4", "+4", " ", "99999999999999999999"] {
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {other}\r\n\r\nbody");
+            assert_eq!(noted(&head).content_length, NotedLength::Other, "{other:?}");
+        }
+        let twice = "HTTP/1.1 200 OK\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\nbody";
+        assert_eq!(noted(twice).content_length, NotedLength::Other);
+        let chunked = noted("HTTP/1.1 200 OK\r\nTRANSFER-ENCODING: chunked\r\n\r\nbody");
+        assert!(chunked.transfer_encoding && !chunked.connection_kept);
+        assert!(noted("HTTP/1.1 200 OK\r\nConnection: close, x-a\r\n\r\nbody").connection_kept);
+        assert_eq!(
+            noted("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nbody"),
+            NotedFields::default()
+        );
+    }
+
+    #[test]
+    fn framing_follows_the_noted_fields_as_it_followed_the_map() {
+        let framing = |text: &str| {
+            let mut head = parse(text);
+            body_framing(false, head.status, &mut head.headers, head.noted).map_err(|_| ())
+        };
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nbody"),
+            Ok(Framing::Length(12))
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nContent-Length: 4, 4\r\n\r\nbody"),
+            Ok(Framing::Length(4))
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nbody"),
+            Err(())
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\nbody"),
+            Err(())
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nX: y\r\n\r\nbody"),
+            Ok(Framing::UntilClose)
+        );
+        let mut head =
+            parse("HTTP/1.1 200 OK\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\nbody");
+        let chunked = body_framing(false, head.status, &mut head.headers, head.noted).ok();
+        assert_eq!(chunked, Some(Framing::Chunked));
+        assert!(
+            !head.headers.contains_key(header::CONTENT_LENGTH),
+            "dropped beside chunked"
+        );
     }
 
     #[test]
