@@ -651,6 +651,12 @@ fn redirect_location<B>(
     request: &Request<B>,
     https_port: u16,
 ) -> Option<String> {
+    // Most services redirect nothing: settled before looking at the request.
+    if !(config.tls.enabled && config.tls.redirect && !conn.tls)
+        && config.tls.canonical_host.is_none()
+    {
+        return None;
+    }
     let host = crate::route::strip_port(request_host(request));
     // The on-demand TLS check for a path is asked over plain HTTP and must be answered there.
     let is_on_demand_check = config.tls.on_demand_url.as_deref().is_some_and(|url| {
