@@ -5,10 +5,10 @@
 //! probes plus a scan of the few path prefixes under one host, so its cost does not grow with
 //! the number of services.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use rustc_hash::FxHashMap;
 
 /// One service's claim on a host and path prefix.
 #[derive(Debug, Clone)]
@@ -65,17 +65,17 @@ pub struct RouteMatch<'a, S> {
 /// An immutable map from host and path to service.
 #[derive(Debug)]
 pub struct RouteTable<S> {
-    exact: HashMap<Box<str>, PathRoutes<S>>,
+    exact: FxHashMap<Box<str>, PathRoutes<S>>,
     /// Keyed by the domain after `*.`: `*.example.com` is stored as `example.com`.
-    wildcard: HashMap<Box<str>, PathRoutes<S>>,
+    wildcard: FxHashMap<Box<str>, PathRoutes<S>>,
     any_host: PathRoutes<S>,
 }
 
 impl<S> Default for RouteTable<S> {
     fn default() -> Self {
         Self {
-            exact: HashMap::new(),
-            wildcard: HashMap::new(),
+            exact: FxHashMap::default(),
+            wildcard: FxHashMap::default(),
             any_host: PathRoutes::default(),
         }
     }
