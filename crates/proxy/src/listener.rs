@@ -105,7 +105,26 @@ impl Default for ServerLimits {
 /// `proxy_protocol`, each connection must open with a PROXY protocol header (v1 or v2),
 /// whose client address then stands for the connection's peer; connections without one are
 /// closed.
-pub async fn serve(
+///
+/// The drain waits for the accept loop as for a connection, from the moment this is called
+/// until the loop has stopped: a connection accepted just as the drain starts is handed to the
+/// drain only after `accept` returns, and a drain that had seen no connection left at that
+/// instant would let the process exit under it (a request lost in a handover, seen under load).
+pub fn serve(
+    listener: TcpListener,
+    proxy: Proxy,
+    tls: Option<Arc<dyn CertificateSource>>,
+    limits: ServerLimits,
+    proxy_protocol: bool,
+) -> impl std::future::Future<Output = ()> + Send {
+    let accepting = proxy.drain().hold();
+    async move {
+        let _accepting = accepting;
+        accept_until_drained(listener, proxy, tls, limits, proxy_protocol).await;
+    }
+}
+
+async fn accept_until_drained(
     listener: TcpListener,
     proxy: Proxy,
     tls: Option<Arc<dyn CertificateSource>>,
@@ -139,6 +158,8 @@ pub async fn serve(
 
     loop {
         let (stream, peer) = tokio::select! {
+            // Checked first: once the drain has begun, nothing more is accepted here.
+            biased;
             _ = drain.started().cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -238,5 +259,37 @@ async fn serve_tls(
             connection::serve(protocols, Box::new(stream), info, proxy, slot).await
         }
         Err(error) => tracing::debug!(%error, peer = %info.peer, "TLS handshake refused"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The drain must not finish while an accept loop could still hand it a connection: one
+    /// accepted as the drain starts would be served by a process about to exit.
+    #[tokio::test]
+    async fn the_drain_waits_for_the_accept_loop_to_stop() {
+        let client = crate::upstream::upstream_client(Duration::from_secs(1));
+        let proxy = Proxy::new(crate::RouteTableHandle::default(), client);
+        let listener = bind(([127, 0, 0, 1], 0).into()).unwrap();
+        let accepting = serve(
+            listener,
+            proxy.clone(),
+            None,
+            ServerLimits::default(),
+            false,
+        );
+
+        let drain = proxy.drain().clone();
+        let finish = tokio::spawn(async move { drain.finish(Duration::from_secs(10)).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !finish.is_finished(),
+            "the drain finished before the accept loop stopped"
+        );
+
+        tokio::spawn(accepting);
+        assert!(finish.await.unwrap(), "the accept loop stops once drained");
     }
 }
