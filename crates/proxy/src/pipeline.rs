@@ -456,6 +456,9 @@ impl Proxy {
             } else {
                 stream_body(incoming)
             })
+        } else if incoming.is_end_stream() {
+            // Most requests: nothing to buffer or stream.
+            Outgoing::Whole(Bytes::new())
         } else if buffering.requests {
             let declared = parts
                 .headers
@@ -469,11 +472,13 @@ impl Proxy {
                 discard_lingering(incoming);
                 return Err(ForwardError::BodyTooLarge);
             }
-            let buffered = match buffer_body(
+            // Boxed, here and for responses: buffering's state is large, and the future of
+            // every request, bodiless ones included, would otherwise be sized for it.
+            let buffered = match Box::pin(buffer_body(
                 &mut incoming,
                 buffering.memory,
                 buffering.max_request_body,
-            )
+            ))
             .await
             {
                 Ok(buffered) => buffered,
@@ -493,8 +498,6 @@ impl Proxy {
                 Ok(bytes) => Outgoing::Whole(bytes),
                 Err(spilled) => Outgoing::Streaming(spilled),
             }
-        } else if incoming.is_end_stream() {
-            Outgoing::Whole(Bytes::new())
         } else {
             Outgoing::Streaming(stream_body(incoming))
         };
@@ -558,14 +561,17 @@ impl Proxy {
             Received::Streaming(mut incoming)
                 if buffering.responses && !is_event_stream(&parts.headers) =>
             {
-                let buffered =
-                    buffer_body(&mut incoming, buffering.memory, buffering.max_response_body)
-                        .await
-                        .map_err(|e| match e {
-                            BufferError::TooLarge(_) => ForwardError::ResponseTooLarge,
-                            BufferError::Read(e) => ForwardError::Unreachable(describe_error(&*e)),
-                            BufferError::Spill(e) => ForwardError::Internal(e.to_string()),
-                        })?;
+                let buffered = Box::pin(buffer_body(
+                    &mut incoming,
+                    buffering.memory,
+                    buffering.max_response_body,
+                ))
+                .await
+                .map_err(|e| match e {
+                    BufferError::TooLarge(_) => ForwardError::ResponseTooLarge,
+                    BufferError::Read(e) => ForwardError::Unreachable(describe_error(&*e)),
+                    BufferError::Spill(e) => ForwardError::Internal(e.to_string()),
+                })?;
                 if !no_body_status(parts.status) {
                     parts
                         .headers
