@@ -241,7 +241,11 @@ impl Proxy {
 
         let found = {
             let routes = self.inner.routes.current();
-            let host = request_host(&request);
+            let host = record
+                .host()
+                .and_then(|v| v.to_str().ok())
+                .or_else(|| request.uri().authority().map(|a| a.as_str()))
+                .unwrap_or_default();
             routes.lookup(host, request.uri().path()).map(|found| {
                 let uri = request.uri();
                 let config = &found.service.settings().config;
@@ -401,12 +405,7 @@ impl Proxy {
         let client_upgrade = upgrade.then(|| ClientUpgrade::of(&mut request));
 
         let (mut parts, incoming) = request.into_parts();
-        let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        let original_host = record.host().cloned();
         // From its parts rather than through `Uri::builder`, whose every step moves the
         // whole builder: about 300 instructions a request.
         let mut uri = http::uri::Parts::default();

@@ -126,6 +126,12 @@ impl RequestRecord {
         }
     }
 
+    /// The request's Host header, else its target's authority. Found by `begin`'s pass over
+    /// the headers, so routing and forwarding need not look it up again.
+    pub fn host(&self) -> Option<&HeaderValue> {
+        self.host.as_ref()
+    }
+
     /// The client-IP header's address, else the first X-Forwarded-For entry (kamal-proxy's
     /// `remote_addr`).
     fn remote_addr(&self) -> Option<IpAddr> {
