@@ -660,8 +660,7 @@ mod tests {
             header_read_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
         };
-        let client = crate::upstream::upstream_client(Duration::from_secs(1));
-        let proxy = Proxy::new(crate::RouteTableHandle::default(), client);
+        let proxy = Proxy::for_tests();
         let info = ConnectionInfo {
             peer: ([127, 0, 0, 1], 1).into(),
             local_port: 80,
@@ -684,7 +683,6 @@ mod tests {
             header_read_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
         });
-        let client = crate::upstream::upstream_client(Duration::from_secs(1));
         let parked = Parked {
             stream: tokio::io::duplex(64).0,
             replay: Bytes::new(),
@@ -694,7 +692,7 @@ mod tests {
                 local_port: 80,
                 tls: false,
             },
-            proxy: Proxy::new(crate::RouteTableHandle::default(), client),
+            proxy: Proxy::for_tests(),
             slot: ConnectionSlot::new(None),
             idle_left: Duration::from_secs(1),
         };

@@ -270,8 +270,7 @@ mod tests {
     /// accepted as the drain starts would be served by a process about to exit.
     #[tokio::test]
     async fn the_drain_waits_for_the_accept_loop_to_stop() {
-        let client = crate::upstream::upstream_client(Duration::from_secs(1));
-        let proxy = Proxy::new(crate::RouteTableHandle::default(), client);
+        let proxy = Proxy::for_tests();
         let listener = bind(([127, 0, 0, 1], 0).into()).unwrap();
         let accepting = serve(
             listener,

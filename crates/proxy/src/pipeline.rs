@@ -241,11 +241,7 @@ impl Proxy {
 
         let found = {
             let routes = self.inner.routes.current();
-            let host = record
-                .host()
-                .and_then(|v| v.to_str().ok())
-                .or_else(|| request.uri().authority().map(|a| a.as_str()))
-                .unwrap_or_default();
+            let host = record.host_name();
             routes.lookup(host, request.uri().path()).map(|found| {
                 let uri = request.uri();
                 let config = &found.service.settings().config;
@@ -289,7 +285,9 @@ impl Proxy {
         }
         record.capture_headers("req_", &config.log_request_headers, request.headers());
 
-        if let Some(location) = redirect_location(config, conn, &request, self.inner.https_port) {
+        let location =
+            redirect_location(config, conn, &record, request.uri(), self.inner.https_port);
+        if let Some(location) = location {
             record.status = 301;
             record.emit();
             return redirect(location);
@@ -651,10 +649,11 @@ fn time_limit(timeout: std::time::Duration) -> std::time::Duration {
 }
 
 /// Where to send a request that should be on HTTPS or on the canonical host, if anywhere.
-fn redirect_location<B>(
+fn redirect_location(
     config: &ServiceConfig,
     conn: ConnectionInfo,
-    request: &Request<B>,
+    record: &RequestRecord,
+    uri: &Uri,
     https_port: u16,
 ) -> Option<String> {
     // Most services redirect nothing: settled before looking at the request.
@@ -663,10 +662,10 @@ fn redirect_location<B>(
     {
         return None;
     }
-    let host = crate::route::strip_port(request_host(request));
+    let host = crate::route::strip_port(record.host_name());
     // The on-demand TLS check for a path is asked over plain HTTP and must be answered there.
     let is_on_demand_check = config.tls.on_demand_url.as_deref().is_some_and(|url| {
-        url.starts_with('/') && request.uri().path() == url.split('?').next().unwrap_or(url)
+        url.starts_with('/') && uri.path() == url.split('?').next().unwrap_or(url)
     });
     let to_https = config.tls.enabled && config.tls.redirect && !conn.tls && !is_on_demand_check;
     let canonical = config
@@ -693,11 +692,7 @@ fn redirect_location<B>(
         ("https", 443) | ("http", 80) => String::new(),
         (_, port) => format!(":{port}"),
     };
-    let path = request
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     Some(format!(
         "{scheme}://{}{port}{path}",
         canonical.unwrap_or(host)
@@ -711,16 +706,6 @@ fn redirect(location: String) -> Response<ProxyBody> {
         response.headers_mut().insert(header::LOCATION, value);
     }
     response
-}
-
-/// The host a request is for: the Host header, or the HTTP/2 `:authority`.
-fn request_host<B>(request: &Request<B>) -> &str {
-    request
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| request.uri().authority().map(|a| a.as_str()))
-        .unwrap_or_default()
 }
 
 /// The path and the untouched query for the upstream request.
@@ -862,6 +847,15 @@ impl Drop for ObservedBody {
 }
 
 #[cfg(test)]
+impl Proxy {
+    /// A proxy with no routes whose target client gives up after a second, for unit tests.
+    pub(crate) fn for_tests() -> Self {
+        let client = crate::upstream::upstream_client(std::time::Duration::from_secs(1));
+        Proxy::new(RouteTableHandle::default(), client)
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -870,8 +864,7 @@ mod tests {
     /// puts a large state back into it, such as buffering's (about 600 bytes) unboxed.
     #[tokio::test]
     async fn a_request_future_stays_small() {
-        let client = crate::upstream::upstream_client(std::time::Duration::from_secs(1));
-        let proxy = Proxy::new(RouteTableHandle::default(), client);
+        let proxy = Proxy::for_tests();
         let info = ConnectionInfo {
             peer: ([127, 0, 0, 1], 1).into(),
             local_port: 80,

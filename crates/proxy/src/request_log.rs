@@ -126,10 +126,17 @@ impl RequestRecord {
         }
     }
 
-    /// The request's Host header, else its target's authority. Found by `begin`'s pass over
-    /// the headers, so routing and forwarding need not look it up again.
+    /// The request's Host header, else its target's authority (HTTP/2's `:authority`). Found
+    /// by `begin`'s pass over the headers, so routing, redirects and forwarding need not look
+    /// it up again.
     pub fn host(&self) -> Option<&HeaderValue> {
         self.host.as_ref()
+    }
+
+    /// [`RequestRecord::host`] as text; empty when absent. A Host header that is not visible
+    /// ASCII never gets this far: `check_request_head` refuses it.
+    pub fn host_name(&self) -> &str {
+        header_text(self.host.as_ref())
     }
 
     /// The client-IP header's address, else the first X-Forwarded-For entry (kamal-proxy's
