@@ -40,6 +40,7 @@ use tokio::time::Instant;
 use crate::body::{BoxError, ProxyBody};
 use crate::client_io::{self, Activity, ClientIo, EarlyHints, Relocate, RequestGuard};
 use crate::drain::Drain;
+use crate::fast_http1::{self, FastEnd};
 use crate::parking;
 use crate::pipeline::{ConnectionInfo, Proxy};
 use crate::tunnel::{self, UpgradeHandOff};
@@ -124,6 +125,9 @@ pub struct Protocols {
     pub http2: http2::Builder<TokioExecutor>,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Largest request head in bytes, and most header fields: hyper is told the same.
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
 }
 
 /// What a connection holds for as long as it is open, parked or not: its place under the
@@ -292,13 +296,27 @@ struct Watch {
 
 async fn serve_http1<S>(
     protocols: &Arc<Protocols>,
-    io: ClientIo<S>,
+    mut io: ClientIo<S>,
     info: ConnectionInfo,
     proxy: Proxy,
     slot: ConnectionSlot,
 ) where
     S: AsyncRead + AsyncWrite + Relocate + Unpin + Send + 'static,
 {
+    let limits = fast_http1::Limits {
+        header_read_timeout: protocols.header_read_timeout,
+        max_header_bytes: protocols.max_header_bytes,
+        max_headers: protocols.max_headers,
+    };
+    if limits.allow_fast_path() {
+        match without_hyper(&mut io, info, &proxy, limits).await {
+            FastEnd::Closed => return,
+            FastEnd::Parked { quiet_since } => {
+                return park_quiet(protocols, io, info, proxy, slot, quiet_since)
+            }
+            FastEnd::ToHyper => {}
+        }
+    }
     let watch = Watch {
         activity: Arc::clone(io.activity()),
         header_read_timeout: protocols.header_read_timeout,
@@ -320,21 +338,36 @@ async fn serve_http1<S>(
             connection,
             quiet_since,
         } => {
-            let (stream, replay) = connection.io.into_parts();
             let Http1Service { proxy, info, .. } = connection.service;
-            let parked = Parked {
-                stream,
-                replay,
-                protocols: Arc::clone(protocols),
-                info,
-                proxy,
-                slot,
-                idle_left: protocols.idle_timeout.saturating_sub(quiet_since.elapsed()),
-            };
-            let_go();
-            park(parked);
+            park_quiet(protocols, connection.io, info, proxy, slot, quiet_since);
         }
     }
+}
+
+/// Parks a connection that has been quiet since `quiet_since`: what it holds while serving
+/// is let go, and the rest waits for its client in a task of its own.
+fn park_quiet<S>(
+    protocols: &Arc<Protocols>,
+    io: ClientIo<S>,
+    info: ConnectionInfo,
+    proxy: Proxy,
+    slot: ConnectionSlot,
+    quiet_since: Instant,
+) where
+    S: AsyncRead + AsyncWrite + Relocate + Unpin + Send + 'static,
+{
+    let (stream, replay) = io.into_parts();
+    let parked = Parked {
+        stream,
+        replay,
+        protocols: Arc::clone(protocols),
+        info,
+        proxy,
+        slot,
+        idle_left: protocols.idle_timeout.saturating_sub(quiet_since.elapsed()),
+    };
+    let_go();
+    park(parked);
 }
 
 /// Moves a parked connection into a task of its own, made on the parking thread (see
@@ -399,9 +432,22 @@ where
     Box::pin(async move { serve_http1(&protocols, io, info, proxy, slot).await })
 }
 
-// The two functions below are not `async`: what they start is boxed, so that hyper's state
+// The three functions below are not `async`: what they start is boxed, so that hyper's state
 // (about 2 KB) and a relay's are allocated only while in use, instead of being reserved in
 // every connection's task, parked ones included.
+
+/// Serves the connection's simple requests without hyper (see `fast_http1`).
+fn without_hyper<'a, S>(
+    io: &'a mut ClientIo<S>,
+    info: ConnectionInfo,
+    proxy: &'a Proxy,
+    limits: fast_http1::Limits,
+) -> Pin<Box<dyn std::future::Future<Output = FastEnd> + Send + 'a>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    Box::pin(fast_http1::serve(io, info, proxy, limits, PARK_AFTER_QUIET))
+}
 
 /// Serves the connection with hyper until it closes, parks or upgrades.
 fn with_hyper<'a, S>(
@@ -659,6 +705,8 @@ mod tests {
             http2: http2::Builder::new(TokioExecutor::new()),
             header_read_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
+            max_header_bytes: 8192,
+            max_headers: 100,
         };
         let proxy = Proxy::for_tests();
         let info = ConnectionInfo {
@@ -682,6 +730,8 @@ mod tests {
             http2: http2::Builder::new(TokioExecutor::new()),
             header_read_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
+            max_header_bytes: 8192,
+            max_headers: 100,
         });
         let parked = Parked {
             stream: tokio::io::duplex(64).0,

@@ -35,6 +35,7 @@ pub(crate) mod connection;
 pub mod drain;
 mod duration;
 mod error_page;
+mod fast_http1;
 mod headers;
 pub mod health;
 pub mod http3;

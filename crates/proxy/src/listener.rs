@@ -153,6 +153,8 @@ async fn accept_until_drained(
         http2,
         header_read_timeout: limits.header_read_timeout,
         idle_timeout: limits.idle_timeout,
+        max_header_bytes: limits.max_header_bytes,
+        max_headers: limits.max_headers,
     });
     let drain = proxy.drain().clone();
 
