@@ -413,7 +413,9 @@ impl Proxy {
         parts.uri = Uri::from_parts(uri).map_err(|e| ForwardError::Internal(e.to_string()))?;
         parts.version = Version::HTTP_11;
         headers::remove_hop_by_hop(&mut parts.headers, upgrade);
-        if let Some(host) = &original_host {
+        // A Host header the client sent is forwarded as it is; one taken from HTTP/2's
+        // `:authority` is added. (Inserting it anyway grew a full map on every request.)
+        if let (Some(host), true) = (&original_host, record.host_from_authority()) {
             parts.headers.insert(header::HOST, host.clone());
         }
         let peer_ip = conn.peer.ip();

@@ -29,6 +29,8 @@ macro_rules! key {
 pub struct RequestRecord {
     started: Instant,
     host: Option<HeaderValue>,
+    /// The host came from the target's authority (HTTP/2's `:authority`), not a Host header.
+    host_from_authority: bool,
     pub port: u16,
     uri: Uri,
     pub method: Method,
@@ -92,12 +94,14 @@ impl RequestRecord {
                 *slot = Some(value);
             }
         }
+        let host_from_authority = host.is_none();
         let host = host.cloned().or_else(|| {
             let authority = request.uri().authority()?;
             HeaderValue::from_str(authority.as_str()).ok()
         });
         Self {
             started: Instant::now(),
+            host_from_authority: host_from_authority && host.is_some(),
             host,
             port: local_port,
             uri: request.uri().clone(),
@@ -131,6 +135,12 @@ impl RequestRecord {
     /// it up again.
     pub fn host(&self) -> Option<&HeaderValue> {
         self.host.as_ref()
+    }
+
+    /// Whether [`RequestRecord::host`] came from the target's authority: a request forwarded
+    /// with it needs a Host header added.
+    pub fn host_from_authority(&self) -> bool {
+        self.host_from_authority
     }
 
     /// [`RequestRecord::host`] as text; empty when absent. A Host header that is not visible
