@@ -151,7 +151,12 @@ impl Http1Client {
         let mut received_any = false;
         let mut head = 'head: loop {
             // One read may bring an interim response and the final one together.
-            while let Some(head) = parse_head(&mut buffer).map_err(|error| failed(error, false))? {
+            // (Nothing to parse before the first read: the buffer starts empty.)
+            while !buffer.is_empty() {
+                let Some(head) = parse_head(&mut buffer).map_err(|error| failed(error, false))?
+                else {
+                    break;
+                };
                 if head.status == StatusCode::SWITCHING_PROTOCOLS {
                     let error = UpstreamError::InvalidResponse("switching protocols unasked");
                     return Err(failed(error, false));
@@ -365,15 +370,16 @@ fn parse_head(buffer: &mut BytesMut) -> Result<Option<Head>, UpstreamError> {
     // On the stack: a head rarely has more than a dozen fields.
     let start = buffer.as_ptr() as usize;
     let count = parsed.headers.len();
-    let mut places = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    // Left uninitialised, as the slots above: only the first `count` are written and read.
+    let mut places = [const { MaybeUninit::<(u32, u32, u32, u32)>::uninit() }; MAX_HEADERS];
     for (place, field) in places.iter_mut().zip(parsed.headers.iter()) {
         // Offsets within a head of at most MAX_HEAD bytes: they fit a u32.
-        *place = (
+        place.write((
             (field.name.as_ptr() as usize - start) as u32,
             field.name.len() as u32,
             (field.value.as_ptr() as usize - start) as u32,
             field.value.len() as u32,
-        );
+        ));
     }
     let bytes = buffer.split_to(head_len).freeze();
     let mut head = Head {
@@ -383,7 +389,9 @@ fn parse_head(buffer: &mut BytesMut) -> Result<Option<Head>, UpstreamError> {
         connection_close: false,
         noted: NotedFields::default(),
     };
-    for &(name_at, name_len, value_at, value_len) in &places[..count] {
+    for place in &places[..count] {
+        // SAFETY: the loop above wrote one place for each of the `count` parsed fields.
+        let (name_at, name_len, value_at, value_len) = unsafe { place.assume_init() };
         let (name_at, name_len) = (name_at as usize, name_len as usize);
         let (value_at, value_len) = (value_at as usize, value_len as usize);
         let name_bytes = &bytes[name_at..name_at + name_len];
