@@ -467,8 +467,10 @@ where
     if !read_buf.is_empty() {
         return None;
     }
-    if read_buf.capacity() < MIN_READ_ROOM {
-        read_buf.reserve(READ_BUFFER);
+    // Any room will do to see a close. Growing the buffer here would allocate a new one:
+    // the request's head, a view of the current one, is still alive.
+    if read_buf.capacity() == 0 {
+        read_buf.reserve(MIN_READ_ROOM);
     }
     match tokio_util::io::poll_read_buf(Pin::new(io), cx, read_buf) {
         Poll::Ready(Ok(0)) => Some(io::Error::new(
