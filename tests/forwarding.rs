@@ -279,6 +279,126 @@ async fn raw_exchange(address: std::net::SocketAddr, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
+/// Splits pipelined HTTP/1.1 responses: (status line, lower-cased head, body) each, framed
+/// by Content-Length (or none, for the HEAD request at `head_at`).
+fn split_responses(mut raw: &[u8], head_at: Option<usize>) -> Vec<(String, String, String)> {
+    let mut responses = Vec::new();
+    while !raw.is_empty() {
+        let end = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("no complete head in {:?}", String::from_utf8_lossy(raw)));
+        let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+        raw = &raw[end + 4..];
+        let status = head.lines().next().unwrap_or_default().to_string();
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length: "))
+            .map_or(0, |length| length.trim().parse().unwrap());
+        let length = if head_at == Some(responses.len()) {
+            0
+        } else {
+            length
+        };
+        let body = String::from_utf8_lossy(&raw[..length]).into_owned();
+        raw = &raw[length..];
+        responses.push((status, head, body));
+    }
+    responses
+}
+
+/// Simple requests are served without hyper and anything else by hyper: one connection that
+/// goes from one to the other mid-stream, pipelined, gets every answer in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order_across_both_http1_paths() {
+    let proxy = ProxyProcess::start();
+    let app = Upstream::start("app").await;
+    proxy.deploy("web", &app.target(), &["--host=app.test"]);
+    let sent = concat!(
+        "GET /first HTTP/1.1\r\nHost: app.test\r\n\r\n",
+        "DELETE /second?x=1 HTTP/1.1\r\nHost: app.test\r\nX-Thing: a\r\nx-thing: b\r\n\r\n",
+        "POST /echo HTTP/1.1\r\nHost: app.test\r\nContent-Length: 5\r\n\r\nhello",
+        "GET /fourth HTTP/1.1\r\nHost: app.test\r\n\r\n",
+        "HEAD /fifth HTTP/1.1\r\nHost: app.test\r\n\r\n",
+        "GET /nowhere HTTP/1.1\r\nHost: unknown.test\r\n\r\n",
+        "GET /last HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
+    );
+    let answer = raw_exchange(proxy.address(), sent.as_bytes()).await;
+    let responses = split_responses(answer.as_bytes(), Some(4));
+    let statuses: Vec<_> = responses
+        .iter()
+        .map(|(status, ..)| status.as_str())
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            "http/1.1 200 ok",
+            "http/1.1 200 ok",
+            "http/1.1 200 ok",
+            "http/1.1 200 ok",
+            "http/1.1 200 ok",
+            "http/1.1 404 not found",
+            "http/1.1 200 ok"
+        ],
+        "{answer}"
+    );
+    let first = report(&responses[0].2);
+    assert_eq!(first["path"], "/first");
+    assert_eq!(first["method"], "GET");
+    let second = report(&responses[1].2);
+    assert_eq!(second["method"], "DELETE");
+    assert_eq!(second["query"], "x=1");
+    // The stand-in app reports one value per name (the unit tests see both kept).
+    assert_eq!(second["headers"]["x-thing"], "b", "a repeated field: {second}");
+    assert_eq!(responses[2].2, "hello", "the body hyper read");
+    assert_eq!(report(&responses[3].2)["path"], "/fourth");
+    let (_, head, body) = &responses[4];
+    assert!(
+        head.contains("content-length: "),
+        "HEAD keeps the length: {head}"
+    );
+    assert!(body.is_empty());
+    assert_eq!(report(&responses[6].2)["path"], "/last");
+    for (status, head, _) in &responses {
+        assert!(
+            head.contains("\r\ndate: "),
+            "{status}: a date, as hyper sends: {head}"
+        );
+    }
+    assert!(
+        responses[6].1.contains("connection: close"),
+        "the client asked to close: {}",
+        responses[6].1
+    );
+}
+
+/// A head that arrives in pieces is put together before it is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_sent_in_pieces_is_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let proxy = ProxyProcess::start();
+    let app = Upstream::start("app").await;
+    proxy.deploy("web", &app.target(), &["--host=app.test"]);
+    let mut stream = tokio::net::TcpStream::connect(proxy.address())
+        .await
+        .unwrap();
+    for piece in [
+        "GET /pie",
+        "ces HTTP/1.1\r\nHo",
+        "st: app.test\r\nConnection: close\r\n",
+        "\r\n",
+    ] {
+        stream.write_all(piece.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    let responses = split_responses(&answer, None);
+    assert_eq!(responses.len(), 1, "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(responses[0].0, "http/1.1 200 ok");
+    assert_eq!(report(&responses[0].2)["path"], "/pieces");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_chunked_body_is_400_buffered_or_not() {
     let proxy = ProxyProcess::start();
