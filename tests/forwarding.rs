@@ -349,7 +349,10 @@ async fn pipelined_requests_are_answered_in_order_across_both_http1_paths() {
     assert_eq!(second["method"], "DELETE");
     assert_eq!(second["query"], "x=1");
     // The stand-in app reports one value per name (the unit tests see both kept).
-    assert_eq!(second["headers"]["x-thing"], "b", "a repeated field: {second}");
+    assert_eq!(
+        second["headers"]["x-thing"], "b",
+        "a repeated field: {second}"
+    );
     assert_eq!(responses[2].2, "hello", "the body hyper read");
     assert_eq!(report(&responses[3].2)["path"], "/fourth");
     let (_, head, body) = &responses[4];

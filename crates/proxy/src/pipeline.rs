@@ -554,7 +554,7 @@ impl Proxy {
                 if buffering.responses && max > 0 && bytes.len() as u64 > max {
                     return Err(ForwardError::ResponseTooLarge);
                 }
-                body::full(bytes)
+                AppBody::Whole(Some(bytes))
             }
             // An event stream never ends: held whole, it would never deliver an event.
             Received::Streaming(mut incoming)
@@ -576,9 +576,9 @@ impl Proxy {
                         .headers
                         .insert(header::CONTENT_LENGTH, HeaderValue::from(buffered.len));
                 }
-                buffered.into_body()
+                AppBody::Streamed(buffered.into_body())
             }
-            Received::Streaming(incoming) => incoming,
+            Received::Streaming(incoming) => AppBody::Streamed(incoming),
         };
         Ok(Forwarded::Response(Response::from_parts(parts, outgoing)))
     }
@@ -591,8 +591,53 @@ struct Downstream {
 }
 
 enum Forwarded {
-    Response(Response<ProxyBody>),
+    Response(Response<AppBody>),
     Upgraded(Response<ProxyBody>),
+}
+
+/// The app's response body as the pipeline passes it on: most arrive whole with their head
+/// and are held as they are, sparing a boxed body (an allocation, and a call through a
+/// pointer for each frame) on the way.
+enum AppBody {
+    /// Not yet sent (`None` once it has been).
+    Whole(Option<Bytes>),
+    Streamed(ProxyBody),
+}
+
+impl Body for AppBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            AppBody::Whole(bytes) => Poll::Ready(
+                bytes
+                    .take()
+                    .filter(|b| !b.is_empty())
+                    .map(|b| Ok(Frame::data(b))),
+            ),
+            AppBody::Streamed(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            AppBody::Whole(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
+            AppBody::Streamed(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            AppBody::Whole(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            AppBody::Streamed(body) => body.size_hint(),
+        }
+    }
 }
 
 /// How long, and how much, of a refused upload is read and thrown away: enough for a client
@@ -772,7 +817,7 @@ impl<B: ClientRequestBody> Body for ClientBody<B> {
 /// is sent (so draining waits for streaming responses), cuts the stream when the drain
 /// timeout fires, and writes the log line at the end.
 struct ObservedBody {
-    inner: ProxyBody,
+    inner: AppBody,
     claim: Option<InFlight>,
     record: Option<RequestRecord>,
     cut: Signal,
