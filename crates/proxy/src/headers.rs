@@ -227,7 +227,7 @@ impl AddedHeaders {
             head.extend_from_slice(value);
             head.extend_from_slice(b"\r\n");
         };
-        line(b"x-forwarded-for: ", self.forwarded_for.as_str().as_bytes());
+        line(b"x-forwarded-for: ", self.forwarded_for.as_bytes());
         line(b"x-forwarded-proto: ", self.forwarded_proto.as_bytes());
         if let Some(host) = &self.forwarded_host {
             line(b"x-forwarded-host: ", host.as_bytes());
@@ -239,7 +239,7 @@ impl AddedHeaders {
 
     /// Puts them in `headers`, for a request sent by a client that writes its own head.
     pub fn insert_into(self, headers: &mut HeaderMap) {
-        let forwarded_for = HeaderValue::from_str(self.forwarded_for.as_str())
+        let forwarded_for = HeaderValue::from_bytes(self.forwarded_for.as_bytes())
             .expect("an IP address is a valid header value");
         headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
         headers.insert(
