@@ -35,13 +35,26 @@ pub struct Pebble {
     pub api_ca_pem: String,
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, for a listener that must be named before it is made
+/// (pebble is told the proxy's HTTP port before the proxy starts).
+///
+/// Taken below the kernel's ephemeral range (32768 and up): a port the kernel hands out for
+/// `bind(0)` is also what it hands the many outgoing connections of the tests running
+/// alongside, and one of those took such a port before the proxy could bind it ("Address
+/// already in use", seen in CI). Below that range only another test's pick can collide, and
+/// picks are spread at random.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::hash::{BuildHasher, RandomState};
+    static PICKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    for _ in 0..1000 {
+        let pick = PICKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let random = RandomState::new().hash_one((pick, std::process::id(), Instant::now()));
+        let port = 20_000 + (random % 12_000) as u16;
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between 20000 and 32000");
 }
 
 fn require(binary: &str) -> PathBuf {
