@@ -571,7 +571,9 @@ where
         match event {
             Event::Ended(ended) => break ended,
             Event::Tick => {
-                if head_read_too_long(activity, &mut head_seen, *header_read_timeout) {
+                let head_begun = activity.head_begun();
+                let requests = activity.requests();
+                if head_read_too_long(head_begun, requests, &mut head_seen, *header_read_timeout) {
                     tracing::debug!(peer = %info.peer, "No complete request head in time; closing the connection");
                     return Http1End::Closed;
                 }
@@ -630,18 +632,20 @@ where
 
 /// The header read timeout, kept by the connection's one-second tick instead of by hyper: its
 /// timer cost a boxed sleep and a timer-wheel entry per request, about 1,300 instructions of
-/// ~41,000. Whether a request head has begun (and not yet completed) since `head_seen` was
-/// noted, for longer than `timeout`.
-fn head_read_too_long(
-    activity: &Activity,
+/// ~41,000. Called on each tick with whether a request head has begun (and is not yet
+/// complete) and how many requests the connection has served, which tells one head from the
+/// next: whether the current head has been under way since `head_seen` was noted for longer
+/// than `timeout`. Both HTTP/1.1 paths use it (see `fast_http1`).
+pub(crate) fn head_read_too_long(
+    head_begun: bool,
+    requests: u64,
     head_seen: &mut Option<(u64, Instant)>,
     timeout: Duration,
 ) -> bool {
-    if !activity.head_begun() {
+    if !head_begun {
         *head_seen = None;
         return false;
     }
-    let requests = activity.requests();
     match *head_seen {
         Some((seen_at_request, since)) if seen_at_request == requests => since.elapsed() >= timeout,
         _ => {

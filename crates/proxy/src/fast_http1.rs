@@ -36,6 +36,7 @@ use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 use crate::client_io::{Activity, ClientIo, EarlyHints};
+use crate::connection::head_read_too_long;
 use crate::pipeline::{ConnectionInfo, Proxy};
 
 /// hyper's default limit on header fields, and so the most this module parses. A
@@ -108,8 +109,7 @@ where
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut events_seen = activity.events();
     let mut quiet_since = Instant::now();
-    // When a tick first saw the current head begun (with the requests served then, which
-    // tells one head from the next); see `connection::head_read_too_long`.
+    // When a tick first saw the current head begun (see `connection::head_read_too_long`).
     let mut head_seen: Option<(u64, Instant)> = None;
     let mut served: u64 = 0;
     let mut draining = drain.is_started();
@@ -200,18 +200,11 @@ where
                 return FastEnd::Closed;
             }
             Event::Tick => {
-                if idle {
-                    head_seen = None;
-                } else {
-                    match head_seen {
-                        Some((seen_at, since)) if seen_at == served => {
-                            if since.elapsed() >= limits.header_read_timeout {
-                                tracing::debug!(peer = %info.peer, "No complete request head in time; closing the connection");
-                                return FastEnd::Closed;
-                            }
-                        }
-                        _ => head_seen = Some((served, Instant::now())),
-                    }
+                // Bytes held unparsed are a head begun, whenever they arrived.
+                let timeout = limits.header_read_timeout;
+                if head_read_too_long(!idle, served, &mut head_seen, timeout) {
+                    tracing::debug!(peer = %info.peer, "No complete request head in time; closing the connection");
+                    return FastEnd::Closed;
                 }
                 let events = activity.events();
                 if events != events_seen {
