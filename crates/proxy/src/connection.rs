@@ -410,9 +410,9 @@ where
     let counted = Counted::new(&PARKED);
     let woken = wait_for_bytes(&mut stream, &mut replay, idle_left, proxy.drain()).await;
     drop(counted);
-    let io = ClientIo::with_replay(stream, replay);
+    let mut io = ClientIo::with_replay(stream, replay);
     if !woken {
-        close_quietly(io).await;
+        close_quietly(&mut io).await;
         return;
     }
     serve_again(protocols, io, info, proxy, slot).await;
@@ -626,7 +626,7 @@ where
             quiet_since,
         };
     }
-    close_quietly(io).await;
+    close_quietly(&mut io).await;
     Http1End::Closed
 }
 
@@ -656,7 +656,7 @@ pub(crate) fn head_read_too_long(
 }
 
 /// Ends the connection with a FIN (or TLS close_notify), as hyper would have.
-async fn close_quietly<S>(mut io: ClientIo<S>)
+pub(crate) async fn close_quietly<S>(io: &mut ClientIo<S>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {

@@ -36,7 +36,7 @@ use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 use crate::client_io::{Activity, ClientIo, EarlyHints};
-use crate::connection::head_read_too_long;
+use crate::connection::{close_quietly, head_read_too_long};
 use crate::pipeline::{ConnectionInfo, Proxy};
 
 /// hyper's default limit on header fields, and so the most this module parses. A
@@ -731,14 +731,6 @@ fn write_date(out: &mut Vec<u8>) {
         out.extend_from_slice(&cached.1);
         out.extend_from_slice(b"\r\n");
     });
-}
-
-/// Ends the connection with a FIN (or TLS close_notify), as hyper would have.
-async fn close_quietly<S>(io: &mut ClientIo<S>)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
 }
 
 #[cfg(test)]
