@@ -41,7 +41,7 @@ use crate::pipeline::{ConnectionInfo, Proxy};
 
 /// hyper's default limit on header fields, and so the most this module parses. A
 /// configuration that allows more leaves every connection to hyper.
-pub const MAX_HEADERS: usize = 100;
+pub const MAX_HEADERS: usize = crate::listener::DEFAULT_MAX_HEADERS;
 
 /// hyper's limit on a request target; longer ones get its `414`.
 const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
