@@ -544,12 +544,7 @@ where
     }
     let mut ticks = tokio::time::interval_at(Instant::now() + PARK_AFTER_QUIET, PARK_AFTER_QUIET);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut events_seen = activity.events();
-    let mut quiet_since = Instant::now();
-    // When a tick first saw the current request head begun (with the request count then,
-    // which tells one head from the next): the head must be complete within the header read
-    // timeout of that, so between the timeout and a tick more after the head's first bytes.
-    let mut head_seen: Option<(u64, Instant)> = None;
+    let mut quiet = QuietWatch::new(activity);
     let mut parking = false;
     let mut draining = drain.is_started();
     let mut closing = false;
@@ -572,19 +567,19 @@ where
             Event::Ended(ended) => break ended,
             Event::Tick => {
                 let head_begun = activity.head_begun();
+                let idle = activity.is_idle() && !head_begun;
                 let requests = activity.requests();
-                if head_read_too_long(head_begun, requests, &mut head_seen, *header_read_timeout) {
-                    tracing::debug!(peer = %info.peer, "No complete request head in time; closing the connection");
-                    return Http1End::Closed;
-                }
-                let events = activity.events();
-                if events != events_seen {
-                    events_seen = events;
-                    quiet_since = Instant::now();
-                } else if activity.is_idle() && !activity.head_begun() {
-                    // Idle: hyper closes its side at once, without writing anything.
-                    Pin::new(&mut connection).graceful_shutdown();
-                    parking = true;
+                match quiet.tick(activity, head_begun, requests, idle, *header_read_timeout) {
+                    Tick::HeadTooSlow => {
+                        tracing::debug!(peer = %info.peer, "No complete request head in time; closing the connection");
+                        return Http1End::Closed;
+                    }
+                    Tick::Quiet => {
+                        // Idle: hyper closes its side at once, without writing anything.
+                        Pin::new(&mut connection).graceful_shutdown();
+                        parking = true;
+                    }
+                    Tick::Busy => {}
                 }
             }
             Event::DrainStarted => draining = true,
@@ -623,20 +618,82 @@ where
                 io,
                 service: parts.service,
             },
-            quiet_since,
+            quiet_since: quiet.since(),
         };
     }
     close_quietly(&mut io).await;
     Http1End::Closed
 }
 
+/// What a connection's one-second tick found, on either HTTP/1.1 path.
+pub(crate) enum Tick {
+    /// A request head has taken longer than the header read timeout: close.
+    HeadTooSlow,
+    /// Nothing has moved since the last tick and nothing is under way: park.
+    Quiet,
+    Busy,
+}
+
+/// What the one-second tick remembers between ticks: the activity it last saw, since when
+/// the connection has been quiet, and when it first saw the current head begun.
+pub(crate) struct QuietWatch {
+    events_seen: u64,
+    quiet_since: Instant,
+    head_seen: Option<(u64, Instant)>,
+}
+
+impl QuietWatch {
+    pub(crate) fn new(activity: &Activity) -> Self {
+        Self {
+            events_seen: activity.events(),
+            quiet_since: Instant::now(),
+            head_seen: None,
+        }
+    }
+
+    /// `head_begun`: a request head has begun and is not yet complete; `requests`: requests
+    /// served so far (which tells one head from the next); `idle`: no request in flight, no
+    /// write waiting and no head begun.
+    pub(crate) fn tick(
+        &mut self,
+        activity: &Activity,
+        head_begun: bool,
+        requests: u64,
+        idle: bool,
+        header_read_timeout: Duration,
+    ) -> Tick {
+        if head_read_too_long(
+            head_begun,
+            requests,
+            &mut self.head_seen,
+            header_read_timeout,
+        ) {
+            return Tick::HeadTooSlow;
+        }
+        let events = activity.events();
+        if events != self.events_seen {
+            self.events_seen = events;
+            self.quiet_since = Instant::now();
+            Tick::Busy
+        } else if idle {
+            Tick::Quiet
+        } else {
+            Tick::Busy
+        }
+    }
+
+    /// Since when nothing has moved, as of the last tick.
+    pub(crate) fn since(&self) -> Instant {
+        self.quiet_since
+    }
+}
+
 /// The header read timeout, kept by the connection's one-second tick instead of by hyper: its
 /// timer cost a boxed sleep and a timer-wheel entry per request, about 1,300 instructions of
-/// ~41,000. Called on each tick with whether a request head has begun (and is not yet
-/// complete) and how many requests the connection has served, which tells one head from the
-/// next: whether the current head has been under way since `head_seen` was noted for longer
-/// than `timeout`. Both HTTP/1.1 paths use it (see `fast_http1`).
-pub(crate) fn head_read_too_long(
+/// ~41,000. Whether the current head has been under way for longer than `timeout` since a
+/// tick first saw it begun (`head_seen`, with the request count then): so it must be complete
+/// within the timeout and a tick more after its first bytes.
+fn head_read_too_long(
     head_begun: bool,
     requests: u64,
     head_seen: &mut Option<(u64, Instant)>,

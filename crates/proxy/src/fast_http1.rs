@@ -36,7 +36,7 @@ use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 use crate::client_io::{Activity, ClientIo, EarlyHints};
-use crate::connection::{close_quietly, head_read_too_long};
+use crate::connection::{close_quietly, QuietWatch, Tick};
 use crate::pipeline::{ConnectionInfo, Proxy};
 
 /// hyper's default limit on header fields, and so the most this module parses. A
@@ -107,10 +107,7 @@ where
     let mut write_buf = Vec::new();
     let mut ticks = tokio::time::interval_at(Instant::now() + park_after_quiet, park_after_quiet);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut events_seen = activity.events();
-    let mut quiet_since = Instant::now();
-    // When a tick first saw the current head begun (see `connection::head_read_too_long`).
-    let mut head_seen: Option<(u64, Instant)> = None;
+    let mut quiet = QuietWatch::new(&activity);
     let mut served: u64 = 0;
     let mut draining = drain.is_started();
     let drain_started = drain.started().cancelled();
@@ -199,19 +196,20 @@ where
                 tracing::debug!(%error, peer = %info.peer, "Connection ended with an error");
                 return FastEnd::Closed;
             }
+            // Bytes held unparsed are a head begun, whenever they arrived; between requests
+            // nothing is in flight or waiting to be written.
             Event::Tick => {
-                // Bytes held unparsed are a head begun, whenever they arrived.
-                let timeout = limits.header_read_timeout;
-                if head_read_too_long(!idle, served, &mut head_seen, timeout) {
-                    tracing::debug!(peer = %info.peer, "No complete request head in time; closing the connection");
-                    return FastEnd::Closed;
-                }
-                let events = activity.events();
-                if events != events_seen {
-                    events_seen = events;
-                    quiet_since = Instant::now();
-                } else if idle {
-                    return FastEnd::Parked { quiet_since };
+                match quiet.tick(&activity, !idle, served, idle, limits.header_read_timeout) {
+                    Tick::HeadTooSlow => {
+                        tracing::debug!(peer = %info.peer, "No complete request head in time; closing the connection");
+                        return FastEnd::Closed;
+                    }
+                    Tick::Quiet => {
+                        return FastEnd::Parked {
+                            quiet_since: quiet.since(),
+                        }
+                    }
+                    Tick::Busy => {}
                 }
             }
             Event::DrainStarted => draining = true,
