@@ -37,6 +37,7 @@ use tokio::time::Instant;
 use crate::body::ProxyBody;
 use crate::client_io::{Activity, ClientIo, EarlyHints};
 use crate::connection::{close_quietly, QuietWatch, Tick};
+use crate::headers;
 use crate::pipeline::{ConnectionInfo, Proxy};
 
 /// hyper's default limit on header fields, and so the most this module parses. A
@@ -615,7 +616,7 @@ fn encode_head(
                 }
                 let declared = match exact {
                     Some(exact) if !ended => exact,
-                    _ => match parse_length(value.as_bytes()) {
+                    _ => match headers::plain_length(value.as_bytes()) {
                         Some(declared) => declared,
                         None => continue,
                     },
@@ -676,13 +677,6 @@ fn encode_head(
     }
     out.extend_from_slice(b"\r\n");
     (framing, close_after)
-}
-
-fn parse_length(value: &[u8]) -> Option<u64> {
-    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(value).ok()?.parse().ok()
 }
 
 fn write_length(out: &mut Vec<u8>, length: u64) {

@@ -61,6 +61,19 @@ pub fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .map(str::trim)
 }
 
+/// A Content-Length value that is plain digits (and fits), as most are: read without a map
+/// lookup or a string conversion where a head is parsed or written.
+pub fn plain_length(text: &[u8]) -> Option<u64> {
+    if text.is_empty() {
+        return None;
+    }
+    text.iter().try_fold(0u64, |length, &byte| {
+        let digit = byte.wrapping_sub(b'0');
+        (digit <= 9).then_some(())?;
+        length.checked_mul(10)?.checked_add(u64::from(digit))
+    })
+}
+
 /// True for an HTTP/1.1 request asking to switch protocols (WebSocket and the like) that the
 /// proxy tunnels. Never for `h2c`: a tunnelled HTTP/2 connection would carry requests past
 /// routing, limits, logging and pause; such a request goes on as a plain one instead, its

@@ -411,7 +411,10 @@ fn parse_head(buffer: &mut BytesMut) -> Result<Option<Head>, UpstreamError> {
             }
             head.noted.connection_kept = true;
         } else if name == header::CONTENT_LENGTH {
-            head.noted.content_length = match (head.noted.content_length, plain_length(text)) {
+            head.noted.content_length = match (
+                head.noted.content_length,
+                crate::headers::plain_length(text),
+            ) {
                 (NotedLength::Absent, Some(length)) => NotedLength::One(length),
                 _ => NotedLength::Other,
             };
@@ -470,18 +473,6 @@ enum Framing {
     Length(u64),
     Chunked,
     UntilClose,
-}
-
-/// A Content-Length value that is plain digits (and fits), as most are.
-fn plain_length(text: &[u8]) -> Option<u64> {
-    if text.is_empty() {
-        return None;
-    }
-    text.iter().try_fold(0u64, |length, &byte| {
-        let digit = byte.wrapping_sub(b'0');
-        (digit <= 9).then_some(())?;
-        length.checked_mul(10)?.checked_add(u64::from(digit))
-    })
 }
 
 /// How the response body is delimited (RFC 9112 section 6.3). A chunked body's
