@@ -504,19 +504,28 @@ impl hyper::service::Service<Request<Incoming>> for Http1Service {
         // instead of being reserved inside every connection's task, idle ones included.
         Box::pin(async move {
             let mut response = proxy.handle(info, request, Some(hints)).await;
-            proxy.advertise_http3(info, &mut response);
-            // While the process drains, responses ask the client to reconnect, which takes
-            // it to the process that is taking over.
-            if proxy.drain().is_started() && response.status() != StatusCode::SWITCHING_PROTOCOLS {
-                response
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
+            add_connection_headers(&proxy, info, &mut response);
             Ok(response.map(|body| ServedBody {
                 body,
                 _guard: guard,
             }))
         })
+    }
+}
+
+/// The fields an HTTP/1.1 response gets from its connection rather than from the pipeline,
+/// on either path: `Alt-Svc` when HTTP/3 is served, and while the process drains,
+/// `Connection: close`, which takes the client to the process that is taking over.
+pub(crate) fn add_connection_headers(
+    proxy: &Proxy,
+    info: ConnectionInfo,
+    response: &mut Response<ProxyBody>,
+) {
+    proxy.advertise_http3(info, response);
+    if proxy.drain().is_started() && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
 }
 

@@ -36,7 +36,7 @@ use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 use crate::client_io::{Activity, ClientIo, EarlyHints};
-use crate::connection::{close_quietly, QuietWatch, Tick};
+use crate::connection::{add_connection_headers, close_quietly, QuietWatch, Tick};
 use crate::headers;
 use crate::pipeline::{ConnectionInfo, Proxy};
 
@@ -435,14 +435,7 @@ where
         handled.as_mut().poll(cx).map(Ok)
     })
     .await?;
-    proxy.advertise_http3(info, &mut response);
-    // While the process drains, responses ask the client to reconnect, which takes it to the
-    // process that is taking over.
-    if proxy.drain().is_started() {
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
+    add_connection_headers(proxy, info, &mut response);
     write_response(io, read_buf, write_buf, &method, response, close_asked).await
 }
 
