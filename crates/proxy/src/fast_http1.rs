@@ -109,7 +109,6 @@ where
     let mut ticks = tokio::time::interval_at(Instant::now() + park_after_quiet, park_after_quiet);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut quiet = QuietWatch::new(&activity);
-    let mut served: u64 = 0;
     let mut draining = drain.is_started();
     let drain_started = drain.started().cancelled();
     tokio::pin!(drain_started);
@@ -126,7 +125,6 @@ where
                     return FastEnd::ToHyper;
                 }
             };
-            served += 1;
             let outcome = {
                 let exchange = exchange(
                     io,
@@ -150,7 +148,7 @@ where
                             tracing::info!(
                                 peer = %info.peer,
                                 request_in_flight = true,
-                                requests = served,
+                                requests = activity.requests(),
                                 "Drain time is up; closing a client connection"
                             );
                             return FastEnd::Closed;
@@ -200,7 +198,13 @@ where
             // Bytes held unparsed are a head begun, whenever they arrived; between requests
             // nothing is in flight or waiting to be written.
             Event::Tick => {
-                match quiet.tick(&activity, !idle, served, idle, limits.header_read_timeout) {
+                match quiet.tick(
+                    &activity,
+                    !idle,
+                    activity.requests(),
+                    idle,
+                    limits.header_read_timeout,
+                ) {
                     Tick::HeadTooSlow => {
                         tracing::debug!(peer = %info.peer, "No complete request head in time; closing the connection");
                         return FastEnd::Closed;
@@ -223,7 +227,7 @@ where
                     tracing::info!(
                         peer = %info.peer,
                         request_in_flight = false,
-                        requests = served,
+                        requests = activity.requests(),
                         "Drain time is up; closing a client connection"
                     );
                 }
