@@ -37,6 +37,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use crate::answer::Answer;
 use crate::body::{BoxError, ProxyBody};
 use crate::client_io::{self, Activity, ClientIo, EarlyHints, Relocate, RequestGuard};
 use crate::drain::Drain;
@@ -232,8 +233,8 @@ where
         // Boxed: a request's state then takes memory only while the request is in flight.
         // HTTP/2 clients get no early hints: hyper's server cannot send interim responses.
         Box::pin(async move {
-            let mut response = proxy.handle(info, request, None).await;
-            proxy.advertise_http3(info, &mut response);
+            let mut response = proxy.handle(info, request, None).await.into_response();
+            proxy.advertise_http3(info, response.headers_mut());
             Ok::<_, Infallible>(response)
         })
     });
@@ -505,6 +506,7 @@ impl hyper::service::Service<Request<Incoming>> for Http1Service {
         Box::pin(async move {
             let mut response = proxy.handle(info, request, Some(hints)).await;
             add_connection_headers(&proxy, info, &mut response);
+            let response = response.into_response();
             Ok(response.map(|body| ServedBody {
                 body,
                 _guard: guard,
@@ -519,12 +521,13 @@ impl hyper::service::Service<Request<Incoming>> for Http1Service {
 pub(crate) fn add_connection_headers(
     proxy: &Proxy,
     info: ConnectionInfo,
-    response: &mut Response<ProxyBody>,
+    response: &mut Answer<ProxyBody>,
 ) {
-    proxy.advertise_http3(info, response);
+    // Both go after the app's fields, which hold neither.
+    proxy.advertise_http3(info, response.map_mut());
     if proxy.drain().is_started() && response.status() != StatusCode::SWITCHING_PROTOCOLS {
         response
-            .headers_mut()
+            .map_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
 }

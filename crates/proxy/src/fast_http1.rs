@@ -30,10 +30,11 @@ use bytes::{Bytes, BytesMut};
 use http_body::Body;
 use http_body_util::Empty;
 use hyper::header::{self, HeaderName, HeaderValue};
-use hyper::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use hyper::{HeaderMap, Method, Request, StatusCode, Uri, Version};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
+use crate::answer::{Answer, Known};
 use crate::body::ProxyBody;
 use crate::client_io::{Activity, ClientIo, EarlyHints};
 use crate::connection::{add_connection_headers, close_quietly, QuietWatch, Tick};
@@ -486,15 +487,17 @@ async fn write_response<S>(
     read_buf: &mut BytesMut,
     out: &mut Vec<u8>,
     method: &Method,
-    response: Response<ProxyBody>,
+    response: Answer<ProxyBody>,
     close_asked: bool,
 ) -> io::Result<Next>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (parts, mut body) = response.into_parts();
+    let (head, mut body) = response.into_head_and_body();
     out.clear();
-    let (framing, close_after) = encode_head(out, &parts, &body, method, close_asked);
+    let (framing, close_after) = encode_head(out, &head, &body, method, close_asked);
+    // The head's fields may share the target's buffer: let it go before the body is awaited.
+    drop(head);
     let mut written: u64 = 0;
     if framing != Framing::Bodiless {
         loop {
@@ -573,14 +576,15 @@ where
 
 /// Writes the status line and header fields, and says how the body is framed and whether
 /// the connection closes after it. The rules are hyper's (`proto::h1::role::Server::encode`).
+/// The target's fields, when passed on as received, go first, as it spelled them.
 fn encode_head(
     out: &mut Vec<u8>,
-    parts: &hyper::http::response::Parts,
+    head: &Answer<()>,
     body: &ProxyBody,
     method: &Method,
     close_asked: bool,
 ) -> (Framing, bool) {
-    let status = parts.status;
+    let (status, map) = head.parts();
     if status == StatusCode::OK {
         out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
     } else {
@@ -598,41 +602,54 @@ fn encode_head(
     let exact = body.size_hint().exact();
 
     let mut length: Option<u64> = None;
+    // Whether a Content-Length field is written as it is: the first one, when a body follows
+    // (or for HEAD, which declares the length of the body it leaves out).
+    let mut keep_length = |value: &[u8]| {
+        if length.is_some() || (ended && !is_head) {
+            // No body: an implicit length is written below.
+            return false;
+        }
+        length = match exact {
+            Some(exact) if !ended => Some(exact),
+            _ => headers::plain_length(value),
+        };
+        length.is_some()
+    };
     let mut close_after = close_asked;
     let mut close_written = false;
     let mut date_written = false;
-    for (name, value) in &parts.headers {
-        match *name {
-            header::CONTENT_LENGTH => {
-                if length.is_some() {
-                    continue;
-                }
-                if ended && !is_head {
-                    // No body: an implicit length is written below.
-                    continue;
-                }
-                let declared = match exact {
-                    Some(exact) if !ended => exact,
-                    _ => match headers::plain_length(value.as_bytes()) {
-                        Some(declared) => declared,
-                        None => continue,
-                    },
-                };
-                length = Some(declared);
+    if let Some(received) = head.received() {
+        received.write_http1(out, |known, value| match known {
+            Known::ContentLength => keep_length(value),
+            Known::Date => {
+                date_written = true;
+                true
             }
+            Known::ContentType | Known::Other => true,
+        });
+    }
+    for (name, value) in map {
+        let keep = match *name {
+            header::CONTENT_LENGTH => keep_length(value.as_bytes()),
             // Framing is this module's to choose; the pipeline leaves none of its own.
-            header::TRANSFER_ENCODING => continue,
+            header::TRANSFER_ENCODING => false,
             header::CONNECTION if has_close(value.as_bytes()) => {
                 close_after = true;
                 close_written = true;
+                true
             }
-            header::DATE => date_written = true,
-            _ => {}
+            header::DATE => {
+                date_written = true;
+                true
+            }
+            _ => true,
+        };
+        if keep {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
     }
 
     let framing = if ended {
@@ -725,6 +742,7 @@ fn write_date(out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::Response;
 
     fn limits() -> Limits {
         Limits {
@@ -857,13 +875,13 @@ mod tests {
     }
 
     fn head_of(
-        response: Response<ProxyBody>,
+        response: impl Into<Answer<ProxyBody>>,
         method: Method,
         close_asked: bool,
     ) -> (String, Framing, bool) {
-        let (parts, body) = response.into_parts();
+        let (head, body) = response.into().into_head_and_body();
         let mut out = Vec::new();
-        let (framing, close) = encode_head(&mut out, &parts, &body, &method, close_asked);
+        let (framing, close) = encode_head(&mut out, &head, &body, &method, close_asked);
         (String::from_utf8(out).unwrap(), framing, close)
     }
 
@@ -921,6 +939,40 @@ mod tests {
         *response.status_mut() = StatusCode::from_u16(599).unwrap();
         let (head, ..) = head_of(response, Method::GET, false);
         assert!(head.starts_with("HTTP/1.1 599 <none>\r\n"));
+    }
+
+    #[test]
+    fn received_fields_go_first_as_the_target_spelled_them() {
+        use crate::answer::ReceivedFields;
+        let received =
+            || ReceivedFields::from_lines("Server: app\r\nContent-Length: 5\r\nDate: today\r\n");
+        let mut answer =
+            Answer::with_received(Response::new(crate::body::full("hello")), received());
+        answer
+            .map_mut()
+            .append(header::SET_COOKIE, HeaderValue::from_static("a=1"));
+        let (head, framing, close) = head_of(answer, Method::GET, false);
+        assert_eq!(
+            head,
+            "HTTP/1.1 200 OK\r\nServer: app\r\nContent-Length: 5\r\nDate: today\r\n\
+             set-cookie: a=1\r\n\r\n"
+        );
+        assert_eq!((framing, close), (Framing::Length(5), false));
+
+        // The rules for the length are the map's: left out with no body, kept for HEAD.
+        let bodiless = Answer::with_received(Response::new(crate::body::empty()), received());
+        let (head, ..) = head_of(bodiless, Method::GET, false);
+        assert_eq!(
+            head,
+            "HTTP/1.1 200 OK\r\nServer: app\r\nDate: today\r\ncontent-length: 0\r\n\r\n"
+        );
+        let bodiless = Answer::with_received(Response::new(crate::body::empty()), received());
+        let (head, framing, _) = head_of(bodiless, Method::HEAD, false);
+        assert_eq!(
+            head,
+            "HTTP/1.1 200 OK\r\nServer: app\r\nContent-Length: 5\r\nDate: today\r\n\r\n"
+        );
+        assert_eq!(framing, Framing::Bodiless);
     }
 
     #[test]

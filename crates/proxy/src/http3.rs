@@ -195,7 +195,7 @@ async fn serve_request(
     let (mut send, receive) = stream.split();
     let (parts, ()) = request.into_parts();
     let request = Request::from_parts(parts, RequestBody::new(receive));
-    let response = proxy.handle(info, request, None).await;
+    let response = proxy.handle(info, request, None).await.into_response();
     if let Err(error) = send_response(&mut send, response).await {
         tracing::debug!(peer = %info.peer, %error, "HTTP/3 response not sent whole");
     }

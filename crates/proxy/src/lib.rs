@@ -10,6 +10,8 @@
 //! - [`target`]: one upstream address with its health, in-flight count and drain signals.
 //! - [`health`]: the periodic health check of each target.
 //! - [`pipeline`]: the request pipeline: route → admit → pick target → forward → log.
+//! - [`answer`]: a response on its way to the client, the target's fields passed on as
+//!   received when nothing in them needs changing.
 //! - [`proxy_protocol`]: the PROXY protocol header a TCP load balancer sends first.
 //! - [`listener`]: listening sockets and the accept loop; `connection` serves one connection
 //!   and parks it when idle, `parking` is the thread a parked connection's state is made on.
@@ -27,6 +29,7 @@
 //! The data plane never waits on the control plane: the control plane builds a new
 //! [`RouteTable`] and publishes it, and swaps targets inside a [`Service`] atomically.
 
+pub mod answer;
 pub mod body;
 mod buffer;
 mod client_io;

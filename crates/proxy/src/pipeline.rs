@@ -19,6 +19,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::signal::Signal;
 
+use crate::answer::Answer;
 use crate::body::{self, BoxError, ProxyBody};
 use crate::buffer::{buffer_body, BufferError};
 use crate::client_io::EarlyHints;
@@ -187,11 +188,9 @@ impl Proxy {
     /// Adds `Alt-Svc` to a response on a TLS connection over TCP, when HTTP/3 is served: a
     /// connection-level header, like the drain's `Connection: close`, so the TCP listeners
     /// add it after the pipeline.
-    pub(crate) fn advertise_http3(&self, conn: ConnectionInfo, response: &mut Response<ProxyBody>) {
+    pub(crate) fn advertise_http3(&self, conn: ConnectionInfo, fields: &mut http::HeaderMap) {
         if let (Some(alt_svc), true) = (&self.inner.alt_svc, conn.tls) {
-            response
-                .headers_mut()
-                .append(header::ALT_SVC, alt_svc.clone());
+            fields.append(header::ALT_SVC, alt_svc.clone());
         }
     }
 
@@ -205,7 +204,7 @@ impl Proxy {
         conn: ConnectionInfo,
         request: Request<B>,
         hints: Option<EarlyHints>,
-    ) -> Response<ProxyBody> {
+    ) -> Answer<ProxyBody> {
         let scheme = if conn.tls { "https" } else { "http" };
         if let Err(reason) = headers::check_request_head(&request) {
             let record = RequestRecord::begin(&request, conn.peer, conn.local_port, scheme);
@@ -218,7 +217,7 @@ impl Proxy {
                     .headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
-            return response;
+            return response.into();
         }
         let mut record = RequestRecord::begin(&request, conn.peer, conn.local_port, scheme);
 
@@ -235,7 +234,7 @@ impl Proxy {
                 response
                     .headers_mut()
                     .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-                return response;
+                return response.into();
             }
         }
 
@@ -269,7 +268,8 @@ impl Proxy {
                 record.metrics = Some(Arc::clone(metrics));
                 record.service = Some(Arc::clone(&NO_SERVICE));
             }
-            return finish_with_error(record, &ErrorPages::default(), StatusCode::NOT_FOUND, None);
+            let pages = ErrorPages::default();
+            return finish_with_error(record, &pages, StatusCode::NOT_FOUND, None).into();
         };
         let settings = service.settings();
         record.service = Some(Arc::clone(service.shared_name()));
@@ -283,14 +283,16 @@ impl Proxy {
                 record.metrics = Some(Arc::clone(metrics));
             }
         }
-        record.capture_headers("req_", &config.log_request_headers, request.headers());
+        record.capture_headers("req_", &config.log_request_headers, |name| {
+            request.headers().get(name).cloned()
+        });
 
         let location =
             redirect_location(config, conn, &record, request.uri(), self.inner.https_port);
         if let Some(location) = location {
             record.status = 301;
             record.emit();
-            return redirect(location);
+            return redirect(location).into();
         }
 
         match service.admit(request.uri().path()).await {
@@ -298,20 +300,16 @@ impl Proxy {
             Admission::HealthCheck => {
                 record.status = 200;
                 record.emit();
-                return Response::new(body::empty());
+                return Response::new(body::empty()).into();
             }
             Admission::Stopped(message) => {
                 let status = StatusCode::SERVICE_UNAVAILABLE;
-                return finish_with_error(
-                    record,
-                    &settings.error_pages,
-                    status,
-                    message.as_deref(),
-                );
+                let pages = &settings.error_pages;
+                return finish_with_error(record, pages, status, message.as_deref()).into();
             }
             Admission::PauseTimedOut => {
                 let status = StatusCode::GATEWAY_TIMEOUT;
-                return finish_with_error(record, &settings.error_pages, status, None);
+                return finish_with_error(record, &settings.error_pages, status, None).into();
             }
         }
 
@@ -323,12 +321,8 @@ impl Proxy {
         let to_reader = reading.is_some_and(|reading| reading.to_reader);
         let Some(claim) = service.pick_target(assignment.rollout, to_reader) else {
             let status = StatusCode::SERVICE_UNAVAILABLE;
-            return finish_with_error(
-                record,
-                &settings.error_pages,
-                status,
-                Some("No target is available."),
-            );
+            let message = Some("No target is available.");
+            return finish_with_error(record, &settings.error_pages, status, message).into();
         };
         record.target = Some(Arc::clone(claim.target().shared_address()));
 
@@ -346,7 +340,7 @@ impl Proxy {
             Ok(Forwarded::Upgraded(response)) => {
                 record.status = response.status().as_u16();
                 record.emit();
-                response
+                response.into()
             }
             Ok(Forwarded::Response(mut response)) => {
                 let timeout = config.writer_affinity_timeout.get();
@@ -360,13 +354,16 @@ impl Proxy {
                     .set_cookie
                     .and_then(|cookie| HeaderValue::from_str(&cookie).ok())
                 {
-                    response.headers_mut().append(header::SET_COOKIE, cookie);
+                    // Added after the app's fields: no need to move them into the map.
+                    response.map_mut().append(header::SET_COOKIE, cookie);
                 }
                 record.status = response.status().as_u16();
-                record.capture_headers("resp_", &config.log_response_headers, response.headers());
-                record.resp_content_type = response.headers().get(header::CONTENT_TYPE).cloned();
+                record.capture_headers("resp_", &config.log_response_headers, |name| {
+                    response.get(name)
+                });
+                record.resp_content_type = response.get(&header::CONTENT_TYPE);
                 let cut = claim.target().cut_requests().clone();
-                response.map(|inner| {
+                response.map_body(|inner| {
                     body::boxed(ObservedBody {
                         inner,
                         claim: Some(claim),
@@ -381,7 +378,7 @@ impl Proxy {
                 let status = error.status();
                 tracing::info!(service = %service.name(), address = %claim.target().address(), %error, "Forwarding failed");
                 drop(claim);
-                finish_with_error(record, &settings.error_pages, status, None)
+                finish_with_error(record, &settings.error_pages, status, None).into()
             }
         }
     }
@@ -513,7 +510,7 @@ impl Proxy {
             result = tokio::time::timeout(time_limit(config.target_timeout.get()), sent) => result.ok(),
             _ = target.cut_requests().cancelled() => return Err(ForwardError::Cut),
         };
-        let mut response = match response {
+        let response = match response {
             None => return Err(ForwardError::Timeout),
             Some(Err(error))
                 if client_body_failed
@@ -529,6 +526,7 @@ impl Proxy {
 
         if let Some(client_upgrade) = client_upgrade {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                let mut response = response.into_response();
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
                 client_upgrade.join(
                     &self.inner.drain,
@@ -546,8 +544,9 @@ impl Proxy {
                 "the target switched protocols without being asked".into(),
             ));
         }
-        let (mut parts, received) = response.into_parts();
-        headers::remove_hop_by_hop(&mut parts.headers, false);
+        let (mut head, received) = response.into_head_and_body();
+        // Fields passed on as received hold nothing for this hop only; a map may.
+        headers::remove_hop_by_hop(head.map_mut(), false);
         let outgoing = match received {
             Received::Whole(bytes) => {
                 let max = buffering.max_response_body;
@@ -558,7 +557,7 @@ impl Proxy {
             }
             // An event stream never ends: held whole, it would never deliver an event.
             Received::Streaming(mut incoming)
-                if buffering.responses && !is_event_stream(&parts.headers) =>
+                if buffering.responses && !is_event_stream(head.get(&header::CONTENT_TYPE)) =>
             {
                 let buffered = Box::pin(buffer_body(
                     &mut incoming,
@@ -571,16 +570,15 @@ impl Proxy {
                     BufferError::Read(e) => ForwardError::Unreachable(describe_error(&*e)),
                     BufferError::Spill(e) => ForwardError::Internal(e.to_string()),
                 })?;
-                if !no_body_status(parts.status) {
-                    parts
-                        .headers
+                if !no_body_status(head.status()) {
+                    head.headers_mut()
                         .insert(header::CONTENT_LENGTH, HeaderValue::from(buffered.len));
                 }
                 AppBody::Streamed(buffered.into_body())
             }
             Received::Streaming(incoming) => AppBody::Streamed(incoming),
         };
-        Ok(Forwarded::Response(Response::from_parts(parts, outgoing)))
+        Ok(Forwarded::Response(head.with_body(outgoing)))
     }
 }
 
@@ -591,7 +589,7 @@ struct Downstream {
 }
 
 enum Forwarded {
-    Response(Response<AppBody>),
+    Response(Answer<AppBody>),
     Upgraded(Response<ProxyBody>),
 }
 
@@ -666,9 +664,9 @@ fn discard_lingering<B: ClientRequestBody>(mut incoming: B) {
     });
 }
 
-fn is_event_stream(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
+fn is_event_stream(content_type: Option<HeaderValue>) -> bool {
+    content_type
+        .as_ref()
         .and_then(|value| value.to_str().ok())
         .is_some_and(|value| {
             value

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use http::{header, HeaderMap, HeaderValue, Method, Uri, Version};
+use http::{header, HeaderName, HeaderValue, Method, Uri, Version};
 
 use crate::ip_text::IpText;
 use crate::metrics::Metrics;
@@ -160,14 +160,19 @@ impl RequestRecord {
 
     /// Copies the named headers into `<prefix><lowercase name>` fields; `""` for one the
     /// message lacks, as kamal-proxy logs it.
-    pub fn capture_headers(&mut self, prefix: &str, names: &[String], headers: &HeaderMap) {
+    pub fn capture_headers(
+        &mut self,
+        prefix: &str,
+        names: &[String],
+        lookup: impl Fn(&HeaderName) -> Option<HeaderValue>,
+    ) {
         for name in names {
-            let value = headers
-                .get(name.as_str())
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
+            let value = HeaderName::from_bytes(name.as_bytes())
+                .ok()
+                .and_then(|name| lookup(&name));
+            let text = header_text(value.as_ref());
             let key = format!("{prefix}{}", name.to_ascii_lowercase().replace('-', "_"));
-            self.extra.push((key, value.to_string()));
+            self.extra.push((key, text.to_string()));
         }
     }
 

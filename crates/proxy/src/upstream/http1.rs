@@ -14,7 +14,7 @@ use bytes::{Bytes, BytesMut};
 use http::uri::Authority;
 use http::uri::Uri;
 use http::Version;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -23,6 +23,7 @@ use super::chunked::{ChunkedDecoder, Decoded};
 use super::pool::ConnectionPool;
 use super::Received;
 use super::TCP_KEEPALIVE;
+use crate::answer::{Answer, Known, ReceivedFields};
 use crate::body;
 use crate::client_io::EarlyHints;
 use crate::headers::AddedHeaders;
@@ -75,7 +76,7 @@ impl Http1Client {
         request: Request<Bytes>,
         added: Option<&AddedHeaders>,
         hints: Option<&EarlyHints>,
-    ) -> Result<Response<Received>, UpstreamError> {
+    ) -> Result<Answer<Received>, UpstreamError> {
         let target = request
             .uri()
             .authority()
@@ -133,7 +134,7 @@ impl Http1Client {
         message: &Message,
         head_request: bool,
         hints: Option<&EarlyHints>,
-    ) -> Result<Response<Received>, Failed> {
+    ) -> Result<Answer<Received>, Failed> {
         if let Err(error) = message.write_to(&mut stream).await {
             return Err(Failed {
                 error: error.into(),
@@ -149,7 +150,7 @@ impl Http1Client {
         // A reused buffer is reclaimed whole if the body last read into it is gone.
         buffer.reserve(READ_SIZE);
         let mut received_any = false;
-        let mut head = 'head: loop {
+        let head = 'head: loop {
             // One read may bring an interim response and the final one together.
             // (Nothing to parse before the first read: the buffer starts empty.)
             while !buffer.is_empty() {
@@ -167,7 +168,7 @@ impl Http1Client {
                 // 103 Early Hints reach the client at once (HTTP/1.1 clients); 100 Continue
                 // was for the proxy, which sent the whole body.
                 if let (StatusCode::EARLY_HINTS, Some(hints)) = (head.status, hints) {
-                    hints.send(&super::early_hints_head(&head.headers));
+                    hints.send(&super::early_hints_head(&head.fields.into_map(0)));
                 }
             }
             if buffer.capacity() - buffer.len() < 1024 {
@@ -187,15 +188,26 @@ impl Http1Client {
             }
         };
 
-        let framing = body_framing(head_request, head.status, &mut head.headers, head.noted)
+        // The usual head goes to the client as it came; any other is put in a map, for the
+        // forwarding to take out what is for this hop only.
+        let (mut headers, received) = if head.passes_as_received() {
+            (HeaderMap::new(), Some(head.fields))
+        } else {
+            (head.fields.into_map(0), None)
+        };
+        let framing = body_framing(head_request, head.status, &mut headers, head.noted)
             .map_err(|error| failed(error, false))?;
         let close = head.connection_close
-            || (head.noted.connection_kept && connection_says_close(&head.headers));
+            || (head.noted.connection_kept && connection_says_close(&headers));
         let keep_alive =
             head.version == Version::HTTP_11 && !close && !matches!(framing, Framing::UntilClose);
-        let mut response = Response::new(Received::Whole(Bytes::new()));
+        let mut response = Response::new(());
         *response.status_mut() = head.status;
-        *response.headers_mut() = head.headers;
+        *response.headers_mut() = headers;
+        let answer = match received {
+            Some(received) => Answer::with_received(response, received),
+            None => Answer::from(response),
+        };
 
         let whole_body = match framing {
             Framing::Empty => Some(Bytes::new()),
@@ -210,23 +222,22 @@ impl Http1Client {
             if keep_alive && buffer.is_empty() {
                 self.pool.checkin(target, stream, buffer);
             }
-            *response.body_mut() = Received::Whole(data);
-            return Ok(response);
+            return Ok(answer.with_body(Received::Whole(data)));
         }
         let state = match framing {
             Framing::Length(length) => BodyState::Length(length),
             Framing::Chunked => BodyState::Chunked(ChunkedDecoder::new()),
             Framing::UntilClose | Framing::Empty => BodyState::UntilClose,
         };
-        *response.body_mut() = Received::Streaming(body::boxed(ResponseBody {
+        let body = body::boxed(ResponseBody {
             stream: Some(stream),
             buffer,
             state,
             keep_alive,
             pool: Arc::clone(&self.pool),
             target: target.clone(),
-        }));
-        Ok(response)
+        });
+        Ok(answer.with_body(Received::Streaming(body)))
     }
 }
 
@@ -303,12 +314,24 @@ struct Head {
     status: StatusCode,
     version: Version,
     /// The fields, less those for this hop only that [`parse_head`] could settle by itself.
-    headers: HeaderMap,
+    fields: ReceivedFields,
     /// `Connection: close` was among them (and so left out).
     connection_close: bool,
     /// What the fields said about framing and the connection, noted as they were parsed so
-    /// that the framing and keep-alive decisions look in the map only for what is there.
+    /// that the framing and keep-alive decisions look at the fields only for what is there.
     noted: NotedFields,
+}
+
+impl Head {
+    /// Whether the fields can go to the client as they are: nothing in them for this hop
+    /// only is left to remove, and the body's length, if given, is given plainly.
+    fn passes_as_received(&self) -> bool {
+        let noted = self.noted;
+        !noted.transfer_encoding
+            && !noted.connection_kept
+            && !noted.other_hop_by_hop
+            && noted.content_length != NotedLength::Other
+    }
 }
 
 /// The framing and connection fields of a response head, as [`parse_head`] met them.
@@ -316,8 +339,11 @@ struct Head {
 struct NotedFields {
     transfer_encoding: bool,
     content_length: NotedLength,
-    /// A Connection field that stayed in the map (it names more than close or keep-alive).
+    /// A Connection field that stayed (it names more than close or keep-alive).
     connection_kept: bool,
+    /// A field for this hop only besides those (Upgrade, TE, Proxy-Authenticate...), which
+    /// the forwarding removes.
+    other_hop_by_hop: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -330,13 +356,45 @@ enum NotedLength {
     Other,
 }
 
-/// Parses a complete response head off the front of `buffer`, if it holds one. Header values
-/// share the head's memory rather than being copied.
+/// What [`parse_head`] does with a field, by its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FieldRole {
+    Connection,
+    KeepAlive,
+    TransferEncoding,
+    /// Another field for this hop only (`headers::remove_hop_by_hop`'s list).
+    HopByHop,
+    /// One the proxy looks for, or any other.
+    Known(Known),
+}
+
+impl FieldRole {
+    /// A length test and a comparison or two per name, in any case spelling.
+    fn of(name: &[u8]) -> FieldRole {
+        let is = |wanted: &[u8]| name.eq_ignore_ascii_case(wanted);
+        match name.len() {
+            10 if is(b"connection") => FieldRole::Connection,
+            10 if is(b"keep-alive") => FieldRole::KeepAlive,
+            17 if is(b"transfer-encoding") => FieldRole::TransferEncoding,
+            2 if is(b"te") => FieldRole::HopByHop,
+            7 if is(b"upgrade") => FieldRole::HopByHop,
+            9 if is(b"forwarded") => FieldRole::HopByHop,
+            14 if is(b"http2-settings") => FieldRole::HopByHop,
+            16 if is(b"proxy-connection") => FieldRole::HopByHop,
+            18 if is(b"proxy-authenticate") => FieldRole::HopByHop,
+            19 if is(b"proxy-authorization") => FieldRole::HopByHop,
+            _ => FieldRole::Known(Known::of_bytes(name)),
+        }
+    }
+}
+
+/// Parses a complete response head off the front of `buffer`, if it holds one. The fields
+/// stay in the head's memory: [`ReceivedFields`] notes where each sits.
 ///
 /// The usual `Connection: keep-alive` or `close`, and `Keep-Alive`, are read here and left
-/// out: the client gets its own connection management, and leaving them out spares the map
-/// an entry and the forwarding a removal. Any other Connection value stays, for the
-/// forwarding to remove what it names.
+/// out: the client gets its own connection management, and leaving them out lets most heads
+/// pass on as they are. Any other Connection value stays, for the forwarding to remove what
+/// it names.
 fn parse_head(buffer: &mut BytesMut) -> Result<Option<Head>, UpstreamError> {
     // Left uninitialised: filling 128 slots would cost more than parsing a small head.
     let mut slots = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
@@ -366,105 +424,70 @@ fn parse_head(buffer: &mut BytesMut) -> Result<Option<Head>, UpstreamError> {
     } else {
         Version::HTTP_11
     };
-    // Where each name and value sits in the head, so they can be cut from it once frozen.
-    // On the stack: a head rarely has more than a dozen fields.
+    // Where each name and value sits in the head, so the fields can refer to the head once
+    // it is frozen. On the stack: a head rarely has more than a dozen fields.
     let start = buffer.as_ptr() as usize;
     let count = parsed.headers.len();
     // Left uninitialised, as the slots above: only the first `count` are written and read.
-    let mut places = [const { MaybeUninit::<(u32, u32, u32, u32)>::uninit() }; MAX_HEADERS];
+    let mut places = [const { MaybeUninit::<(usize, usize, usize, usize)>::uninit() }; MAX_HEADERS];
     for (place, field) in places.iter_mut().zip(parsed.headers.iter()) {
-        // Offsets within a head of at most MAX_HEAD bytes: they fit a u32.
         place.write((
-            (field.name.as_ptr() as usize - start) as u32,
-            field.name.len() as u32,
-            (field.value.as_ptr() as usize - start) as u32,
-            field.value.len() as u32,
+            field.name.as_ptr() as usize - start,
+            field.name.len(),
+            field.value.as_ptr() as usize - start,
+            field.value.len(),
         ));
     }
     let bytes = buffer.split_to(head_len).freeze();
     let mut head = Head {
         status,
         version,
-        headers: HeaderMap::with_capacity(count),
+        fields: ReceivedFields::with_capacity(bytes.clone(), count),
         connection_close: false,
         noted: NotedFields::default(),
     };
     for place in &places[..count] {
         // SAFETY: the loop above wrote one place for each of the `count` parsed fields.
         let (name_at, name_len, value_at, value_len) = unsafe { place.assume_init() };
-        let (name_at, name_len) = (name_at as usize, name_len as usize);
-        let (value_at, value_len) = (value_at as usize, value_len as usize);
-        let name_bytes = &bytes[name_at..name_at + name_len];
-        let name = match common_name(name_bytes) {
-            Some(name) => name,
-            None => HeaderName::from_bytes(name_bytes)
-                .map_err(|_| UpstreamError::InvalidResponse("invalid header name"))?,
-        };
-        let text = &bytes[value_at..value_at + value_len];
-        if name == header::CONNECTION {
-            if text.eq_ignore_ascii_case(b"close") {
-                head.connection_close = true;
-                continue;
+        let name = name_at..name_at + name_len;
+        let value = value_at..value_at + value_len;
+        let text = &bytes[value.clone()];
+        let known = match FieldRole::of(&bytes[name.clone()]) {
+            FieldRole::Connection => {
+                if text.eq_ignore_ascii_case(b"close") {
+                    head.connection_close = true;
+                    continue;
+                }
+                if text.eq_ignore_ascii_case(b"keep-alive") {
+                    continue;
+                }
+                head.noted.connection_kept = true;
+                Known::Other
             }
-            if text.eq_ignore_ascii_case(b"keep-alive") {
-                continue;
+            FieldRole::KeepAlive => continue,
+            FieldRole::TransferEncoding => {
+                head.noted.transfer_encoding = true;
+                Known::Other
             }
-            head.noted.connection_kept = true;
-        } else if name == header::CONTENT_LENGTH {
-            head.noted.content_length = match (
-                head.noted.content_length,
-                crate::headers::plain_length(text),
-            ) {
-                (NotedLength::Absent, Some(length)) => NotedLength::One(length),
-                _ => NotedLength::Other,
-            };
-        } else if name == header::TRANSFER_ENCODING {
-            head.noted.transfer_encoding = true;
-        } else if name.as_str() == "keep-alive" {
-            continue;
-        }
-        // SAFETY: `from_maybe_shared_unchecked` asks for bytes `HeaderValue` accepts: tab,
-        // 0x20 to 0x7e and 0x80 to 0xff. httparse has checked every byte of this value against
-        // exactly that set (`its_header_value_bytes_are_the_ones_header_value_accepts` tests
-        // it), so checking again would only cost a second pass over every value.
-        let value = unsafe {
-            HeaderValue::from_maybe_shared_unchecked(bytes.slice(value_at..value_at + value_len))
+            FieldRole::HopByHop => {
+                head.noted.other_hop_by_hop = true;
+                Known::Other
+            }
+            FieldRole::Known(Known::ContentLength) => {
+                head.noted.content_length = match (
+                    head.noted.content_length,
+                    crate::headers::plain_length(text),
+                ) {
+                    (NotedLength::Absent, Some(length)) => NotedLength::One(length),
+                    _ => NotedLength::Other,
+                };
+                Known::ContentLength
+            }
+            FieldRole::Known(known) => known,
         };
-        head.headers.append(name, value);
+        head.fields.push(name, value, known);
     }
     Ok(Some(head))
-}
-
-/// The names response heads usually carry, spelled as servers and app frameworks send them.
-/// Matched on the bytes (a length test, then a comparison or two), they skip
-/// `HeaderName::from_bytes`, which lowercases and looks up each name: about 180 instructions
-/// a name, eight or more names a response.
-fn common_name(name: &[u8]) -> Option<HeaderName> {
-    Some(match name {
-        b"Date" | b"date" => header::DATE,
-        b"Server" | b"server" => header::SERVER,
-        b"Content-Type" | b"content-type" => header::CONTENT_TYPE,
-        b"Content-Length" | b"content-length" => header::CONTENT_LENGTH,
-        b"Connection" | b"connection" => header::CONNECTION,
-        b"Last-Modified" | b"last-modified" => header::LAST_MODIFIED,
-        b"ETag" | b"etag" => header::ETAG,
-        b"Accept-Ranges" | b"accept-ranges" => header::ACCEPT_RANGES,
-        b"Cache-Control" | b"cache-control" => header::CACHE_CONTROL,
-        b"Vary" | b"vary" => header::VARY,
-        b"Set-Cookie" | b"set-cookie" => header::SET_COOKIE,
-        b"Transfer-Encoding" | b"transfer-encoding" => header::TRANSFER_ENCODING,
-        b"Content-Encoding" | b"content-encoding" => header::CONTENT_ENCODING,
-        b"Location" | b"location" => header::LOCATION,
-        b"Expires" | b"expires" => header::EXPIRES,
-        b"Referrer-Policy" | b"referrer-policy" => header::REFERRER_POLICY,
-        b"X-Content-Type-Options" | b"x-content-type-options" => header::X_CONTENT_TYPE_OPTIONS,
-        b"X-Frame-Options" | b"x-frame-options" => header::X_FRAME_OPTIONS,
-        b"Strict-Transport-Security" | b"strict-transport-security" => {
-            header::STRICT_TRANSPORT_SECURITY
-        }
-        b"Content-Security-Policy" | b"content-security-policy" => header::CONTENT_SECURITY_POLICY,
-        _ => return None,
-    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -671,45 +694,7 @@ fn is_idempotent(method: &Method) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The shortcut gives the same names `HeaderName::from_bytes` would, in either spelling.
-    #[test]
-    fn common_names_are_the_names_a_full_parse_gives() {
-        let spelled = [
-            "Date",
-            "Server",
-            "Content-Type",
-            "Content-Length",
-            "Connection",
-            "Last-Modified",
-            "ETag",
-            "Accept-Ranges",
-            "Cache-Control",
-            "Vary",
-            "Set-Cookie",
-            "Transfer-Encoding",
-            "Content-Encoding",
-            "Location",
-            "Expires",
-            "Referrer-Policy",
-            "X-Content-Type-Options",
-            "X-Frame-Options",
-            "Strict-Transport-Security",
-            "Content-Security-Policy",
-        ];
-        for name in spelled {
-            for spelling in [name.to_string(), name.to_ascii_lowercase()] {
-                let parsed = HeaderName::from_bytes(spelling.as_bytes()).unwrap();
-                assert_eq!(common_name(spelling.as_bytes()), Some(parsed), "{spelling}");
-            }
-        }
-        assert_eq!(
-            common_name(b"CONTENT-TYPE"),
-            None,
-            "other spellings take the full parse"
-        );
-        assert_eq!(common_name(b"X-Custom"), None);
-    }
+    use http::{HeaderName, HeaderValue};
 
     fn parse(text: &str) -> Head {
         let mut buffer = BytesMut::from(text);
@@ -729,21 +714,24 @@ mod tests {
              Keep-Alive: timeout=5\r\nETag: \"x\"\r\n\r\nbody",
         );
         assert_eq!(head.status, StatusCode::OK);
-        assert!(!head.connection_close && !head.headers.contains_key(header::CONNECTION));
-        let names: Vec<&str> = head.headers.keys().map(HeaderName::as_str).collect();
+        assert!(!head.connection_close && head.passes_as_received());
+        let headers = head.fields.into_map(0);
+        let names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["content-length", "etag"]);
 
         let head = parse("HTTP/1.1 200 OK\r\nconnection: CLOSE\r\n\r\nbody");
-        assert!(head.connection_close && !head.headers.contains_key(header::CONNECTION));
-        assert!(head.headers.is_empty());
+        assert!(head.connection_close && head.passes_as_received());
+        assert!(head.fields.into_map(0).is_empty());
     }
 
     #[test]
     fn a_connection_field_naming_other_fields_is_kept_for_the_forwarding() {
         let head = parse("HTTP/1.1 200 OK\r\nConnection: close, x-trace\r\nX-Trace: 1\r\n\r\nbody");
-        assert!(head.headers.contains_key(header::CONNECTION) && !head.connection_close);
-        assert!(connection_says_close(&head.headers));
-        assert_eq!(head.headers.len(), 2);
+        assert!(!head.connection_close && !head.passes_as_received());
+        let headers = head.fields.into_map(0);
+        assert!(headers.contains_key(header::CONNECTION));
+        assert!(connection_says_close(&headers));
+        assert_eq!(headers.len(), 2);
     }
 
     #[test]
@@ -757,9 +745,10 @@ mod tests {
             text.extend_from_slice(b"\r\n\r\nbody");
             let mut buffer = BytesMut::from(&text[..]);
             let parsed = parse_head(&mut buffer).ok().flatten();
-            let stored = parsed.as_ref().and_then(|head| head.headers.get("x-value"));
+            let name = HeaderName::from_static("x-value");
+            let stored = parsed.and_then(|head| head.fields.get(&name));
             match HeaderValue::from_bytes(&value) {
-                Ok(accepted) => assert_eq!(stored, Some(&accepted), "byte {byte:#04x}"),
+                Ok(accepted) => assert_eq!(stored, Some(accepted), "byte {byte:#04x}"),
                 Err(_) => assert!(stored.is_none(), "byte {byte:#04x} got through"),
             }
         }
@@ -793,8 +782,9 @@ mod tests {
     #[test]
     fn framing_follows_the_noted_fields_as_it_followed_the_map() {
         let framing = |text: &str| {
-            let mut head = parse(text);
-            body_framing(false, head.status, &mut head.headers, head.noted).map_err(|_| ())
+            let head = parse(text);
+            let mut headers = head.fields.into_map(0);
+            body_framing(false, head.status, &mut headers, head.noted).map_err(|_| ())
         };
         assert_eq!(
             framing("HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nbody"),
@@ -816,14 +806,40 @@ mod tests {
             framing("HTTP/1.1 200 OK\r\nX: y\r\n\r\nbody"),
             Ok(Framing::UntilClose)
         );
-        let mut head =
+        let head =
             parse("HTTP/1.1 200 OK\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\nbody");
-        let chunked = body_framing(false, head.status, &mut head.headers, head.noted).ok();
+        assert!(!head.passes_as_received());
+        let mut headers = head.fields.into_map(0);
+        let chunked = body_framing(false, head.status, &mut headers, head.noted).ok();
         assert_eq!(chunked, Some(Framing::Chunked));
         assert!(
-            !head.headers.contains_key(header::CONTENT_LENGTH),
+            !headers.contains_key(header::CONTENT_LENGTH),
             "dropped beside chunked"
         );
+    }
+
+    #[test]
+    fn only_heads_with_nothing_to_take_out_pass_as_received() {
+        let passes = |fields: &str| {
+            parse(&format!("HTTP/1.1 200 OK\r\n{fields}\r\nbody")).passes_as_received()
+        };
+        assert!(passes(
+            "Content-Length: 4\r\nConnection: keep-alive\r\nKeep-Alive: x\r\n"
+        ));
+        assert!(passes("Date: today\r\nX-Upgraded: no\r\n"));
+        for kept in [
+            "Transfer-Encoding: chunked\r\n",
+            "Content-Length: 4, 4\r\n",
+            "Connection: x-trace\r\n",
+            "Upgrade: h2c\r\n",
+            "UPGRADE: h2c\r\n",
+            "TE: trailers\r\n",
+            "Proxy-Authenticate: Basic\r\n",
+            "Proxy-Connection: keep-alive\r\n",
+            "Forwarded: for=x\r\n",
+        ] {
+            assert!(!passes(kept), "{kept:?}");
+        }
     }
 
     #[test]

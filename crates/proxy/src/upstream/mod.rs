@@ -15,11 +15,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::Request;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::answer::Answer;
 use crate::body::{self, BoxError, ProxyBody};
 use crate::client_io::EarlyHints;
 use crate::headers::AddedHeaders;
@@ -73,13 +74,14 @@ pub fn upstream_client(connect_timeout: Duration) -> UpstreamClient {
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 impl UpstreamClient {
-    /// Sends a request to the target its URI names (`http://host:port/path`).
+    /// Sends a request to the target its URI names (`http://host:port/path`). The response's
+    /// fields come as received when the lean path read them and they need no change.
     pub async fn send(
         &self,
         request: Request<Outgoing>,
         added: Option<AddedHeaders>,
         hints: Option<EarlyHints>,
-    ) -> Result<Response<Received>, BoxError> {
+    ) -> Result<Answer<Received>, BoxError> {
         let (mut parts, outgoing) = request.into_parts();
         match outgoing {
             Outgoing::Whole(bytes) => Ok(self
@@ -103,7 +105,9 @@ impl UpstreamClient {
                     });
                 }
                 let response = self.request(request).await?;
-                Ok(response.map(|body| Received::Streaming(body::boxed(body))))
+                Ok(Answer::from(
+                    response.map(|body| Received::Streaming(body::boxed(body))),
+                ))
             }
         }
     }
