@@ -31,6 +31,15 @@ where
     body.map_err(Into::into).boxed_unsync()
 }
 
+/// [`boxed`] for a body whose errors are already a [`BoxError`]: no conversion layer, so
+/// one move of the body less on the way in and one call less for each frame.
+pub fn boxed_as_is<B>(body: B) -> ProxyBody
+where
+    B: http_body::Body<Data = Bytes, Error = BoxError> + Send + 'static,
+{
+    UnsyncBoxBody::new(body)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

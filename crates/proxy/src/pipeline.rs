@@ -364,7 +364,7 @@ impl Proxy {
                 record.resp_content_type = response.get(&header::CONTENT_TYPE);
                 let cut = claim.target().cut_requests().clone();
                 response.map_body(|inner| {
-                    body::boxed(ObservedBody {
+                    body::boxed_as_is(ObservedBody {
                         inner,
                         claim: Some(claim),
                         record: Some(record),

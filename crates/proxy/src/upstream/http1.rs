@@ -23,7 +23,7 @@ use super::chunked::{ChunkedDecoder, Decoded};
 use super::pool::ConnectionPool;
 use super::Received;
 use super::TCP_KEEPALIVE;
-use crate::answer::{Answer, Known, ReceivedFields};
+use crate::answer::{token_is, Answer, Known, ReceivedFields};
 use crate::body;
 use crate::client_io::EarlyHints;
 use crate::headers::AddedHeaders;
@@ -371,7 +371,7 @@ enum FieldRole {
 impl FieldRole {
     /// A length test and a comparison or two per name, in any case spelling.
     fn of(name: &[u8]) -> FieldRole {
-        let is = |wanted: &[u8]| name.eq_ignore_ascii_case(wanted);
+        let is = |wanted: &[u8]| token_is(name, wanted);
         match name.len() {
             10 if is(b"connection") => FieldRole::Connection,
             10 if is(b"keep-alive") => FieldRole::KeepAlive,
