@@ -211,7 +211,7 @@ impl RequestRecord {
         line.string(key!("host"), crate::route::strip_port(host));
         line.number(key!("port"), u64::from(self.port));
         line.string(key!("path"), self.uri.path());
-        line.string(key!("request_id"), header_text(self.request_id.as_ref()));
+        line.header_string(key!("request_id"), self.request_id.as_ref());
         line.number(key!("status"), u64::from(self.status));
         line.string(key!("service"), self.service.as_deref().unwrap_or_default());
         line.string(key!("target"), self.target.as_deref().unwrap_or_default());
@@ -222,18 +222,12 @@ impl RequestRecord {
         // A method is a token (RFC 9110), which has no quote, backslash or control character.
         line.plain_string(key!("method"), self.method.as_str());
         line.signed(key!("req_content_length"), self.req_content_length);
-        line.string(
-            key!("req_content_type"),
-            header_text(self.req_content_type.as_ref()),
-        );
+        line.header_string(key!("req_content_type"), self.req_content_type.as_ref());
         line.number(
             key!("resp_content_length"),
             self.resp_content_length.unwrap_or(0),
         );
-        line.string(
-            key!("resp_content_type"),
-            header_text(self.resp_content_type.as_ref()),
-        );
+        line.header_string(key!("resp_content_type"), self.resp_content_type.as_ref());
         let client_addr = IpText::new(self.peer.ip());
         line.plain_bytes(key!("client_addr"), client_addr.as_bytes());
         line.plain_string(
@@ -249,7 +243,7 @@ impl RequestRecord {
             }
             .as_bytes(),
         );
-        line.string(key!("user_agent"), header_text(self.user_agent.as_ref()));
+        line.header_string(key!("user_agent"), self.user_agent.as_ref());
         line.plain_string(key!("proto"), proto_name(self.proto));
         line.plain_string(key!("scheme"), self.scheme);
         line.string(key!("query"), self.uri.query().unwrap_or_default());
@@ -318,6 +312,19 @@ impl<'a> JsonObject<'a> {
         self.out.push(b'"');
         escape_into(self.out, value);
         self.out.push(b'"');
+    }
+
+    /// A header's value, as [`header_text`] gives it (empty unless visible ASCII), escaped.
+    /// The usual value, visible ASCII with nothing to escape, is found so by one scan a word
+    /// at a time and copied, where `to_str`'s byte loop and then the escape scan each went
+    /// over it.
+    fn header_string(&mut self, key: &'static str, value: Option<&HeaderValue>) {
+        let bytes = value.map_or(&b""[..], HeaderValue::as_bytes);
+        if is_plain_visible_ascii(bytes) {
+            self.plain_bytes(key, bytes);
+        } else {
+            self.string(key, header_text(value));
+        }
     }
 
     /// A string that cannot hold anything JSON escapes (an IP address, digits, a method
@@ -421,6 +428,26 @@ fn first_to_escape(bytes: &[u8]) -> Option<usize> {
     word_position(words.remainder()).map(|i| offset + i)
 }
 
+/// Whether every byte is visible ASCII (0x20 to 0x7e) and none is `"` or `\\`.
+fn is_plain_visible_ascii(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
+    let mut words = bytes.chunks_exact(8);
+    for word in &mut words {
+        let word = u64::from_le_bytes(word.try_into().unwrap_or_default());
+        let has_zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH_BITS;
+        // 0x7f and above: the high bit, or DEL itself.
+        let not_ascii = word & HIGH_BITS | has_zero(word ^ (ONES * 0x7f));
+        if not_ascii != 0 || word_has_byte_to_escape(word) {
+            return false;
+        }
+    }
+    words
+        .remainder()
+        .iter()
+        .all(|&byte| (0x20..0x7f).contains(&byte) && !needs_escape(byte))
+}
+
 fn word_position(bytes: &[u8]) -> Option<usize> {
     bytes.iter().position(|&byte| needs_escape(byte))
 }
@@ -480,6 +507,42 @@ mod tests {
                 String::from_utf8(out).unwrap(),
                 expected[1..expected.len() - 1]
             );
+        }
+    }
+
+    #[test]
+    fn plain_visible_ascii_is_told_by_words_as_byte_by_byte() {
+        let plain = |byte: u8| (0x20..0x7f).contains(&byte) && byte != b'"' && byte != b'\\';
+        for byte in 0..=255u8 {
+            for length in 1..=19 {
+                for at in 0..length {
+                    let mut text = vec![b'a'; length];
+                    text[at] = byte;
+                    assert_eq!(
+                        is_plain_visible_ascii(&text),
+                        plain(byte),
+                        "{byte:#x} at {at} of {length}"
+                    );
+                }
+            }
+        }
+        assert!(is_plain_visible_ascii(b""));
+    }
+
+    #[test]
+    fn header_values_are_logged_as_header_text_gives_them() {
+        for value in [
+            "text/html",
+            "a \"quoted\" \\ value",
+            "tab\there",
+            "",
+            "caf\u{e9}",
+        ] {
+            let header = HeaderValue::from_str(value).unwrap();
+            let (mut fast, mut slow) = (Vec::new(), Vec::new());
+            JsonObject { out: &mut fast }.header_string(key!("k"), Some(&header));
+            JsonObject { out: &mut slow }.string(key!("k"), header_text(Some(&header)));
+            assert_eq!(fast, slow, "{value:?}");
         }
     }
 
