@@ -200,11 +200,23 @@ pub struct ReceivedFields {
 }
 
 impl ReceivedFields {
-    pub(crate) fn with_capacity(head: Bytes, fields: usize) -> Self {
+    /// Room for `fields` fields, noted with [`ReceivedFields::push`] while the parser still
+    /// holds the head, which [`ReceivedFields::with_head`] then hands over.
+    pub(crate) fn with_capacity(fields: usize) -> Self {
         ReceivedFields {
-            head,
+            head: Bytes::new(),
             places: Vec::with_capacity(fields),
         }
+    }
+
+    /// The head the noted places are in.
+    pub(crate) fn with_head(mut self, head: Bytes) -> Self {
+        debug_assert!(self
+            .places
+            .iter()
+            .all(|place| place.name().end <= head.len() && place.value().end <= head.len()));
+        self.head = head;
+        self
     }
 
     /// Notes a field by where its name and value sit in the head.
@@ -214,7 +226,6 @@ impl ReceivedFields {
         value: std::ops::Range<usize>,
         known: Known,
     ) {
-        debug_assert!(name.end <= self.head.len() && value.end <= self.head.len());
         self.places.push(Place {
             name_at: name.start as u32,
             name_len: name.len() as u32,
@@ -303,8 +314,7 @@ impl ReceivedFields {
 impl ReceivedFields {
     /// Fields as the parser would note them: each `Name: value` line of `head`.
     pub(crate) fn from_lines(head: &'static str) -> Self {
-        let bytes = Bytes::from_static(head.as_bytes());
-        let mut fields = ReceivedFields::with_capacity(bytes, 8);
+        let mut fields = ReceivedFields::with_capacity(8);
         let mut at = 0;
         for line in head.split_inclusive('\n') {
             let text = line.trim_end_matches(['\r', '\n']);
@@ -319,7 +329,7 @@ impl ReceivedFields {
             }
             at += line.len();
         }
-        fields
+        fields.with_head(Bytes::from_static(head.as_bytes()))
     }
 }
 

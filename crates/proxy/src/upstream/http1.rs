@@ -424,70 +424,61 @@ fn parse_head(buffer: &mut BytesMut) -> Result<Option<Head>, UpstreamError> {
     } else {
         Version::HTTP_11
     };
-    // Where each name and value sits in the head, so the fields can refer to the head once
-    // it is frozen. On the stack: a head rarely has more than a dozen fields.
+    // Each field is noted by where it sits in the head, so that it can refer to the head
+    // once that is frozen.
     let start = buffer.as_ptr() as usize;
-    let count = parsed.headers.len();
-    // Left uninitialised, as the slots above: only the first `count` are written and read.
-    let mut places = [const { MaybeUninit::<(usize, usize, usize, usize)>::uninit() }; MAX_HEADERS];
-    for (place, field) in places.iter_mut().zip(parsed.headers.iter()) {
-        place.write((
-            field.name.as_ptr() as usize - start,
-            field.name.len(),
-            field.value.as_ptr() as usize - start,
-            field.value.len(),
-        ));
-    }
-    let bytes = buffer.split_to(head_len).freeze();
-    let mut head = Head {
-        status,
-        version,
-        fields: ReceivedFields::with_capacity(bytes.clone(), count),
-        connection_close: false,
-        noted: NotedFields::default(),
-    };
-    for place in &places[..count] {
-        // SAFETY: the loop above wrote one place for each of the `count` parsed fields.
-        let (name_at, name_len, value_at, value_len) = unsafe { place.assume_init() };
-        let name = name_at..name_at + name_len;
-        let value = value_at..value_at + value_len;
-        let text = &bytes[value.clone()];
-        let known = match FieldRole::of(&bytes[name.clone()]) {
+    let mut fields = ReceivedFields::with_capacity(parsed.headers.len());
+    let mut connection_close = false;
+    let mut noted = NotedFields::default();
+    for field in parsed.headers.iter() {
+        let (name, text) = (field.name.as_bytes(), field.value);
+        let known = match FieldRole::of(name) {
             FieldRole::Connection => {
                 if text.eq_ignore_ascii_case(b"close") {
-                    head.connection_close = true;
+                    connection_close = true;
                     continue;
                 }
                 if text.eq_ignore_ascii_case(b"keep-alive") {
                     continue;
                 }
-                head.noted.connection_kept = true;
+                noted.connection_kept = true;
                 Known::Other
             }
             FieldRole::KeepAlive => continue,
             FieldRole::TransferEncoding => {
-                head.noted.transfer_encoding = true;
+                noted.transfer_encoding = true;
                 Known::Other
             }
             FieldRole::HopByHop => {
-                head.noted.other_hop_by_hop = true;
+                noted.other_hop_by_hop = true;
                 Known::Other
             }
             FieldRole::Known(Known::ContentLength) => {
-                head.noted.content_length = match (
-                    head.noted.content_length,
-                    crate::headers::plain_length(text),
-                ) {
-                    (NotedLength::Absent, Some(length)) => NotedLength::One(length),
-                    _ => NotedLength::Other,
-                };
+                noted.content_length =
+                    match (noted.content_length, crate::headers::plain_length(text)) {
+                        (NotedLength::Absent, Some(length)) => NotedLength::One(length),
+                        _ => NotedLength::Other,
+                    };
                 Known::ContentLength
             }
             FieldRole::Known(known) => known,
         };
-        head.fields.push(name, value, known);
+        let name_at = name.as_ptr() as usize - start;
+        let value_at = text.as_ptr() as usize - start;
+        fields.push(
+            name_at..name_at + name.len(),
+            value_at..value_at + text.len(),
+            known,
+        );
     }
-    Ok(Some(head))
+    let head = buffer.split_to(head_len).freeze();
+    Ok(Some(Head {
+        status,
+        version,
+        fields: fields.with_head(head),
+        connection_close,
+        noted,
+    }))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
