@@ -19,6 +19,8 @@
 //!   away gently, wait for open work up to a deadline.
 //! - [`signal`]: a one-shot signal the request path tests without a lock (the drain's start,
 //!   a target's cut).
+//! - [`coarse_timer`]: deadlines swept every 100 ms (the target timeout), cheaper per
+//!   request than a tokio timer.
 //! - [`metrics`]: Prometheus counters and histograms, and the gauges filled in at scrape.
 //! - [`tls`]: TLS termination with the certificate chosen by server name.
 //! - [`http3`]: HTTP/3 over QUIC on the HTTPS port's UDP socket, into the same pipeline.
@@ -33,6 +35,7 @@ pub mod answer;
 pub mod body;
 mod buffer;
 mod client_io;
+pub mod coarse_timer;
 pub mod config;
 pub(crate) mod connection;
 pub mod drain;

@@ -498,7 +498,7 @@ impl Proxy {
             Outgoing::Streaming(stream_body(incoming))
         };
 
-        let sent_at = std::time::Instant::now();
+        let sent_at = tokio::time::Instant::now();
         // Boxed: a future is copied whole each time it moves into its caller's state, and
         // this one would sit inline in every level of the pipeline above it.
         let sent = Box::pin(self.inner.client.send(
@@ -506,9 +506,17 @@ impl Proxy {
             added_headers,
             hints,
         ));
+        // A coarse timer's deadline: tokio's would cost a timer-wheel entry per request.
+        let timed_out = self
+            .inner
+            .client
+            .response_deadline(sent_at, config.target_timeout.get());
         let response = tokio::select! {
-            result = tokio::time::timeout(time_limit(config.target_timeout.get()), sent) => result.ok(),
+            // The response first: most are in by the first poll after the send's wake.
+            biased;
+            result = sent => Some(result),
             _ = target.cut_requests().cancelled() => return Err(ForwardError::Cut),
+            () = timed_out => None,
         };
         let response = match response {
             None => return Err(ForwardError::Timeout),
@@ -684,15 +692,6 @@ fn no_body_status(status: StatusCode) -> bool {
 
 /// A zero timeout means none. Not a wrapper future around the request: that would hold the
 /// request's future twice over in the pipeline's state, which is copied as it moves.
-fn time_limit(timeout: std::time::Duration) -> std::time::Duration {
-    const NONE: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
-    if timeout.is_zero() {
-        NONE
-    } else {
-        timeout
-    }
-}
-
 /// Where to send a request that should be on HTTPS or on the canonical host, if anywhere.
 fn redirect_location(
     config: &ServiceConfig,

@@ -14,6 +14,8 @@ mod pool;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use bytes::Bytes;
 use http::Request;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -23,6 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::answer::Answer;
 use crate::body::{self, BoxError, ProxyBody};
 use crate::client_io::EarlyHints;
+use crate::coarse_timer::{CoarseDeadline, CoarseTimer};
 use crate::headers::AddedHeaders;
 use pool::ConnectionPool;
 
@@ -52,6 +55,8 @@ pub enum Received {
 pub struct UpstreamClient {
     streaming: Client<HttpConnector, ProxyBody>,
     whole: Arc<http1::Http1Client>,
+    /// The deadlines of responses awaited through this client (one per worker).
+    deadlines: CoarseTimer,
 }
 
 pub fn upstream_client(connect_timeout: Duration) -> UpstreamClient {
@@ -68,6 +73,7 @@ pub fn upstream_client(connect_timeout: Duration) -> UpstreamClient {
     UpstreamClient {
         streaming,
         whole: Arc::new(whole),
+        deadlines: CoarseTimer::default(),
     }
 }
 
@@ -110,6 +116,13 @@ impl UpstreamClient {
                 ))
             }
         }
+    }
+
+    /// Completes when a response awaited since `sent_at` is `timeout` late (within
+    /// [`crate::coarse_timer::SWEEP_EVERY`]); never, for a zero timeout.
+    pub fn response_deadline(&self, sent_at: Instant, timeout: Duration) -> CoarseDeadline<'_> {
+        let deadline = (!timeout.is_zero()).then(|| sent_at + timeout);
+        self.deadlines.deadline(deadline)
     }
 
     /// Sends a request through hyper's client: for upgrades, whose response keeps the
