@@ -11,10 +11,15 @@
 #   PROXY=/tmp/proxy-before benches/instructions.sh
 #   KEEP_PROFILES=/tmp/profiles benches/instructions.sh   # keeps each run's profile, for
 #                                        # callgrind_annotate --inclusive=yes /tmp/profiles/...
+#   CACHE_SIM=1 benches/instructions.sh  # also simulated cache misses per request (valgrind's
+#                                        # model of this CPU's caches): where equal instruction
+#                                        # counts still cost different CPU time
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 REQUESTS=${REQUESTS:-4000}
+CACHE_FLAG=""
+[ -n "${CACHE_SIM:-}" ] && CACHE_FLAG="--cache-sim=yes"
 UPSTREAM_PORT=18091 NGINX_PORT=18092 BERTH_PORT=18093
 for tool in valgrind callgrind_control h2load nginx; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install valgrind nghttp2-client nginx-light" >&2; exit 1; }
@@ -64,6 +69,7 @@ count() {
   sleep 1
   local total
   total=$(grep -h "^summary:" "$WORK"/cg."$pid".[0-9]* | awk '{ print $2 }')
+  grep -h "^summary:" "$WORK"/cg."$pid".[0-9]* > "$WORK/summary.$host"
   if [ -n "${KEEP_PROFILES:-}" ]; then
     mkdir -p "$KEEP_PROFILES" && cp "$WORK"/cg."$pid".[0-9]* "$KEEP_PROFILES/$host.callgrind"
   fi
@@ -73,7 +79,7 @@ count() {
 
 wait_for_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done; }
 
-valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.%p" nginx -c "$WORK/proxy.conf" -e stderr 2>/dev/null &
+valgrind --tool=callgrind $CACHE_FLAG --callgrind-out-file="$WORK/cg.%p" nginx -c "$WORK/proxy.conf" -e stderr 2>/dev/null &
 NGINX_PID=$!; PIDS+=($NGINX_PID)
 wait_for_port $NGINX_PORT
 nginx_count=$(count $NGINX_PORT up.bench $NGINX_PID)
@@ -81,7 +87,7 @@ kill $NGINX_PID; sleep 1
 
 export HOME=$WORK/home KAMAL_PROXY_SOCKET=$WORK/proxy.sock
 mkdir -p "$HOME"
-TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.%p" "$PROXY" run \
+TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind $CACHE_FLAG --callgrind-out-file="$WORK/cg.%p" "$PROXY" run \
   --bind 127.0.0.1 --http-port $BERTH_PORT --https-port 18493 > /dev/null 2>&1 &
 BERTH_PID=$!; PIDS+=($BERTH_PID)
 for _ in $(seq 300); do [ -S "$KAMAL_PROXY_SOCKET" ] && break; sleep 0.1; done
@@ -99,3 +105,16 @@ for row in "berth (unbuffered) $plain_count" "berth (buffered, Kamal's default) 
   name=${row% *}; value=${row##* }
   echo "| $name | $value | $(python3 -c "print(f'{$value/$nginx_count:.2f}')") |"
 done
+
+if [ -n "${CACHE_SIM:-}" ]; then
+  echo
+  echo "### Simulated cache misses and data accesses per request (callgrind --cache-sim=yes)"
+  echo
+  echo "| proxy | data reads | data writes | L1 instruction misses | L1 data read misses | L1 data write misses |"
+  echo "|---|---:|---:|---:|---:|---:|"
+  for row in "berth (unbuffered):plain.bench" "berth (buffered, Kamal's default):buffered.bench" "nginx:up.bench"; do
+    name=${row%%:*}; host=${row##*:}
+    # summary: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw
+    awk -v name="$name" -v n="$REQUESTS" '{ printf "| %s | %d | %d | %d | %d | %d |\n", name, $3/n, $4/n, $5/n, $6/n, $7/n }' "$WORK/summary.$host"
+  done
+fi
