@@ -107,11 +107,6 @@ impl Answer<()> {
     pub fn with_body<B>(self, body: B) -> Answer<B> {
         self.map_body(|()| body)
     }
-
-    /// The status and the map, for writing the head.
-    pub(crate) fn parts(&self) -> (StatusCode, &HeaderMap) {
-        (self.response.status(), self.response.headers())
-    }
 }
 
 /// Appends every value of `from` to `to`, in `from`'s order.

@@ -580,8 +580,7 @@ where
             Event::Tick => {
                 let head_begun = activity.head_begun();
                 let idle = activity.is_idle() && !head_begun;
-                let requests = activity.requests();
-                match quiet.tick(activity, head_begun, requests, idle, *header_read_timeout) {
+                match quiet.tick(activity, head_begun, idle, *header_read_timeout) {
                     Tick::HeadTooSlow => {
                         tracing::debug!(peer = %info.peer, "No complete request head in time; closing the connection");
                         return Http1End::Closed;
@@ -663,20 +662,18 @@ impl QuietWatch {
         }
     }
 
-    /// `head_begun`: a request head has begun and is not yet complete; `requests`: requests
-    /// served so far (which tells one head from the next); `idle`: no request in flight, no
-    /// write waiting and no head begun.
+    /// `head_begun`: a request head has begun and is not yet complete; `idle`: no request in
+    /// flight, no write waiting and no head begun. (Each path tells these its own way.)
     pub(crate) fn tick(
         &mut self,
         activity: &Activity,
         head_begun: bool,
-        requests: u64,
         idle: bool,
         header_read_timeout: Duration,
     ) -> Tick {
         if head_read_too_long(
             head_begun,
-            requests,
+            activity.requests(),
             &mut self.head_seen,
             header_read_timeout,
         ) {

@@ -198,26 +198,18 @@ where
             }
             // Bytes held unparsed are a head begun, whenever they arrived; between requests
             // nothing is in flight or waiting to be written.
-            Event::Tick => {
-                match quiet.tick(
-                    &activity,
-                    !idle,
-                    activity.requests(),
-                    idle,
-                    limits.header_read_timeout,
-                ) {
-                    Tick::HeadTooSlow => {
-                        tracing::debug!(peer = %info.peer, "No complete request head in time; closing the connection");
-                        return FastEnd::Closed;
-                    }
-                    Tick::Quiet => {
-                        return FastEnd::Parked {
-                            quiet_since: quiet.since(),
-                        }
-                    }
-                    Tick::Busy => {}
+            Event::Tick => match quiet.tick(&activity, !idle, idle, limits.header_read_timeout) {
+                Tick::HeadTooSlow => {
+                    tracing::debug!(peer = %info.peer, "No complete request head in time; closing the connection");
+                    return FastEnd::Closed;
                 }
-            }
+                Tick::Quiet => {
+                    return FastEnd::Parked {
+                        quiet_since: quiet.since(),
+                    }
+                }
+                Tick::Busy => {}
+            },
             Event::DrainStarted => draining = true,
             Event::CloseIdle => {
                 close_quietly(io).await;
@@ -584,7 +576,7 @@ fn encode_head(
     method: &Method,
     close_asked: bool,
 ) -> (Framing, bool) {
-    let (status, map) = head.parts();
+    let (status, map) = (head.status(), head.map());
     if status == StatusCode::OK {
         out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
     } else {

@@ -430,14 +430,11 @@ fn first_to_escape(bytes: &[u8]) -> Option<usize> {
 
 /// Whether every byte is visible ASCII (0x20 to 0x7e) and none is `"` or `\\`.
 fn is_plain_visible_ascii(bytes: &[u8]) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
     let mut words = bytes.chunks_exact(8);
     for word in &mut words {
         let word = u64::from_le_bytes(word.try_into().unwrap_or_default());
-        let has_zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH_BITS;
         // 0x7f and above: the high bit, or DEL itself.
-        let not_ascii = word & HIGH_BITS | has_zero(word ^ (ONES * 0x7f));
+        let not_ascii = word & HIGH_BITS | has_zero_byte(word ^ (ONES * 0x7f));
         if not_ascii != 0 || word_has_byte_to_escape(word) {
             return false;
         }
@@ -456,13 +453,18 @@ fn word_position(bytes: &[u8]) -> Option<usize> {
 /// "has a byte less than n" and "has a zero byte" word tricks. Both are exact about whether
 /// such a byte exists (a borrow only crosses into the next byte after a real match).
 fn word_has_byte_to_escape(word: u64) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
-    let has_zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH_BITS;
     let below_space = word.wrapping_sub(ONES * 0x20) & !word & HIGH_BITS;
-    let quote = has_zero(word ^ (ONES * u64::from(b'"')));
-    let backslash = has_zero(word ^ (ONES * u64::from(b'\\')));
+    let quote = has_zero_byte(word ^ (ONES * u64::from(b'"')));
+    let backslash = has_zero_byte(word ^ (ONES * u64::from(b'\\')));
     below_space | quote | backslash != 0
+}
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
+
+/// The high bit of each zero byte of `word` (non-zero exactly when it has one).
+fn has_zero_byte(word: u64) -> u64 {
+    word.wrapping_sub(ONES) & !word & HIGH_BITS
 }
 
 fn proto_name(version: Version) -> &'static str {
