@@ -13,6 +13,8 @@
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
+use crate::headers::token_is;
+
 /// A response: status, fields and body. The target's fields are either in the map with the
 /// rest or, passed on as received, in [`ReceivedFields`]; the map then holds only what the
 /// proxy adds, which comes after them.
@@ -154,18 +156,6 @@ impl Known {
     }
 }
 
-/// Whether `name`, made of token characters (as every name a parser accepted is), is
-/// `lower` (lowercase letters, digits, `-`) in any case spelling. OR-ing 0x20 lowercases a
-/// letter and maps no other token character onto a lowercase letter, digit or `-`, so one
-/// pass with no branch per byte tells: a third of `eq_ignore_ascii_case`'s cost.
-#[inline]
-pub(crate) fn token_is(name: &[u8], lower: &[u8]) -> bool {
-    name.len() == lower.len()
-        && name.iter().zip(lower).fold(0, |differ, (byte, wanted)| {
-            differ | ((byte | 0x20) ^ wanted)
-        }) == 0
-}
-
 /// Where one field's name and value sit in the head. Offsets within a head of at most
 /// 64 KiB: they fit a u32.
 #[derive(Debug, Clone, Copy)]
@@ -258,7 +248,7 @@ impl ReceivedFields {
         let mut map = HeaderMap::with_capacity(self.places.len() + more);
         for place in &self.places {
             let name_bytes = &self.head[place.name()];
-            let name = match common_name(name_bytes) {
+            let name = match crate::headers::common_name(name_bytes) {
                 Some(name) => name,
                 // The parser accepts the same name characters as `HeaderName`: a name it
                 // refuses cannot come from a parsed head.
@@ -333,83 +323,12 @@ fn write_line(out: &mut Vec<u8>, lines: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// The names response heads usually carry, spelled as servers and app frameworks send them.
-/// Matched on the bytes (a length test, then a comparison or two), they skip
-/// `HeaderName::from_bytes`, which lowercases and looks up each name: about 180 instructions
-/// a name, eight or more names a response.
-fn common_name(name: &[u8]) -> Option<HeaderName> {
-    Some(match name {
-        b"Date" | b"date" => header::DATE,
-        b"Server" | b"server" => header::SERVER,
-        b"Content-Type" | b"content-type" => header::CONTENT_TYPE,
-        b"Content-Length" | b"content-length" => header::CONTENT_LENGTH,
-        b"Connection" | b"connection" => header::CONNECTION,
-        b"Last-Modified" | b"last-modified" => header::LAST_MODIFIED,
-        b"ETag" | b"etag" => header::ETAG,
-        b"Accept-Ranges" | b"accept-ranges" => header::ACCEPT_RANGES,
-        b"Cache-Control" | b"cache-control" => header::CACHE_CONTROL,
-        b"Vary" | b"vary" => header::VARY,
-        b"Set-Cookie" | b"set-cookie" => header::SET_COOKIE,
-        b"Transfer-Encoding" | b"transfer-encoding" => header::TRANSFER_ENCODING,
-        b"Content-Encoding" | b"content-encoding" => header::CONTENT_ENCODING,
-        b"Location" | b"location" => header::LOCATION,
-        b"Expires" | b"expires" => header::EXPIRES,
-        b"Referrer-Policy" | b"referrer-policy" => header::REFERRER_POLICY,
-        b"X-Content-Type-Options" | b"x-content-type-options" => header::X_CONTENT_TYPE_OPTIONS,
-        b"X-Frame-Options" | b"x-frame-options" => header::X_FRAME_OPTIONS,
-        b"Strict-Transport-Security" | b"strict-transport-security" => {
-            header::STRICT_TRANSPORT_SECURITY
-        }
-        b"Content-Security-Policy" | b"content-security-policy" => header::CONTENT_SECURITY_POLICY,
-        _ => return None,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn received(head: &'static str) -> ReceivedFields {
         ReceivedFields::from_lines(head)
-    }
-
-    /// The shortcut gives the same names `HeaderName::from_bytes` would, in either spelling.
-    #[test]
-    fn common_names_are_the_names_a_full_parse_gives() {
-        let spelled = [
-            "Date",
-            "Server",
-            "Content-Type",
-            "Content-Length",
-            "Connection",
-            "Last-Modified",
-            "ETag",
-            "Accept-Ranges",
-            "Cache-Control",
-            "Vary",
-            "Set-Cookie",
-            "Transfer-Encoding",
-            "Content-Encoding",
-            "Location",
-            "Expires",
-            "Referrer-Policy",
-            "X-Content-Type-Options",
-            "X-Frame-Options",
-            "Strict-Transport-Security",
-            "Content-Security-Policy",
-        ];
-        for name in spelled {
-            for spelling in [name.to_string(), name.to_ascii_lowercase()] {
-                let parsed = HeaderName::from_bytes(spelling.as_bytes()).unwrap();
-                assert_eq!(common_name(spelling.as_bytes()), Some(parsed), "{spelling}");
-            }
-        }
-        assert_eq!(
-            common_name(b"CONTENT-TYPE"),
-            None,
-            "other spellings take the full parse"
-        );
-        assert_eq!(common_name(b"X-Custom"), None);
     }
 
     #[test]
@@ -426,28 +345,6 @@ mod tests {
             if let Ok(name) = HeaderName::from_bytes(spelling.as_bytes()) {
                 assert_eq!(Known::of(&name), known, "{spelling}");
             }
-        }
-    }
-
-    #[test]
-    fn token_names_compare_as_eq_ignore_ascii_case_does() {
-        const TOKEN: &[u8] =
-            b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-        for wanted in [&b"content-length"[..], b"te", b"http2-settings", b"date"] {
-            // Every token character in every position of a name of the wanted length.
-            for at in 0..wanted.len() {
-                for &byte in TOKEN {
-                    let mut name = wanted.to_vec();
-                    name[at] = byte;
-                    assert_eq!(
-                        token_is(&name, wanted),
-                        name.eq_ignore_ascii_case(wanted),
-                        "{:?}",
-                        String::from_utf8_lossy(&name)
-                    );
-                }
-            }
-            assert!(!token_is(&wanted[1..], wanted));
         }
     }
 

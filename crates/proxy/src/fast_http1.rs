@@ -285,7 +285,7 @@ fn parse_head(read_buf: &mut BytesMut, limits: Limits) -> Head {
         [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut count = 0;
     for field in parsed.headers.iter() {
-        let name = match common_name(field.name.as_bytes()) {
+        let name = match headers::common_name(field.name.as_bytes()) {
             Some(name) => name,
             None => match HeaderName::from_bytes(field.name.as_bytes()) {
                 Ok(name) => name,
@@ -334,47 +334,6 @@ fn parse_head(read_buf: &mut BytesMut, limits: Limits) -> Head {
         request,
         close_asked,
     }
-}
-
-/// The names request heads usually carry, spelled as browsers and HTTP libraries send them.
-/// Matched on the bytes, they skip `HeaderName::from_bytes`, which lowercases and looks up
-/// each name (about 130 instructions), and allocates a copy of each name it does not know,
-/// such as the `Sec-Fetch-*` a browser sends with every request.
-fn common_name(name: &[u8]) -> Option<HeaderName> {
-    const SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
-    const SEC_FETCH_MODE: HeaderName = HeaderName::from_static("sec-fetch-mode");
-    const SEC_FETCH_DEST: HeaderName = HeaderName::from_static("sec-fetch-dest");
-    const SEC_FETCH_USER: HeaderName = HeaderName::from_static("sec-fetch-user");
-    const SEC_CH_UA: HeaderName = HeaderName::from_static("sec-ch-ua");
-    const SEC_CH_UA_MOBILE: HeaderName = HeaderName::from_static("sec-ch-ua-mobile");
-    const SEC_CH_UA_PLATFORM: HeaderName = HeaderName::from_static("sec-ch-ua-platform");
-    Some(match name {
-        b"Host" | b"host" => header::HOST,
-        b"User-Agent" | b"user-agent" => header::USER_AGENT,
-        b"Accept" | b"accept" => header::ACCEPT,
-        b"Accept-Encoding" | b"accept-encoding" => header::ACCEPT_ENCODING,
-        b"Accept-Language" | b"accept-language" => header::ACCEPT_LANGUAGE,
-        b"Connection" | b"connection" => header::CONNECTION,
-        b"Cookie" | b"cookie" => header::COOKIE,
-        b"Referer" | b"referer" => header::REFERER,
-        b"Origin" | b"origin" => header::ORIGIN,
-        b"Cache-Control" | b"cache-control" => header::CACHE_CONTROL,
-        b"Pragma" | b"pragma" => header::PRAGMA,
-        b"If-None-Match" | b"if-none-match" => header::IF_NONE_MATCH,
-        b"If-Modified-Since" | b"if-modified-since" => header::IF_MODIFIED_SINCE,
-        b"Authorization" | b"authorization" => header::AUTHORIZATION,
-        b"Upgrade-Insecure-Requests" | b"upgrade-insecure-requests" => {
-            header::UPGRADE_INSECURE_REQUESTS
-        }
-        b"Sec-Fetch-Site" | b"sec-fetch-site" => SEC_FETCH_SITE,
-        b"Sec-Fetch-Mode" | b"sec-fetch-mode" => SEC_FETCH_MODE,
-        b"Sec-Fetch-Dest" | b"sec-fetch-dest" => SEC_FETCH_DEST,
-        b"Sec-Fetch-User" | b"sec-fetch-user" => SEC_FETCH_USER,
-        b"sec-ch-ua" | b"Sec-Ch-Ua" => SEC_CH_UA,
-        b"sec-ch-ua-mobile" | b"Sec-Ch-Ua-Mobile" => SEC_CH_UA_MOBILE,
-        b"sec-ch-ua-platform" | b"Sec-Ch-Ua-Platform" => SEC_CH_UA_PLATFORM,
-        _ => return None,
-    })
 }
 
 /// Drops header names parsed before the head turned out not to be simple.
@@ -770,46 +729,6 @@ mod tests {
             &buf[..],
             b"GET /next",
             "the next request stays in the buffer"
-        );
-    }
-
-    /// The shortcut gives the same names `HeaderName::from_bytes` would, in either spelling.
-    #[test]
-    fn common_names_are_the_names_a_full_parse_gives() {
-        let spelled = [
-            "Host",
-            "User-Agent",
-            "Accept",
-            "Accept-Encoding",
-            "Accept-Language",
-            "Connection",
-            "Cookie",
-            "Referer",
-            "Origin",
-            "Cache-Control",
-            "Pragma",
-            "If-None-Match",
-            "If-Modified-Since",
-            "Authorization",
-            "Upgrade-Insecure-Requests",
-            "Sec-Fetch-Site",
-            "Sec-Fetch-Mode",
-            "Sec-Fetch-Dest",
-            "Sec-Fetch-User",
-            "Sec-Ch-Ua",
-            "Sec-Ch-Ua-Mobile",
-            "Sec-Ch-Ua-Platform",
-        ];
-        for name in spelled {
-            for spelling in [name.to_string(), name.to_ascii_lowercase()] {
-                let parsed = HeaderName::from_bytes(spelling.as_bytes()).unwrap();
-                assert_eq!(common_name(spelling.as_bytes()), Some(parsed), "{spelling}");
-            }
-        }
-        assert_eq!(
-            common_name(b"HOST"),
-            None,
-            "other spellings take the full parse"
         );
     }
 

@@ -32,20 +32,115 @@ static HOP_BY_HOP: [HeaderName; 10] = [
     HeaderName::from_static("http2-settings"),
 ];
 
-/// Where `name` sits in [`HOP_BY_HOP`], if it is one. A match on the text, which compiles to
-/// a length test and at most a comparison or two; it runs for every header of every message.
+/// Places in [`HOP_BY_HOP`] that callers look for by name.
+pub(crate) const HOP_CONNECTION: usize = 0;
+pub(crate) const HOP_KEEP_ALIVE: usize = 1;
+const HOP_TE: usize = 4;
+pub(crate) const HOP_TRANSFER_ENCODING: usize = 5;
+
+/// Where `name` sits in [`HOP_BY_HOP`], if it is one. A `HeaderName` is lowercase, so its
+/// text is matched as it is: a length test and at most two comparisons; it runs for every
+/// field of every request.
 fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
-    Some(match name.as_str() {
-        "connection" => 0,
-        "keep-alive" => 1,
-        "proxy-connection" => 2,
-        "proxy-authenticate" => 3,
-        "te" => 4,
-        "transfer-encoding" => 5,
-        "upgrade" => 6,
-        "proxy-authorization" => 7,
-        "forwarded" => 8,
-        "http2-settings" => 9,
+    hop_by_hop_index_by(name.as_str().as_bytes(), |text, lower| text == lower)
+}
+
+/// [`hop_by_hop_index`] for a name as a parser accepted it, in any case spelling.
+pub(crate) fn hop_by_hop_index_any_case(name: &[u8]) -> Option<usize> {
+    hop_by_hop_index_by(name, token_is)
+}
+
+/// The one list of [`HOP_BY_HOP`]'s names as text, compared by `is`.
+#[inline(always)]
+fn hop_by_hop_index_by(name: &[u8], is: impl Fn(&[u8], &[u8]) -> bool) -> Option<usize> {
+    Some(match name.len() {
+        10 if is(name, b"connection") => HOP_CONNECTION,
+        10 if is(name, b"keep-alive") => HOP_KEEP_ALIVE,
+        16 if is(name, b"proxy-connection") => 2,
+        18 if is(name, b"proxy-authenticate") => 3,
+        2 if is(name, b"te") => HOP_TE,
+        17 if is(name, b"transfer-encoding") => HOP_TRANSFER_ENCODING,
+        7 if is(name, b"upgrade") => 6,
+        19 if is(name, b"proxy-authorization") => 7,
+        9 if is(name, b"forwarded") => 8,
+        14 if is(name, b"http2-settings") => 9,
+        _ => return None,
+    })
+}
+
+/// Whether `name`, made of token characters (as every name a parser accepted is), is
+/// `lower` (lowercase letters, digits, `-`) in any case spelling. OR-ing 0x20 lowercases a
+/// letter and maps no other token character onto a lowercase letter, digit or `-`, so one
+/// pass with no branch per byte tells: a third of `eq_ignore_ascii_case`'s cost.
+#[inline]
+pub(crate) fn token_is(name: &[u8], lower: &[u8]) -> bool {
+    name.len() == lower.len()
+        && name.iter().zip(lower).fold(0, |differ, (byte, wanted)| {
+            differ | ((byte | 0x20) ^ wanted)
+        }) == 0
+}
+
+/// The names request and response heads usually carry, spelled as browsers, HTTP libraries,
+/// servers and app frameworks send them. Matched on the bytes (a length test, then a
+/// comparison or a few), they skip `HeaderName::from_bytes`, which lowercases and looks up
+/// each name (130 to 180 instructions), and allocates a copy of each name it does not know,
+/// such as the `Sec-Fetch-*` a browser sends with every request.
+pub(crate) fn common_name(name: &[u8]) -> Option<HeaderName> {
+    const SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
+    const SEC_FETCH_MODE: HeaderName = HeaderName::from_static("sec-fetch-mode");
+    const SEC_FETCH_DEST: HeaderName = HeaderName::from_static("sec-fetch-dest");
+    const SEC_FETCH_USER: HeaderName = HeaderName::from_static("sec-fetch-user");
+    const SEC_CH_UA: HeaderName = HeaderName::from_static("sec-ch-ua");
+    const SEC_CH_UA_MOBILE: HeaderName = HeaderName::from_static("sec-ch-ua-mobile");
+    const SEC_CH_UA_PLATFORM: HeaderName = HeaderName::from_static("sec-ch-ua-platform");
+    Some(match name {
+        // Both ways.
+        b"Connection" | b"connection" => header::CONNECTION,
+        b"Cache-Control" | b"cache-control" => header::CACHE_CONTROL,
+        b"Content-Type" | b"content-type" => header::CONTENT_TYPE,
+        b"Content-Length" | b"content-length" => header::CONTENT_LENGTH,
+        b"Transfer-Encoding" | b"transfer-encoding" => header::TRANSFER_ENCODING,
+        // Requests.
+        b"Host" | b"host" => header::HOST,
+        b"User-Agent" | b"user-agent" => header::USER_AGENT,
+        b"Accept" | b"accept" => header::ACCEPT,
+        b"Accept-Encoding" | b"accept-encoding" => header::ACCEPT_ENCODING,
+        b"Accept-Language" | b"accept-language" => header::ACCEPT_LANGUAGE,
+        b"Cookie" | b"cookie" => header::COOKIE,
+        b"Referer" | b"referer" => header::REFERER,
+        b"Origin" | b"origin" => header::ORIGIN,
+        b"Pragma" | b"pragma" => header::PRAGMA,
+        b"If-None-Match" | b"if-none-match" => header::IF_NONE_MATCH,
+        b"If-Modified-Since" | b"if-modified-since" => header::IF_MODIFIED_SINCE,
+        b"Authorization" | b"authorization" => header::AUTHORIZATION,
+        b"Upgrade-Insecure-Requests" | b"upgrade-insecure-requests" => {
+            header::UPGRADE_INSECURE_REQUESTS
+        }
+        b"Sec-Fetch-Site" | b"sec-fetch-site" => SEC_FETCH_SITE,
+        b"Sec-Fetch-Mode" | b"sec-fetch-mode" => SEC_FETCH_MODE,
+        b"Sec-Fetch-Dest" | b"sec-fetch-dest" => SEC_FETCH_DEST,
+        b"Sec-Fetch-User" | b"sec-fetch-user" => SEC_FETCH_USER,
+        b"sec-ch-ua" | b"Sec-Ch-Ua" => SEC_CH_UA,
+        b"sec-ch-ua-mobile" | b"Sec-Ch-Ua-Mobile" => SEC_CH_UA_MOBILE,
+        b"sec-ch-ua-platform" | b"Sec-Ch-Ua-Platform" => SEC_CH_UA_PLATFORM,
+        // Responses.
+        b"Date" | b"date" => header::DATE,
+        b"Server" | b"server" => header::SERVER,
+        b"Last-Modified" | b"last-modified" => header::LAST_MODIFIED,
+        b"ETag" | b"etag" => header::ETAG,
+        b"Accept-Ranges" | b"accept-ranges" => header::ACCEPT_RANGES,
+        b"Vary" | b"vary" => header::VARY,
+        b"Set-Cookie" | b"set-cookie" => header::SET_COOKIE,
+        b"Content-Encoding" | b"content-encoding" => header::CONTENT_ENCODING,
+        b"Location" | b"location" => header::LOCATION,
+        b"Expires" | b"expires" => header::EXPIRES,
+        b"Referrer-Policy" | b"referrer-policy" => header::REFERRER_POLICY,
+        b"X-Content-Type-Options" | b"x-content-type-options" => header::X_CONTENT_TYPE_OPTIONS,
+        b"X-Frame-Options" | b"x-frame-options" => header::X_FRAME_OPTIONS,
+        b"Strict-Transport-Security" | b"strict-transport-security" => {
+            header::STRICT_TRANSPORT_SECURITY
+        }
+        b"Content-Security-Policy" | b"content-security-policy" => header::CONTENT_SECURITY_POLICY,
         _ => return None,
     })
 }
@@ -112,11 +207,11 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         }
         return;
     }
-    if present[0] {
+    if present[HOP_CONNECTION] {
         remove_listed_in_connection(headers);
     }
     // `TE: trailers` says the client takes trailers, which the proxy passes on.
-    let te_trailers = present[4]
+    let te_trailers = present[HOP_TE]
         && headers
             .get_all(header::TE)
             .iter()
@@ -619,14 +714,109 @@ mod tests {
         map
     }
 
+    /// The shortcut gives the same names `HeaderName::from_bytes` would, in either spelling.
+    #[test]
+    fn common_names_are_the_names_a_full_parse_gives() {
+        let spelled = [
+            "Connection",
+            "Cache-Control",
+            "Content-Type",
+            "Content-Length",
+            "Transfer-Encoding",
+            "Host",
+            "User-Agent",
+            "Accept",
+            "Accept-Encoding",
+            "Accept-Language",
+            "Cookie",
+            "Referer",
+            "Origin",
+            "Pragma",
+            "If-None-Match",
+            "If-Modified-Since",
+            "Authorization",
+            "Upgrade-Insecure-Requests",
+            "Sec-Fetch-Site",
+            "Sec-Fetch-Mode",
+            "Sec-Fetch-Dest",
+            "Sec-Fetch-User",
+            "Sec-Ch-Ua",
+            "Sec-Ch-Ua-Mobile",
+            "Sec-Ch-Ua-Platform",
+            "Date",
+            "Server",
+            "Last-Modified",
+            "ETag",
+            "Accept-Ranges",
+            "Vary",
+            "Set-Cookie",
+            "Content-Encoding",
+            "Location",
+            "Expires",
+            "Referrer-Policy",
+            "X-Content-Type-Options",
+            "X-Frame-Options",
+            "Strict-Transport-Security",
+            "Content-Security-Policy",
+        ];
+        for name in spelled {
+            for spelling in [name.to_string(), name.to_ascii_lowercase()] {
+                let parsed = HeaderName::from_bytes(spelling.as_bytes()).unwrap();
+                assert_eq!(common_name(spelling.as_bytes()), Some(parsed), "{spelling}");
+            }
+        }
+        for other in ["HOST", "CONTENT-TYPE", "X-Custom"] {
+            assert_eq!(
+                common_name(other.as_bytes()),
+                None,
+                "{other}: the full parse"
+            );
+        }
+    }
+
     #[test]
     fn each_hop_by_hop_name_is_found_at_its_place() {
         for (index, name) in HOP_BY_HOP.iter().enumerate() {
             assert_eq!(hop_by_hop_index(name), Some(index), "{name}");
+            let text = name.as_str();
+            assert_eq!(hop_by_hop_index_any_case(text.as_bytes()), Some(index));
+            let upper = text.to_ascii_uppercase();
+            assert_eq!(
+                hop_by_hop_index_any_case(upper.as_bytes()),
+                Some(index),
+                "{upper}"
+            );
         }
         for name in ["host", "content-length", "x-connection", "tes", "upgrades"] {
             let name = HeaderName::from_static(name);
             assert_eq!(hop_by_hop_index(&name), None, "{name}");
+            assert_eq!(hop_by_hop_index_any_case(name.as_str().as_bytes()), None);
+        }
+        assert_eq!(HOP_BY_HOP[HOP_CONNECTION], header::CONNECTION);
+        assert_eq!(HOP_BY_HOP[HOP_KEEP_ALIVE], "keep-alive");
+        assert_eq!(HOP_BY_HOP[HOP_TE], header::TE);
+        assert_eq!(HOP_BY_HOP[HOP_TRANSFER_ENCODING], header::TRANSFER_ENCODING);
+    }
+
+    #[test]
+    fn token_names_compare_as_eq_ignore_ascii_case_does() {
+        const TOKEN: &[u8] =
+            b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+        for wanted in [&b"content-length"[..], b"te", b"http2-settings", b"date"] {
+            // Every token character in every position of a name of the wanted length.
+            for at in 0..wanted.len() {
+                for &byte in TOKEN {
+                    let mut name = wanted.to_vec();
+                    name[at] = byte;
+                    assert_eq!(
+                        token_is(&name, wanted),
+                        name.eq_ignore_ascii_case(wanted),
+                        "{:?}",
+                        String::from_utf8_lossy(&name)
+                    );
+                }
+            }
+            assert!(!token_is(&wanted[1..], wanted));
         }
     }
 

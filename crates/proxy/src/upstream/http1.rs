@@ -23,7 +23,7 @@ use super::chunked::{ChunkedDecoder, Decoded};
 use super::pool::ConnectionPool;
 use super::Received;
 use super::TCP_KEEPALIVE;
-use crate::answer::{token_is, Answer, Known, ReceivedFields};
+use crate::answer::{Answer, Known, ReceivedFields};
 use crate::body;
 use crate::client_io::EarlyHints;
 use crate::headers::AddedHeaders;
@@ -369,21 +369,14 @@ enum FieldRole {
 }
 
 impl FieldRole {
-    /// A length test and a comparison or two per name, in any case spelling.
+    /// By `headers`' one list of hop-by-hop names, in any case spelling.
     fn of(name: &[u8]) -> FieldRole {
-        let is = |wanted: &[u8]| token_is(name, wanted);
-        match name.len() {
-            10 if is(b"connection") => FieldRole::Connection,
-            10 if is(b"keep-alive") => FieldRole::KeepAlive,
-            17 if is(b"transfer-encoding") => FieldRole::TransferEncoding,
-            2 if is(b"te") => FieldRole::HopByHop,
-            7 if is(b"upgrade") => FieldRole::HopByHop,
-            9 if is(b"forwarded") => FieldRole::HopByHop,
-            14 if is(b"http2-settings") => FieldRole::HopByHop,
-            16 if is(b"proxy-connection") => FieldRole::HopByHop,
-            18 if is(b"proxy-authenticate") => FieldRole::HopByHop,
-            19 if is(b"proxy-authorization") => FieldRole::HopByHop,
-            _ => FieldRole::Known(Known::of_bytes(name)),
+        match crate::headers::hop_by_hop_index_any_case(name) {
+            Some(crate::headers::HOP_CONNECTION) => FieldRole::Connection,
+            Some(crate::headers::HOP_KEEP_ALIVE) => FieldRole::KeepAlive,
+            Some(crate::headers::HOP_TRANSFER_ENCODING) => FieldRole::TransferEncoding,
+            Some(_) => FieldRole::HopByHop,
+            None => FieldRole::Known(Known::of_bytes(name)),
         }
     }
 }
