@@ -18,8 +18,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 REQUESTS=${REQUESTS:-4000}
-CACHE_FLAG=""
-[ -n "${CACHE_SIM:-}" ] && CACHE_FLAG="--cache-sim=yes"
+CACHE_FLAG="${CALLGRIND_FLAGS:-}"
+[ -n "${CACHE_SIM:-}" ] && CACHE_FLAG="$CACHE_FLAG --cache-sim=yes"
 UPSTREAM_PORT=18091 NGINX_PORT=18092 BERTH_PORT=18093
 for tool in valgrind callgrind_control h2load nginx; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install valgrind nghttp2-client nginx-light" >&2; exit 1; }

@@ -13,6 +13,9 @@
 #   benches/run.sh                          # 3 rounds of 5 s runs
 #   ROUNDS=5 DURATION=10s benches/run.sh    # longer, steadier
 #   KAMAL_PROXY_BIN=../shared/peers/kamal-proxy benches/run.sh   # kamal-proxy alongside
+#   BASELINE_BIN=/tmp/proxy-before ONLY=plain benches/run.sh      # another build of Berth
+#       alongside, in turns with this one (a change measured against its parent), and only
+#       the plain 1 KB GET row
 #
 # The HTTP/2 and HTTP/1.1-over-TLS rows use h2load (apt-get install nghttp2-client).
 set -euo pipefail
@@ -31,8 +34,15 @@ for tool in wrk nginx taskset python3 openssl h2load curl; do
 done
 KAMAL_PROXY_BIN=${KAMAL_PROXY_BIN:-}
 KP_PORT=18086 KP_TLS_PORT=18446
-cargo build --release -q
-PROXY=$PWD/target/release/proxy
+BASELINE_BIN=${BASELINE_BIN:-}
+BASELINE_PORT=18088
+ONLY=${ONLY:-}
+case "$ONLY" in ""|plain) ;; *) echo "ONLY=$ONLY: the one subset is ONLY=plain" >&2; exit 1 ;; esac
+# PROXY=path measures that build instead of this checkout's release build.
+if [ -z "${PROXY:-}" ]; then
+  cargo build --release -q
+  PROXY=$PWD/target/release/proxy
+fi
 
 # shellcheck source=benches/common.sh
 . benches/common.sh
@@ -105,6 +115,19 @@ rss_kb() { awk '/VmRSS/ { print $2 }' "/proc/$1/status"; }
   --tls --tls-redirect=false --tls-certificate-path "$WORK/tls-cert.pem" \
   --tls-private-key-path "$WORK/tls-key.pem" --buffer-requests --buffer-responses
 
+# --- another build of Berth, when given: the plain service only, the same core -----------
+BASELINE_PID=""
+if [ -n "$BASELINE_BIN" ]; then
+  mkdir -p "$WORK/home-baseline"
+  HOME=$WORK/home-baseline KAMAL_PROXY_SOCKET=$WORK/baseline.sock TOKIO_WORKER_THREADS=1 \
+    taskset -c $SUT_CPU "$BASELINE_BIN" run --bind 127.0.0.1 --http-port $BASELINE_PORT \
+    --https-port 18448 > /dev/null 2>&1 & PIDS+=($!)
+  BASELINE_PID=$!
+  for _ in $(seq 100); do [ -S "$WORK/baseline.sock" ] && break; sleep 0.05; done
+  HOME=$WORK/home-baseline KAMAL_PROXY_SOCKET=$WORK/baseline.sock "$BASELINE_BIN" deploy plain \
+    --target 127.0.0.1:$UPSTREAM_PORT --host plain.bench --health-check-interval=100ms >/dev/null
+fi
+
 # --- kamal-proxy, when given: the same services, one core, GOMAXPROCS=1 -------------------
 KP_PID=""
 if [ -n "$KAMAL_PROXY_BIN" ]; then
@@ -170,15 +193,18 @@ PY
 
 report() {
   local title=$1 path=$2 script=${3:-}
-  local direct="" plain="" buffered="" kamal="" nginx=""
+  local direct="" plain="" baseline="" buffered="" kamal="" nginx=""
   for _ in $(seq "$ROUNDS"); do
     direct+="$(run direct $UPSTREAM_PORT up.bench "$path" "$script");"
     plain+="$(run berth $BERTH_PORT plain.bench "$path" "$script" http "" $BERTH_PID);"
+    [ -n "$BASELINE_PID" ] && baseline+="$(run baseline $BASELINE_PORT plain.bench "$path" "$script" http "" $BASELINE_PID);"
     buffered+="$(run berth-buffered $BERTH_PORT buffered.bench "$path" "$script" http "" $BERTH_PID);"
     [ -n "$KP_PID" ] && kamal+="$(run kamal-proxy $KP_PORT buffered.bench "$path" "$script" http "" $KP_PID);"
     nginx+="$(run nginx $NGINX_PROXY_PORT up.bench "$path" "$script" http "" $NGINX_PID);"
   done
-  local rows=("direct to upstream|$direct" "berth (unbuffered)|$plain" "berth (buffered, Kamal's default)|$buffered")
+  local rows=("direct to upstream|$direct" "berth (unbuffered)|$plain")
+  [ -n "$BASELINE_PID" ] && rows+=("baseline berth, $BASELINE_BIN (unbuffered)|$baseline")
+  rows+=("berth (buffered, Kamal's default)|$buffered")
   [ -n "$KP_PID" ] && rows+=("kamal-proxy (buffered)|$kamal")
   table "$title" "${rows[@]}" "nginx|$nginx"
 }
@@ -303,6 +329,7 @@ PY
 
 echo "# Load benchmark ($(date -u +%Y-%m-%d), $(nproc) cores, wrk -t1 -c$CONNECTIONS -d$DURATION, median of $ROUNDS rounds; proxies pinned to CPU $SUT_CPU with one worker, wrk and upstream on CPU $LOAD_CPU)"
 report "GET, 1 KB response" /1k
+[ "$ONLY" = plain ] && exit 0
 report "GET, 100 KB response" /100k
 report "POST, 100 KB body" /post "$WORK/post.lua"
 report_tls "HTTPS (HTTP/1.1 keep-alive), GET, 1 KB response" /1k

@@ -127,7 +127,8 @@ where
                 }
             };
             let outcome = {
-                let exchange = exchange(
+                // Pinned where it is made: `tokio::pin!` would copy the whole state once more.
+                let mut exchange = std::pin::pin!(exchange(
                     io,
                     &mut read_buf,
                     &mut write_buf,
@@ -136,8 +137,7 @@ where
                     &activity,
                     request,
                     close_asked,
-                );
-                tokio::pin!(exchange);
+                ));
                 'exchange: loop {
                     tokio::select! {
                         biased;
@@ -360,39 +360,70 @@ enum Next {
 /// Serves one request: the pipeline's answer, framed and written. A client that closes its
 /// side before its answer is written abandons the request, as under hyper: the pipeline is
 /// dropped, and logs a 499.
-#[allow(clippy::too_many_arguments)]
-async fn exchange<S>(
-    io: &mut ClientIo<S>,
-    read_buf: &mut BytesMut,
-    write_buf: &mut Vec<u8>,
+///
+/// A function returning an `async` block rather than an `async fn`, which would hold its
+/// arguments (the request among them) twice in its state, copied as the state moves.
+#[allow(clippy::too_many_arguments, clippy::manual_async_fn)]
+fn exchange<'a, S>(
+    io: &'a mut ClientIo<S>,
+    read_buf: &'a mut BytesMut,
+    write_buf: &'a mut Vec<u8>,
     info: ConnectionInfo,
-    proxy: &Proxy,
-    activity: &Arc<Activity>,
+    proxy: &'a Proxy,
+    activity: &'a Arc<Activity>,
     request: Request<Empty<Bytes>>,
     close_asked: bool,
-) -> io::Result<Next>
+) -> impl Future<Output = io::Result<Next>> + 'a
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let _guard = activity.request_started();
-    let method = request.method().clone();
-    let hints = EarlyHints::new(Arc::clone(activity));
-    let handled = proxy.handle(info, request, Some(hints));
-    tokio::pin!(handled);
-    // While the pipeline works, early hints it queues are written as they come: flushing
-    // the stream writes them, and registers this task to be woken for the next.
-    let mut response = poll_fn(|cx| {
-        if let Poll::Ready(Err(error)) = Pin::new(&mut *io).poll_flush(cx) {
+    async move {
+        let _guard = activity.request_started();
+        let method = request.method().clone();
+        let hints = EarlyHints::new(Arc::clone(activity));
+        let handled = proxy.handle(info, request, Some(hints));
+        // Awaited as one future made in place: a pipeline pinned in this block would take
+        // room of its own beside the response's writing, and be copied once more.
+        let mut response = Answering {
+            io: &mut *io,
+            read_buf: &mut *read_buf,
+            handled,
+        }
+        .await?;
+        add_connection_headers(proxy, info, &mut response);
+        write_response(io, read_buf, write_buf, &method, response, close_asked).await
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The pipeline's answer to come. While the pipeline works, early hints it queues are
+    /// written as they come (flushing the stream writes them, and registers the task to be
+    /// woken for the next), and the client is watched for closing.
+    struct Answering<'a, S, F> {
+        io: &'a mut ClientIo<S>,
+        read_buf: &'a mut BytesMut,
+        #[pin]
+        handled: F,
+    }
+}
+
+impl<S, F> Future for Answering<'_, S, F>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: Future,
+{
+    type Output = io::Result<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(Err(error)) = Pin::new(&mut **this.io).poll_flush(cx) {
             return Poll::Ready(Err(error));
         }
-        if let Some(gone) = poll_client_gone(io, read_buf, cx) {
+        if let Some(gone) = poll_client_gone(this.io, this.read_buf, cx) {
             return Poll::Ready(Err(gone));
         }
-        handled.as_mut().poll(cx).map(Ok)
-    })
-    .await?;
-    add_connection_headers(proxy, info, &mut response);
-    write_response(io, read_buf, write_buf, &method, response, close_asked).await
+        this.handled.poll(cx).map(Ok)
+    }
 }
 
 /// Watches the client while it waits for its answer: bytes it sends (its next request) are

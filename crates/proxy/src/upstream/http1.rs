@@ -4,6 +4,7 @@
 //! hyper's client cost for a small request. A body that is in the buffer with its head (most
 //! small responses) is handed on as one piece, so the client gets head and body in one write.
 
+use std::future::Future;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -71,40 +72,54 @@ impl Http1Client {
         }
     }
 
-    pub async fn send(
-        &self,
+    /// Sends a request with its whole body, on a pooled connection or a new one. The
+    /// request is encoded when this is called, so the future holds the bytes to write but
+    /// not the request (a function returning an `async` block, not an `async fn`, which
+    /// would hold its arguments twice).
+    pub fn send<'a>(
+        &'a self,
         request: Request<Bytes>,
         added: Option<&AddedHeaders>,
-        hints: Option<&EarlyHints>,
-    ) -> Result<Answer<Received>, UpstreamError> {
-        let target = request
-            .uri()
-            .authority()
-            .cloned()
-            .ok_or(UpstreamError::NoTarget)?;
+        hints: Option<EarlyHints>,
+    ) -> impl Future<Output = Result<Answer<Received>, UpstreamError>> + 'a {
+        let target = request.uri().authority().cloned();
         let head_request = request.method() == Method::HEAD;
         let idempotent = is_idempotent(request.method());
         let message = Message::encode(&request, added);
-        loop {
-            let (pooled, buffer) = self.pool.checkout(&target);
-            let (stream, reused) = match pooled {
-                Some(stream) => (stream, true),
-                None => (self.connect(&target).await?, false),
-            };
-            match self
-                .exchange(stream, buffer, &target, &message, head_request, hints)
-                .await
-            {
-                Ok(response) => return Ok(response),
-                // A pooled connection the target closed as the request went out (its idle
-                // timeout): the request was not seen, so it goes on another connection. Each
-                // retry uses up a pooled connection; the last resort is a new one, not retried.
-                Err(failed)
-                    if reused && failed.nothing_received && (idempotent || failed.write_failed) =>
-                {
-                    tracing::debug!(error = %failed.error, %target, "Pooled connection closed; retrying");
+        drop(request);
+        async move {
+            let target = target.ok_or(UpstreamError::NoTarget)?;
+            loop {
+                let (pooled, buffer) = self.pool.checkout(&target);
+                let (stream, reused) = match pooled {
+                    Some(stream) => (stream, true),
+                    None => (self.connect(&target).await?, false),
+                };
+                let exchanged = self
+                    .exchange(
+                        stream,
+                        buffer,
+                        &target,
+                        &message,
+                        head_request,
+                        hints.as_ref(),
+                    )
+                    .await;
+                match exchanged {
+                    Ok(response) => return Ok(response),
+                    // A pooled connection the target closed as the request went out (its idle
+                    // timeout): the request was not seen, so it goes on another connection.
+                    // Each retry uses up a pooled connection; the last resort is a new one,
+                    // not retried.
+                    Err(failed)
+                        if reused
+                            && failed.nothing_received
+                            && (idempotent || failed.write_failed) =>
+                    {
+                        tracing::debug!(error = %failed.error, %target, "Pooled connection closed; retrying");
+                    }
+                    Err(failed) => return Err(failed.error),
                 }
-                Err(failed) => return Err(failed.error),
             }
         }
     }

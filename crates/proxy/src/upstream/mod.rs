@@ -11,12 +11,14 @@ mod chunked;
 mod http1;
 mod pool;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use bytes::Bytes;
+use futures_util::future::{Either, TryFutureExt};
 use http::Request;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{Client, ResponseFuture};
@@ -82,22 +84,21 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 impl UpstreamClient {
     /// Sends a request to the target its URI names (`http://host:port/path`). The response's
     /// fields come as received when the lean path read them and they need no change.
-    pub async fn send(
+    ///
+    /// The request is made ready to go when this is called; the future holds only what
+    /// the exchange needs.
+    pub fn send(
         &self,
         request: Request<Outgoing>,
         added: Option<AddedHeaders>,
         hints: Option<EarlyHints>,
-    ) -> Result<Answer<Received>, BoxError> {
+    ) -> impl Future<Output = Result<Answer<Received>, BoxError>> + '_ {
         let (mut parts, outgoing) = request.into_parts();
         match outgoing {
-            Outgoing::Whole(bytes) => Ok(self
-                .whole
-                .send(
-                    Request::from_parts(parts, bytes),
-                    added.as_ref(),
-                    hints.as_ref(),
-                )
-                .await?),
+            Outgoing::Whole(bytes) => {
+                let request = Request::from_parts(parts, bytes);
+                Either::Left(self.whole.send(request, added.as_ref(), hints).err_into())
+            }
             Outgoing::Streaming(body) => {
                 if let Some(added) = added {
                     added.insert_into(&mut parts.headers);
@@ -110,10 +111,13 @@ impl UpstreamClient {
                         }
                     });
                 }
-                let response = self.request(request).await?;
-                Ok(Answer::from(
-                    response.map(|body| Received::Streaming(body::boxed(body))),
-                ))
+                let response = self.request(request);
+                Either::Right(async move {
+                    let response = response.await?;
+                    Ok(Answer::from(
+                        response.map(|body| Received::Streaming(body::boxed(body))),
+                    ))
+                })
             }
         }
     }
