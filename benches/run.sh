@@ -37,7 +37,7 @@ KP_PORT=18086 KP_TLS_PORT=18446
 BASELINE_BIN=${BASELINE_BIN:-}
 BASELINE_PORT=18088
 ONLY=${ONLY:-}
-case "$ONLY" in ""|plain) ;; *) echo "ONLY=$ONLY: the one subset is ONLY=plain" >&2; exit 1 ;; esac
+case "$ONLY" in ""|plain) ;; *) echo "ONLY=$ONLY: the one subset is ONLY=plain (benches/memory.sh has the memory rows)" >&2; exit 1 ;; esac
 # PROXY=path measures that build instead of this checkout's release build.
 if [ -z "${PROXY:-}" ]; then
   cargo build --release -q
