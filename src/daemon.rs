@@ -482,8 +482,6 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         async move { api_stop.cancelled().await }
     }));
     let metrics_stop = CancellationToken::new();
-    let memory_stop = CancellationToken::new();
-    tokio::spawn(crate::memory::return_freed_memory(memory_stop.clone()));
     if let (Some(listener), Some(metrics)) = (metrics_listener, metrics) {
         tracing::info!(address = %listener.local_addr()?, "Serving metrics at /metrics");
         tokio::spawn(metrics_server::serve(
@@ -574,7 +572,6 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     workers.stop().await;
     api_stop.cancel();
     metrics_stop.cancel();
-    memory_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), api).await;
     tracing::info!(finished_in_time = finished, "Stopped");
     Ok(())

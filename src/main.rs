@@ -8,7 +8,6 @@
 //! - `metrics_server`: the Prometheus endpoint on `--metrics-port`.
 //! - `workers`: the data plane's threads, one single-threaded runtime per core.
 //! - `handover`: passing the listeners to a new process (upgrades without a gap).
-//! - `memory`: giving memory freed by idle and closed connections back to the system.
 
 mod cli;
 mod commands;
@@ -16,7 +15,6 @@ mod config_file;
 mod daemon;
 mod handover;
 mod log_format;
-mod memory;
 mod metrics_server;
 mod tls;
 mod workers;
@@ -27,6 +25,13 @@ use clap::error::ErrorKind;
 use clap::Parser;
 
 use cli::{Cli, Command};
+
+/// mimalloc rather than glibc's allocator: a request allocates a handful of small blocks
+/// (its log record, the target's request head, header maps, body boxes) on one worker
+/// thread and frees them on it, which mimalloc's per-thread free lists serve in a few
+/// dozen instructions where glibc's took about 170 for the larger ones.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
