@@ -337,7 +337,6 @@ impl Proxy {
 
     /// The service the request's host and path name, and what it makes of the request's
     /// path; noted in the record (its name, its request fields to log, its metrics).
-    #[inline(always)]
     fn route<B>(&self, request: &Request<B>, record: &mut RequestRecord) -> Option<Routed> {
         let routes = self.inner.routes.current();
         let host = record.host_name();
@@ -486,7 +485,6 @@ impl Proxy {
 
     /// The target's answer (or its absence) made into what the client gets: an upgrade
     /// joined to the client's, an error, or the app's response.
-    #[inline(always)]
     fn take_response(
         &self,
         arrived: Arrived,
@@ -531,7 +529,6 @@ impl Proxy {
     /// The request head for the target: its URI, this hop's fields out, the forwarding
     /// fields in (noting the request ID and client address in the record).
     #[allow(clippy::too_many_arguments)]
-    #[inline(always)]
     fn upstream_head(
         &self,
         conn: ConnectionInfo,
@@ -665,7 +662,6 @@ enum AppResponse {
 /// The target's response as the pipeline passes it on: this hop's fields out, and its body
 /// as it is, or to be held whole when the service buffers responses (an event stream never
 /// is: it never ends).
-#[inline(always)]
 fn app_response(
     buffering: &BufferConfig,
     response: Answer<Received>,
@@ -734,7 +730,6 @@ struct PassingOn<'a> {
 impl PassingOn<'_> {
     /// The app's response with the proxy's changes, its body watched to the end (which
     /// releases the claim and writes the log line).
-    #[inline(always)]
     fn answer(
         self,
         mut response: Answer<AppBody>,
