@@ -27,6 +27,7 @@ if [ -z "${LLVM_PROFDATA:-}" ]; then
 fi
 [ -n "${LLVM_PROFDATA:-}" ] || { echo "missing llvm-profdata (LLVM 19 or newer): apt-get install llvm-19" >&2; exit 1; }
 
+BUILD_PROFILE=${BUILD_PROFILE:-release}
 TARGET=$PWD/target/pgo
 PROFILES=$TARGET/profiles
 rm -rf "$PROFILES"
@@ -34,7 +35,7 @@ mkdir -p "$PROFILES"
 
 echo "building the instrumented binary..." >&2
 RUSTFLAGS="-Cprofile-generate=$PROFILES" CARGO_TARGET_DIR=$TARGET/instrumented \
-  cargo build --release --bin proxy -q
+  cargo build --profile "$BUILD_PROFILE" --bin proxy -q
 # Build scripts and proc macros ran instrumented too; only the proxy's runs are kept.
 rm -f "$PROFILES"/*.profraw
 
@@ -68,10 +69,15 @@ LUA
 mkdir -p "$WORK/home"
 instrumented() {
   HOME=$WORK/home KAMAL_PROXY_SOCKET=$WORK/proxy.sock \
-    LLVM_PROFILE_FILE=$PROFILES/proxy-%p-%m.profraw "$TARGET/instrumented/release/proxy" "$@"
+    LLVM_PROFILE_FILE=$PROFILES/proxy-%p-%m.profraw "$TARGET/instrumented/$BUILD_PROFILE/proxy" "$@"
 }
-instrumented run --bind 127.0.0.1 --http-port $HTTP_PORT --https-port $HTTPS_PORT > /dev/null 2>&1 &
+# Started directly, not through the function: $! must be the proxy itself, whose profile is
+# written when it exits.
+HOME=$WORK/home KAMAL_PROXY_SOCKET=$WORK/proxy.sock LLVM_PROFILE_FILE=$PROFILES/proxy-%p-%m.profraw \
+  "$TARGET/instrumented/$BUILD_PROFILE/proxy" run --bind 127.0.0.1 --http-port $HTTP_PORT \
+  --https-port $HTTPS_PORT > /dev/null 2>&1 &
 PROXY_PID=$!
+PIDS+=($PROXY_PID)
 for _ in $(seq 100); do [ -S "$WORK/proxy.sock" ] && break; sleep 0.05; done
 until curl -sf "http://127.0.0.1:$UPSTREAM_PORT/up" >/dev/null; do sleep 0.05; done
 instrumented deploy plain --target 127.0.0.1:$UPSTREAM_PORT --host plain.train --health-check-interval=100ms
@@ -95,10 +101,11 @@ h2load -n 20000 -c 8 -m 16 "https://tls.train:$HTTPS_PORT/1k" \
 # The profile is written as the process exits.
 kill -TERM $PROXY_PID
 wait $PROXY_PID || true
-ls "$PROFILES"/*.profraw > /dev/null 2>&1 || { echo "the instrumented proxy wrote no profile" >&2; exit 1; }
+ls "$PROFILES"/proxy-"$PROXY_PID"-*.profraw > /dev/null 2>&1 \
+  || { echo "the instrumented proxy wrote no profile" >&2; exit 1; }
 
 "$LLVM_PROFDATA" merge -o "$TARGET/proxy.profdata" "$PROFILES"/*.profraw
 echo "building the optimised binary..." >&2
 RUSTFLAGS="-Cprofile-use=$TARGET/proxy.profdata" CARGO_TARGET_DIR=$TARGET \
-  cargo build --release --bin proxy -q
-echo "$TARGET/release/proxy"
+  cargo build --profile "$BUILD_PROFILE" --bin proxy -q
+echo "$TARGET/$BUILD_PROFILE/proxy"
