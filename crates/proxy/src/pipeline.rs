@@ -44,6 +44,17 @@ pub struct ConnectionInfo {
     pub tls: bool,
 }
 
+impl ConnectionInfo {
+    /// The scheme the client used, as the log line and X-Forwarded-Proto name it.
+    fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
+
 /// Why forwarding failed, and so which error page the client gets.
 #[derive(Debug, thiserror::Error)]
 enum ForwardError {
@@ -214,14 +225,13 @@ impl Proxy {
             if let Err(reason) = headers::check_request_head(&request) {
                 return refuse_head(conn, &request, reason);
             }
-            let scheme = if conn.tls { "https" } else { "http" };
             // Boxed: the record travels with the response to its body's end, and moving it
             // there whole (over 500 bytes) cost several copies a request.
             let mut record = Box::new(RequestRecord::begin(
                 &request,
                 conn.peer,
                 conn.local_port,
-                scheme,
+                conn.scheme(),
             ));
             if !conn.tls && request.uri().path().starts_with(ACME_CHALLENGE_PREFIX) {
                 if let Some(answer) = self
@@ -564,7 +574,7 @@ impl Proxy {
             client_ip_header.and_then(|name| headers::client_ip_from_header(&parts.headers, name));
         let forwarding = headers::Forwarding {
             peer: peer_ip,
-            scheme: if conn.tls { "https" } else { "http" },
+            scheme: conn.scheme(),
             host: original_host.as_ref(),
             trust_incoming: config.forward_headers || trusted_peer,
             client_ip_header,
@@ -578,8 +588,7 @@ impl Proxy {
 
 /// The 400 for a request head no target should see.
 fn refuse_head<B>(conn: ConnectionInfo, request: &Request<B>, reason: &str) -> Answer<ProxyBody> {
-    let scheme = if conn.tls { "https" } else { "http" };
-    let mut record = RequestRecord::begin(request, conn.peer, conn.local_port, scheme);
+    let mut record = RequestRecord::begin(request, conn.peer, conn.local_port, conn.scheme());
     let pages = ErrorPages::default();
     let mut response =
         finish_with_error(&mut record, &pages, StatusCode::BAD_REQUEST, Some(reason));
