@@ -6,16 +6,32 @@
 # tag it v0.9.2 or higher (Kamal refuses older proxy versions).
 
 FROM rust:1-bookworm AS build
+# The binary is built profile-guided (benches/pgo.sh): built instrumented, run under the
+# benchmarks' traffic on loopback, then built again laid out by what the requests ran. That is
+# what brings CPU per request under nginx's (benches/RESULTS.md). It needs the training tools and
+# an llvm-profdata matched to rustc (rustup's llvm-tools), and about twice the build time;
+# `--build-arg PGO=0` builds a plain release binary instead.
+ARG PGO=1
+RUN if [ "$PGO" = 1 ]; then \
+      apt-get update \
+      && apt-get install -y --no-install-recommends nginx-light wrk nghttp2-client curl openssl \
+      && rm -rf /var/lib/apt/lists/* \
+      && rustup component add llvm-tools; \
+    fi
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin proxy
+RUN if [ "$PGO" = 1 ]; then \
+      benches/pgo.sh && cp target/pgo/release/proxy /proxy; \
+    else \
+      cargo build --release --locked --bin proxy && cp target/release/proxy /proxy; \
+    fi
 
 FROM debian:bookworm-slim
 # ca-certificates: to talk to Let's Encrypt. libcap2-bin: setcap, so a non-root user can bind 80/443.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates libcap2-bin \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=build /src/target/release/proxy /usr/local/bin/proxy
+COPY --from=build /proxy /usr/local/bin/proxy
 # The user owns the kamal-proxy-config volume, so it must have kamal-proxy's uid and gid or a
 # swap in either direction leaves the state and certificates unreadable (state 0600/0644,
 # certs/ 0700). kamal-proxy's image runs `useradd kamal-proxy` on ubuntu:noble, where uid and

@@ -11,8 +11,9 @@
 #   PROXY=target/pgo/release/proxy benches/run.sh     # measure it
 #
 # Needs: wrk, nginx, h2load, curl, openssl (apt-get install wrk nginx-light nghttp2-client curl
-# openssl) and an llvm-profdata that reads the raw profiles of rustc's LLVM: on Debian 12 with
-# rustc 1.95 (LLVM 22), llvm-19's (apt-get install llvm-19); LLVM_PROFDATA=path picks one.
+# openssl) and an llvm-profdata that reads the raw profiles of rustc's LLVM. The one rustup ships
+# with rustc always does (rustup component add llvm-tools) and is taken first; otherwise Debian's
+# (apt-get install llvm-19 reads rustc 1.95's); LLVM_PROFDATA=path picks one.
 # Two release builds: about 15 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,11 +22,16 @@ for tool in wrk nginx h2load curl openssl; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install wrk nginx-light nghttp2-client curl openssl" >&2; exit 1; }
 done
 if [ -z "${LLVM_PROFDATA:-}" ]; then
+  # rustup's llvm-tools match rustc's LLVM exactly; a raw profile's format changes with LLVM.
+  matched=$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | sed -n 's/^host: //p')/bin/llvm-profdata
+  if [ -x "$matched" ]; then LLVM_PROFDATA=$matched; fi
+fi
+if [ -z "${LLVM_PROFDATA:-}" ]; then
   for candidate in llvm-profdata-22 llvm-profdata-21 llvm-profdata-20 llvm-profdata-19; do
     if command -v "$candidate" >/dev/null; then LLVM_PROFDATA=$candidate; break; fi
   done
 fi
-[ -n "${LLVM_PROFDATA:-}" ] || { echo "missing llvm-profdata (LLVM 19 or newer): apt-get install llvm-19" >&2; exit 1; }
+[ -n "${LLVM_PROFDATA:-}" ] || { echo "missing llvm-profdata: rustup component add llvm-tools (or apt-get install llvm-19)" >&2; exit 1; }
 
 BUILD_PROFILE=${BUILD_PROFILE:-release}
 TARGET=$PWD/target/pgo
@@ -35,7 +41,7 @@ mkdir -p "$PROFILES"
 
 echo "building the instrumented binary..." >&2
 RUSTFLAGS="-Cprofile-generate=$PROFILES" CARGO_TARGET_DIR=$TARGET/instrumented \
-  cargo build --profile "$BUILD_PROFILE" --bin proxy -q
+  cargo build --profile "$BUILD_PROFILE" --locked --bin proxy -q
 # Build scripts and proc macros ran instrumented too; only the proxy's runs are kept.
 rm -f "$PROFILES"/*.profraw
 
@@ -107,5 +113,5 @@ ls "$PROFILES"/proxy-"$PROXY_PID"-*.profraw > /dev/null 2>&1 \
 "$LLVM_PROFDATA" merge -o "$TARGET/proxy.profdata" "$PROFILES"/*.profraw
 echo "building the optimised binary..." >&2
 RUSTFLAGS="-Cprofile-use=$TARGET/proxy.profdata" CARGO_TARGET_DIR=$TARGET \
-  cargo build --profile "$BUILD_PROFILE" --bin proxy -q
+  cargo build --profile "$BUILD_PROFILE" --locked --bin proxy -q
 echo "$TARGET/$BUILD_PROFILE/proxy"
