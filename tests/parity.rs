@@ -432,6 +432,93 @@ async fn handshake(
     Ok(leaf)
 }
 
+/// The cipher suite a handshake with `offered` (in the client's order of preference) settles on.
+async fn negotiated_suite(
+    port: u16,
+    offered: &[rustls::CipherSuite],
+    version: &'static rustls::SupportedProtocolVersion,
+) -> rustls::CipherSuite {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .retain(|suite| offered.contains(&suite.suite()));
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| offered.iter().position(|s| *s == suite.suite()));
+    let provider = Arc::new(provider);
+    let config = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("suites.test").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, stream)
+        .await
+        .unwrap();
+    tls.get_ref().1.negotiated_cipher_suite().unwrap().suite()
+}
+
+/// Go's TLS server, so kamal-proxy, picks AES-128-GCM over the AES-256-GCM most clients list
+/// first, but ChaCha20-Poly1305 for a client that puts it first (one without AES instructions).
+/// Berth does the same; for it AES-128-GCM is also the cheaper handshake (SHA-256 key schedule).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_prefers_aes_128_unless_the_client_puts_chacha20_first() {
+    use rustls::CipherSuite::*;
+    let app = Upstream::start("app").await;
+    let files = certificate_files("suites.test");
+    let tls13 = &rustls::version::TLS13;
+    for peer in Peer::both() {
+        let side = peer.name();
+        peer.deploy(
+            "web",
+            &app.target(),
+            &[
+                "--host=suites.test",
+                "--tls",
+                &files.flags[0],
+                &files.flags[1],
+            ],
+        );
+        let port = peer.https_port();
+        let browser_like = [
+            TLS13_AES_256_GCM_SHA384,
+            TLS13_AES_128_GCM_SHA256,
+            TLS13_CHACHA20_POLY1305_SHA256,
+        ];
+        assert_eq!(
+            negotiated_suite(port, &browser_like, tls13).await,
+            TLS13_AES_128_GCM_SHA256,
+            "{side}"
+        );
+        let without_aes_instructions = [TLS13_CHACHA20_POLY1305_SHA256, TLS13_AES_256_GCM_SHA384];
+        assert_eq!(
+            negotiated_suite(port, &without_aes_instructions, tls13).await,
+            TLS13_CHACHA20_POLY1305_SHA256,
+            "{side}"
+        );
+        assert_eq!(
+            negotiated_suite(port, &[TLS13_AES_256_GCM_SHA384], tls13).await,
+            TLS13_AES_256_GCM_SHA384,
+            "{side}"
+        );
+        let tls12 = [
+            TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        ];
+        assert_eq!(
+            negotiated_suite(port, &tls12, &rustls::version::TLS12).await,
+            TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            "{side}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_without_a_server_name_gets_the_first_tls_services_certificate() {
     let app = Upstream::start("app").await;
