@@ -3,8 +3,8 @@
 # nginx as an equivalent keep-alive reverse proxy, with the same load generator and settings.
 # Prints requests/s, p50 and p99 latency, the proxy's CPU time per request and the ratios to the
 # direct run and to nginx, for plain HTTP and HTTPS (keep-alive, and a new TLS connection per
-# request: resumed by wrk, and full handshakes by benches/full_handshakes.py), then memory and
-# deploy figures. Loopback only. Needs: wrk, nginx (apt-get install wrk nginx-light).
+# request: resumed by wrk, and full and resumed handshakes by benches/tls_connections.py), then
+# memory and deploy figures. Loopback only. Needs: wrk, nginx (apt-get install wrk nginx-light).
 #
 # Each contender is measured ROUNDS times, the contenders taking turns, and the median run
 # is reported: on a shared machine the same binary's throughput moves by a third from one
@@ -270,29 +270,30 @@ report_h2load() {
   table "$title" "${rows[@]}" "nginx|$nginx"
 }
 
-# run_full_handshakes PORT PATH PID -> "rps p50_ms p99_ms cpu_us_per_request": new TLS
-# connections whose clients never resume (benches/full_handshakes.py, 4 client processes).
-run_full_handshakes() {
-  local port=$1 path=$2 pid=$3
+# run_tls_connections MODE PORT PATH PID -> "rps p50_ms p99_ms cpu_us_per_request": new TLS
+# connections, one request each, by benches/tls_connections.py (4 client processes) in MODE:
+# `full` (no client resumes) or `resumed` (each offers the session of its last connection).
+run_tls_connections() {
+  local mode=$1 port=$2 path=$3 pid=$4
   local seconds=${DURATION%s}
-  taskset -c $LOAD_CPU python3 benches/full_handshakes.py "$port" "$path" 1 > /dev/null
+  taskset -c $LOAD_CPU python3 benches/tls_connections.py "$mode" "$port" "$path" 1 > /dev/null
   local before
   before=$(cpu_ticks "$pid")
   local rps p50 p99 count
-  read -r rps p50 p99 count <<< "$(taskset -c $LOAD_CPU python3 benches/full_handshakes.py "$port" "$path" "$seconds")"
+  read -r rps p50 p99 count _ <<< "$(taskset -c $LOAD_CPU python3 benches/tls_connections.py "$mode" "$port" "$path" "$seconds")"
   local ticks=$(( $(cpu_ticks "$pid") - before ))
   python3 -c "import sys; t, hz, n = map(float, sys.argv[1:4]); print('$rps $p50 $p99', t / hz * 1e6 / n if n else float('nan'))" \
     "$ticks" "$(getconf CLK_TCK)" "$count"
 }
 
-# report_full_handshakes TITLE PATH: each proxy, new connections with full handshakes.
-report_full_handshakes() {
-  local title=$1 path=$2
+# report_tls_connections MODE TITLE PATH: each proxy, new TLS connections in MODE.
+report_tls_connections() {
+  local mode=$1 title=$2 path=$3
   local berth="" kamal="" nginx=""
   for _ in $(seq "$ROUNDS"); do
-    berth+="$(run_full_handshakes $BERTH_TLS_PORT "$path" $BERTH_PID);"
-    [ -n "$KP_PID" ] && kamal+="$(run_full_handshakes $KP_TLS_PORT "$path" $KP_PID);"
-    nginx+="$(run_full_handshakes $NGINX_TLS_PORT "$path" $NGINX_PID);"
+    berth+="$(run_tls_connections "$mode" $BERTH_TLS_PORT "$path" $BERTH_PID);"
+    [ -n "$KP_PID" ] && kamal+="$(run_tls_connections "$mode" $KP_TLS_PORT "$path" $KP_PID);"
+    nginx+="$(run_tls_connections "$mode" $NGINX_TLS_PORT "$path" $NGINX_PID);"
   done
   local rows=("berth (buffered, Kamal's default)|$berth")
   [ -n "$KP_PID" ] && rows+=("kamal-proxy (buffered)|$kamal")
@@ -340,10 +341,14 @@ report_tls "HTTPS, a new TLS connection per request (Connection: close; wrk resu
 read -r FULL_AFTER RESUMED_AFTER <<< "$(handshakes)"
 echo
 echo "Berth's handshakes during the new-connection row: $((FULL_AFTER - FULL_BEFORE)) full, $((RESUMED_AFTER - RESUMED_BEFORE)) resumed (\`berth_tls_handshakes_total\`): the row measures resumed handshakes."
-report_full_handshakes "HTTPS, a new TLS connection per request, full handshakes (no client resumes; 4 Python clients), GET, 1 KB" /1k
+report_tls_connections full "HTTPS, a new TLS connection per request, full handshakes (no client resumes; 4 Python clients), GET, 1 KB" /1k
 read -r FULL_END RESUMED_END <<< "$(handshakes)"
 echo
 echo "Berth's handshakes during the full-handshake row: $((FULL_END - FULL_AFTER)) full, $((RESUMED_END - RESUMED_AFTER)) resumed. Requests/s there are bounded by the Python clients on the other core; CPU per connection is the figure to compare."
+report_tls_connections resumed "HTTPS, a new TLS connection per request, resumed handshakes (the same 4 Python clients, each offering its last session), GET, 1 KB" /1k
+read -r FULL_RESUMED RESUMED_RESUMED <<< "$(handshakes)"
+echo
+echo "Berth's handshakes during the resumed row: $((FULL_RESUMED - FULL_END)) full, $((RESUMED_RESUMED - RESUMED_END)) resumed. With the same clients as the row above, the two rows' CPU per connection compare full and resumed handshakes directly."
 
 # --- memory ---------------------------------------------------------------------------------
 # A fresh process, so what the allocator kept from the load runs above is not counted.
