@@ -407,15 +407,18 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
     }
 }
 
-/// A TLS handshake with `server_name` as SNI (none when it is an IP address, as for a load
-/// balancer checking by IP): the leaf presented, or the error.
-async fn handshake(
+/// A TLS connection to the proxy on `port` with `server_name` as SNI (none when it is an IP
+/// address), by a client with `provider`'s suites in its order, speaking `versions`, that
+/// accepts any certificate.
+async fn connect_tls(
     port: u16,
     server_name: &str,
-) -> Result<rustls::pki_types::CertificateDer<'static>, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    provider: rustls::crypto::CryptoProvider,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let provider = Arc::new(provider);
     let config = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .unwrap()
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
@@ -424,10 +427,20 @@ async fn handshake(
         .await
         .map_err(|e| e.to_string())?;
     let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, stream)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+/// A TLS handshake with `server_name` as SNI (none when it is an IP address, as for a load
+/// balancer checking by IP): the leaf presented, or the error.
+async fn handshake(
+    port: u16,
+    server_name: &str,
+) -> Result<rustls::pki_types::CertificateDer<'static>, String> {
+    let provider = rustls::crypto::ring::default_provider();
+    let tls = connect_tls(port, server_name, provider, rustls::DEFAULT_VERSIONS).await?;
     let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
     Ok(leaf)
 }
@@ -445,26 +458,15 @@ async fn negotiated_suite(
     provider
         .cipher_suites
         .sort_by_key(|suite| offered.iter().position(|s| *s == suite.suite()));
-    let provider = Arc::new(provider);
-    let config = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_protocol_versions(&[version])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
-        .with_no_client_auth();
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("suites.test").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, stream)
+    let tls = connect_tls(port, "suites.test", provider, &[version])
         .await
         .unwrap();
     tls.get_ref().1.negotiated_cipher_suite().unwrap().suite()
 }
 
-/// Go's TLS server, so kamal-proxy, picks AES-128-GCM over the AES-256-GCM most clients list
-/// first, but ChaCha20-Poly1305 for a client that puts it first (one without AES instructions).
+/// Go's TLS server, so kamal-proxy, picks AES-128-GCM over the AES-256-GCM that OpenSSL-based
+/// clients list first, but ChaCha20-Poly1305 for a client that puts it first (one without AES
+/// instructions).
 /// Berth does the same; for it AES-128-GCM is also the cheaper handshake (SHA-256 key schedule).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_prefers_aes_128_unless_the_client_puts_chacha20_first() {

@@ -176,8 +176,8 @@ const SESSION_CACHE_ENTRIES: usize = 16 * 1024;
 /// Which cipher suite the server picks among those a client offers. Like Go's TLS server
 /// (and so kamal-proxy), AES-128-GCM comes first: its SHA-256 key schedule runs on the CPU's
 /// SHA extensions, where SHA-384 (AES-256-GCM's, the first choice of OpenSSL-based clients)
-/// has none, and a resumed handshake spends a fifth of its time hashing. A client whose first choice is
-/// ChaCha20-Poly1305 probably has no AES instructions, so it gets ChaCha20 (as in Go).
+/// has none, and hashing was a quarter of a resumed handshake's time. A client whose first
+/// choice is ChaCha20-Poly1305 probably has no AES instructions, so it gets ChaCha20 (as in Go).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SuiteOrder {
     Aes128First,
