@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Load benchmark: the upstream direct, Berth unbuffered, Berth with Kamal's buffering, and
-# nginx as an equivalent keep-alive reverse proxy, with the same load generator and settings.
+# nginx as an equivalent keep-alive reverse proxy, with the same load generator and settings
+# (in the 1 KB keep-alive rows also the same nginx adding the headers kamal-proxy adds).
 # Prints requests/s, p50 and p99 latency, the proxy's CPU time per request and the ratios to the
 # direct run and to nginx, for plain HTTP and HTTPS (keep-alive, and a new TLS connection per
 # request: resumed by wrk, and full and resumed handshakes by benches/tls_connections.py), then
@@ -16,6 +17,8 @@
 #   BASELINE_BIN=/tmp/proxy-before ONLY=plain benches/run.sh      # another build of Berth
 #       alongside, in turns with this one (a change measured against its parent), and only
 #       the plain 1 KB GET row
+#   BASELINE_BIN=/tmp/proxy-before ONLY=https benches/run.sh      # the same, for the three
+#       HTTPS keep-alive rows (wrk HTTP/1.1, h2load HTTP/2 and HTTP/1.1)
 #
 # The HTTP/2 and HTTP/1.1-over-TLS rows use h2load (apt-get install nghttp2-client).
 set -euo pipefail
@@ -25,7 +28,7 @@ DURATION=${DURATION:-5s}
 ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-64}
 UPSTREAM_PORT=18081 NGINX_PROXY_PORT=18082 BERTH_PORT=18083 BERTH_TLS_PORT=18443
-NGINX_TLS_PORT=18085
+NGINX_TLS_PORT=18085 NGINX_SAME_HEADERS_PORT=18089 NGINX_SAME_HEADERS_TLS_PORT=18090
 # The proxy under test gets CPU 0 and one worker; wrk and the upstream share CPU 1.
 SUT_CPU=0 LOAD_CPU=1
 
@@ -35,9 +38,9 @@ done
 KAMAL_PROXY_BIN=${KAMAL_PROXY_BIN:-}
 KP_PORT=18086 KP_TLS_PORT=18446
 BASELINE_BIN=${BASELINE_BIN:-}
-BASELINE_PORT=18088
+BASELINE_PORT=18088 BASELINE_TLS_PORT=18448
 ONLY=${ONLY:-}
-case "$ONLY" in ""|plain) ;; *) echo "ONLY=$ONLY: the one subset is ONLY=plain (benches/memory.sh has the memory rows)" >&2; exit 1 ;; esac
+case "$ONLY" in ""|plain|https) ;; *) echo "ONLY=$ONLY: the subsets are ONLY=plain and ONLY=https (benches/memory.sh has the memory rows)" >&2; exit 1 ;; esac
 # PROXY=path measures that build instead of this checkout's release build.
 if [ -z "${PROXY:-}" ]; then
   cargo build --release -q
@@ -92,6 +95,23 @@ http {
       proxy_set_header X-Forwarded-Proto \$scheme;
     }
   }
+  # The same proxy, also adding the headers kamal-proxy (so Berth) adds for the app, within a
+  # few bytes: the upstream then parses the same ~280-byte request behind both. The "nginx,
+  # kamal-proxy's headers" rows; the ratios stay against the server above.
+  server {
+    listen 127.0.0.1:$NGINX_SAME_HEADERS_PORT;
+    listen 127.0.0.1:$NGINX_SAME_HEADERS_TLS_PORT ssl;
+    ssl_certificate $WORK/tls-cert.pem; ssl_certificate_key $WORK/tls-key.pem;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    client_max_body_size 10m;
+    location / {
+      proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme; proxy_set_header X-Forwarded-Host \$http_host;
+      proxy_set_header X-Request-Start "t=\${msec}"; proxy_set_header X-Request-ID \$request_id;
+      proxy_set_header X-Kamal-Target 127.0.0.1:$UPSTREAM_PORT;
+    }
+  }
 }
 CONF
 taskset -c $SUT_CPU nginx -c "$WORK/nginx-proxy.conf" -e stderr & PIDS+=($!)
@@ -115,17 +135,21 @@ rss_kb() { awk '/VmRSS/ { print $2 }' "/proc/$1/status"; }
   --tls --tls-redirect=false --tls-certificate-path "$WORK/tls-cert.pem" \
   --tls-private-key-path "$WORK/tls-key.pem" --buffer-requests --buffer-responses
 
-# --- another build of Berth, when given: the plain service only, the same core -----------
+# --- another build of Berth, when given: the plain and TLS services, the same core --------
 BASELINE_PID=""
 if [ -n "$BASELINE_BIN" ]; then
   mkdir -p "$WORK/home-baseline"
   HOME=$WORK/home-baseline KAMAL_PROXY_SOCKET=$WORK/baseline.sock TOKIO_WORKER_THREADS=1 \
     taskset -c $SUT_CPU "$BASELINE_BIN" run --bind 127.0.0.1 --http-port $BASELINE_PORT \
-    --https-port 18448 > /dev/null 2>&1 & PIDS+=($!)
+    --https-port $BASELINE_TLS_PORT > /dev/null 2>&1 & PIDS+=($!)
   BASELINE_PID=$!
   for _ in $(seq 100); do [ -S "$WORK/baseline.sock" ] && break; sleep 0.05; done
   HOME=$WORK/home-baseline KAMAL_PROXY_SOCKET=$WORK/baseline.sock "$BASELINE_BIN" deploy plain \
     --target 127.0.0.1:$UPSTREAM_PORT --host plain.bench --health-check-interval=100ms >/dev/null
+  HOME=$WORK/home-baseline KAMAL_PROXY_SOCKET=$WORK/baseline.sock "$BASELINE_BIN" deploy tls \
+    --target 127.0.0.1:$UPSTREAM_PORT --host tls.bench --health-check-interval=100ms \
+    --tls --tls-redirect=false --tls-certificate-path "$WORK/tls-cert.pem" \
+    --tls-private-key-path "$WORK/tls-key.pem" --buffer-requests --buffer-responses >/dev/null
 fi
 
 # --- kamal-proxy, when given: the same services, one core, GOMAXPROCS=1 -------------------
@@ -193,19 +217,21 @@ PY
 
 report() {
   local title=$1 path=$2 script=${3:-}
-  local direct="" plain="" baseline="" buffered="" kamal="" nginx=""
+  local direct="" plain="" baseline="" buffered="" kamal="" same_headers="" nginx=""
   for _ in $(seq "$ROUNDS"); do
     direct+="$(run direct $UPSTREAM_PORT up.bench "$path" "$script");"
     plain+="$(run berth $BERTH_PORT plain.bench "$path" "$script" http "" $BERTH_PID);"
     [ -n "$BASELINE_PID" ] && baseline+="$(run baseline $BASELINE_PORT plain.bench "$path" "$script" http "" $BASELINE_PID);"
     buffered+="$(run berth-buffered $BERTH_PORT buffered.bench "$path" "$script" http "" $BERTH_PID);"
     [ -n "$KP_PID" ] && kamal+="$(run kamal-proxy $KP_PORT buffered.bench "$path" "$script" http "" $KP_PID);"
+    [ "$path" = /1k ] && same_headers+="$(run nginx-same-headers $NGINX_SAME_HEADERS_PORT up.bench "$path" "$script" http "" $NGINX_PID);"
     nginx+="$(run nginx $NGINX_PROXY_PORT up.bench "$path" "$script" http "" $NGINX_PID);"
   done
   local rows=("direct to upstream|$direct" "berth (unbuffered)|$plain")
   [ -n "$BASELINE_PID" ] && rows+=("baseline berth, $BASELINE_BIN (unbuffered)|$baseline")
   rows+=("berth (buffered, Kamal's default)|$buffered")
   [ -n "$KP_PID" ] && rows+=("kamal-proxy (buffered)|$kamal")
+  [ -n "$same_headers" ] && rows+=("nginx, adding kamal-proxy's headers|$same_headers")
   table "$title" "${rows[@]}" "nginx|$nginx"
 }
 
@@ -214,12 +240,18 @@ report() {
 # refuses (Berth, like rustls, ignores an IP address there); the h2load rows name the host.
 report_tls() {
   local title=$1 path=$2 header=${3:-}
-  local berth="" nginx=""
+  local berth="" baseline="" same_headers="" nginx=""
   for _ in $(seq "$ROUNDS"); do
     berth+="$(run berth-tls $BERTH_TLS_PORT tls.bench "$path" "" https "$header" $BERTH_PID);"
+    [ -n "$BASELINE_PID" ] && baseline+="$(run baseline-tls $BASELINE_TLS_PORT tls.bench "$path" "" https "$header" $BASELINE_PID);"
+    # Keep-alive only: behind a new TLS connection per request, the headers are noise.
+    [ -z "$header" ] && same_headers+="$(run nginx-same-headers-tls $NGINX_SAME_HEADERS_TLS_PORT tls.bench "$path" "" https "" $NGINX_PID);"
     nginx+="$(run nginx-tls $NGINX_TLS_PORT tls.bench "$path" "" https "$header" $NGINX_PID);"
   done
-  table "$title" "berth (buffered, Kamal's default)|$berth" "nginx|$nginx"
+  local rows=("berth (buffered, Kamal's default)|$berth")
+  [ -n "$BASELINE_PID" ] && rows+=("baseline berth, $BASELINE_BIN (buffered)|$baseline")
+  [ -n "$same_headers" ] && rows+=("nginx, adding kamal-proxy's headers|$same_headers")
+  table "$title" "${rows[@]}" "nginx|$nginx"
 }
 
 # run_h2load NAME PORT PATH PROTOCOL PID -> "rps p50_ms p99_ms cpu_us_per_request", from
@@ -259,14 +291,18 @@ PY
 # report_h2load TITLE PATH PROTOCOL: the same path through each proxy with h2load.
 report_h2load() {
   local title=$1 path=$2 protocol=$3
-  local berth="" kamal="" nginx=""
+  local berth="" baseline="" kamal="" same_headers="" nginx=""
   for _ in $(seq "$ROUNDS"); do
     berth+="$(run_h2load berth $BERTH_TLS_PORT "$path" "$protocol" $BERTH_PID);"
+    [ -n "$BASELINE_PID" ] && baseline+="$(run_h2load baseline $BASELINE_TLS_PORT "$path" "$protocol" $BASELINE_PID);"
     [ -n "$KP_PID" ] && kamal+="$(run_h2load kamal-proxy $KP_TLS_PORT "$path" "$protocol" $KP_PID);"
+    same_headers+="$(run_h2load nginx-same-headers $NGINX_SAME_HEADERS_TLS_PORT "$path" "$protocol" $NGINX_PID);"
     nginx+="$(run_h2load nginx $NGINX_TLS_PORT "$path" "$protocol" $NGINX_PID);"
   done
   local rows=("berth (buffered, Kamal's default)|$berth")
+  [ -n "$BASELINE_PID" ] && rows+=("baseline berth, $BASELINE_BIN (buffered)|$baseline")
   [ -n "$KP_PID" ] && rows+=("kamal-proxy (buffered)|$kamal")
+  rows+=("nginx, adding kamal-proxy's headers|$same_headers")
   table "$title" "${rows[@]}" "nginx|$nginx"
 }
 
@@ -329,13 +365,16 @@ PY
 }
 
 echo "# Load benchmark ($(date -u +%Y-%m-%d), $(nproc) cores, wrk -t1 -c$CONNECTIONS -d$DURATION, median of $ROUNDS rounds; proxies pinned to CPU $SUT_CPU with one worker, wrk and upstream on CPU $LOAD_CPU)"
-report "GET, 1 KB response" /1k
+[ "$ONLY" = https ] || report "GET, 1 KB response" /1k
 [ "$ONLY" = plain ] && exit 0
-report "GET, 100 KB response" /100k
-report "POST, 100 KB body" /post "$WORK/post.lua"
+if [ "$ONLY" != https ]; then
+  report "GET, 100 KB response" /100k
+  report "POST, 100 KB body" /post "$WORK/post.lua"
+fi
 report_tls "HTTPS (HTTP/1.1 keep-alive), GET, 1 KB response" /1k
 report_h2load "HTTPS, HTTP/2 (h2load, 8 connections x 16 streams), GET, 1 KB" /1k h2
 report_h2load "HTTPS, HTTP/1.1 (h2load, 32 connections), GET, 1 KB" /1k http/1.1
+[ "$ONLY" = https ] && exit 0
 read -r FULL_BEFORE RESUMED_BEFORE <<< "$(handshakes)"
 report_tls "HTTPS, a new TLS connection per request (Connection: close; wrk resumes sessions), GET, 1 KB" /1k "Connection: close"
 read -r FULL_AFTER RESUMED_AFTER <<< "$(handshakes)"
