@@ -4,7 +4,8 @@
 # (in the 1 KB keep-alive rows also the same nginx adding the headers kamal-proxy adds).
 # Prints requests/s, p50 and p99 latency, the proxy's CPU time per request and the ratios to the
 # direct run and to nginx, for plain HTTP and HTTPS (keep-alive, and a new TLS connection per
-# request: resumed by wrk, and full and resumed handshakes by benches/tls_connections.py), then
+# request: resumed by wrk, full and resumed handshakes by benches/tls_connections.py, and by
+# openssl s_time over TLS 1.3 and TLS 1.2), then
 # memory and deploy figures. Loopback only. Needs: wrk, nginx (apt-get install wrk nginx-light).
 #
 # Each contender is measured ROUNDS times, the contenders taking turns, and the median run
@@ -336,6 +337,55 @@ report_tls_connections() {
   table "$title" "${rows[@]}" "nginx|$nginx"
 }
 
+# run_s_time MODE VERSION PORT PID -> "rps nan nan cpu_us_per_connection": new TLS connections,
+# one HTTP/1.0 GET each, by 4 openssl s_time processes: MODE -new (every handshake full) or
+# -reuse (every connection offers the first one's session), VERSION -tls1_3 or -tls1_2. s_time
+# sends "GET <page> HTTP/1.0" and no Host, so the page carries one (and no server name, which
+# all three proxies accept with one certificate). No latencies: s_time reports none.
+run_s_time() {
+  local mode=$1 version=$2 port=$3 pid=$4
+  local seconds=${DURATION%s}
+  local page=$'/1k HTTP/1.0\r\nHost: tls.bench\r\nX-Padding:'
+  local clients=() before ticks
+  taskset -c $LOAD_CPU openssl s_time -connect "127.0.0.1:$port" "$mode" "$version" -time 1 -www "$page" > /dev/null 2>&1
+  before=$(cpu_ticks "$pid")
+  for i in 1 2 3 4; do
+    taskset -c $LOAD_CPU openssl s_time -connect "127.0.0.1:$port" "$mode" "$version" \
+      -time "$seconds" -www "$page" > "$WORK/s_time.$i" 2>&1 & clients+=($!)
+  done
+  wait "${clients[@]}"
+  ticks=$(( $(cpu_ticks "$pid") - before ))
+  python3 - "$ticks" "$(getconf CLK_TCK)" "$seconds" "$WORK"/s_time.? <<'PY'
+import re, sys
+ticks, hz, seconds = float(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+count = 0
+for name in sys.argv[4:]:
+    text = open(name).read()
+    # The last "N connections in S real seconds, B bytes read per connection" is the timed run.
+    runs = re.findall(r"(\d+) connections in [\d.]+ real seconds, (\d+) bytes read per connection", text)
+    if not runs or int(runs[-1][1]) < 1024:
+        print(f"s_time did not fetch the page: {text[-300:]}", file=sys.stderr)
+        continue
+    count += int(runs[-1][0])
+cpu = ticks / hz * 1e6 / count if count else float("nan")
+print(count / seconds, "nan nan", cpu)
+PY
+}
+
+# report_s_time MODE VERSION TITLE: each proxy, new TLS connections by openssl s_time.
+report_s_time() {
+  local mode=$1 version=$2 title=$3
+  local berth="" kamal="" nginx=""
+  for _ in $(seq "$ROUNDS"); do
+    berth+="$(run_s_time "$mode" "$version" $BERTH_TLS_PORT $BERTH_PID);"
+    [ -n "$KP_PID" ] && kamal+="$(run_s_time "$mode" "$version" $KP_TLS_PORT $KP_PID);"
+    nginx+="$(run_s_time "$mode" "$version" $NGINX_TLS_PORT $NGINX_PID);"
+  done
+  local rows=("berth (buffered, Kamal's default)|$berth")
+  [ -n "$KP_PID" ] && rows+=("kamal-proxy (buffered)|$kamal")
+  table "$title" "${rows[@]}" "nginx|$nginx"
+}
+
 # Berth's TLS handshakes so far, full and resumed: tells whether a row's clients resumed.
 handshakes() {
   curl -s "http://127.0.0.1:$BERTH_METRICS_PORT/metrics" |
@@ -388,6 +438,13 @@ report_tls_connections resumed "HTTPS, a new TLS connection per request, resumed
 read -r FULL_RESUMED RESUMED_RESUMED <<< "$(handshakes)"
 echo
 echo "Berth's handshakes during the resumed row: $((FULL_RESUMED - FULL_END)) full, $((RESUMED_RESUMED - RESUMED_END)) resumed. With the same clients as the row above, the two rows' CPU per connection compare full and resumed handshakes directly."
+report_s_time -new -tls1_3 "HTTPS, a new TLS 1.3 connection per request, full handshakes (openssl s_time -new, 4 processes), GET, 1 KB"
+report_s_time -reuse -tls1_3 "HTTPS, a new TLS 1.3 connection per request, resumed handshakes (openssl s_time -reuse, 4 processes), GET, 1 KB"
+report_s_time -new -tls1_2 "HTTPS, a new TLS 1.2 connection per request, full handshakes (openssl s_time -new, 4 processes), GET, 1 KB"
+report_s_time -reuse -tls1_2 "HTTPS, a new TLS 1.2 connection per request, resumed handshakes (openssl s_time -reuse, 4 processes), GET, 1 KB"
+read -r FULL_S_TIME RESUMED_S_TIME <<< "$(handshakes)"
+echo
+echo "Berth's handshakes during the four s_time rows: $((FULL_S_TIME - FULL_RESUMED)) full, $((RESUMED_S_TIME - RESUMED_RESUMED)) resumed. OpenSSL's C client costs less per connection than the Python one, so in these rows the rate of resumed connections against full ones depends less on the client; the clients are still the limit. A TLS 1.2 resumption skips the key exchange that a TLS 1.3 one still makes (clients offer only psk_dhe_ke)."
 
 # --- memory ---------------------------------------------------------------------------------
 # A fresh process, so what the allocator kept from the load runs above is not counted.
