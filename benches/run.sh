@@ -20,6 +20,8 @@
 #       the plain 1 KB GET row
 #   BASELINE_BIN=/tmp/proxy-before ONLY=https benches/run.sh      # the same, for the three
 #       HTTPS keep-alive rows (wrk HTTP/1.1, h2load HTTP/2 and HTTP/1.1)
+#   BASELINE_BIN=/tmp/proxy-before ONLY=connections benches/run.sh  # the same, for the rows
+#       of new TLS connections
 #
 # The HTTP/2 and HTTP/1.1-over-TLS rows use h2load (apt-get install nghttp2-client).
 set -euo pipefail
@@ -41,7 +43,7 @@ KP_PORT=18086 KP_TLS_PORT=18446
 BASELINE_BIN=${BASELINE_BIN:-}
 BASELINE_PORT=18088 BASELINE_TLS_PORT=18448
 ONLY=${ONLY:-}
-case "$ONLY" in ""|plain|https) ;; *) echo "ONLY=$ONLY: the subsets are ONLY=plain and ONLY=https (benches/memory.sh has the memory rows)" >&2; exit 1 ;; esac
+case "$ONLY" in ""|plain|https|connections) ;; *) echo "ONLY=$ONLY: the subsets are ONLY=plain, ONLY=https and ONLY=connections (benches/memory.sh has the memory rows)" >&2; exit 1 ;; esac
 # PROXY=path measures that build instead of this checkout's release build.
 if [ -z "${PROXY:-}" ]; then
   cargo build --release -q
@@ -326,13 +328,15 @@ run_tls_connections() {
 # report_tls_connections MODE TITLE PATH: each proxy, new TLS connections in MODE.
 report_tls_connections() {
   local mode=$1 title=$2 path=$3
-  local berth="" kamal="" nginx=""
+  local berth="" baseline="" kamal="" nginx=""
   for _ in $(seq "$ROUNDS"); do
     berth+="$(run_tls_connections "$mode" $BERTH_TLS_PORT "$path" $BERTH_PID);"
+    [ -n "$BASELINE_PID" ] && baseline+="$(run_tls_connections "$mode" $BASELINE_TLS_PORT "$path" $BASELINE_PID);"
     [ -n "$KP_PID" ] && kamal+="$(run_tls_connections "$mode" $KP_TLS_PORT "$path" $KP_PID);"
     nginx+="$(run_tls_connections "$mode" $NGINX_TLS_PORT "$path" $NGINX_PID);"
   done
   local rows=("berth (buffered, Kamal's default)|$berth")
+  [ -n "$BASELINE_PID" ] && rows+=("baseline berth, $BASELINE_BIN (buffered)|$baseline")
   [ -n "$KP_PID" ] && rows+=("kamal-proxy (buffered)|$kamal")
   table "$title" "${rows[@]}" "nginx|$nginx"
 }
@@ -375,13 +379,15 @@ PY
 # report_s_time MODE VERSION TITLE: each proxy, new TLS connections by openssl s_time.
 report_s_time() {
   local mode=$1 version=$2 title=$3
-  local berth="" kamal="" nginx=""
+  local berth="" baseline="" kamal="" nginx=""
   for _ in $(seq "$ROUNDS"); do
     berth+="$(run_s_time "$mode" "$version" $BERTH_TLS_PORT $BERTH_PID);"
+    [ -n "$BASELINE_PID" ] && baseline+="$(run_s_time "$mode" "$version" $BASELINE_TLS_PORT $BASELINE_PID);"
     [ -n "$KP_PID" ] && kamal+="$(run_s_time "$mode" "$version" $KP_TLS_PORT $KP_PID);"
     nginx+="$(run_s_time "$mode" "$version" $NGINX_TLS_PORT $NGINX_PID);"
   done
   local rows=("berth (buffered, Kamal's default)|$berth")
+  [ -n "$BASELINE_PID" ] && rows+=("baseline berth, $BASELINE_BIN (buffered)|$baseline")
   [ -n "$KP_PID" ] && rows+=("kamal-proxy (buffered)|$kamal")
   table "$title" "${rows[@]}" "nginx|$nginx"
 }
@@ -415,15 +421,19 @@ PY
 }
 
 echo "# Load benchmark ($(date -u +%Y-%m-%d), $(nproc) cores, wrk -t1 -c$CONNECTIONS -d$DURATION, median of $ROUNDS rounds; proxies pinned to CPU $SUT_CPU with one worker, wrk and upstream on CPU $LOAD_CPU)"
-[ "$ONLY" = https ] || report "GET, 1 KB response" /1k
+if [ -z "$ONLY" ] || [ "$ONLY" = plain ]; then
+  report "GET, 1 KB response" /1k
+fi
 [ "$ONLY" = plain ] && exit 0
-if [ "$ONLY" != https ]; then
+if [ -z "$ONLY" ]; then
   report "GET, 100 KB response" /100k
   report "POST, 100 KB body" /post "$WORK/post.lua"
 fi
-report_tls "HTTPS (HTTP/1.1 keep-alive), GET, 1 KB response" /1k
-report_h2load "HTTPS, HTTP/2 (h2load, 8 connections x 16 streams), GET, 1 KB" /1k h2
-report_h2load "HTTPS, HTTP/1.1 (h2load, 32 connections), GET, 1 KB" /1k http/1.1
+if [ -z "$ONLY" ] || [ "$ONLY" = https ]; then
+  report_tls "HTTPS (HTTP/1.1 keep-alive), GET, 1 KB response" /1k
+  report_h2load "HTTPS, HTTP/2 (h2load, 8 connections x 16 streams), GET, 1 KB" /1k h2
+  report_h2load "HTTPS, HTTP/1.1 (h2load, 32 connections), GET, 1 KB" /1k http/1.1
+fi
 [ "$ONLY" = https ] && exit 0
 read -r FULL_BEFORE RESUMED_BEFORE <<< "$(handshakes)"
 report_tls "HTTPS, a new TLS connection per request (Connection: close; wrk resumes sessions), GET, 1 KB" /1k "Connection: close"
@@ -445,6 +455,8 @@ report_s_time -reuse -tls1_2 "HTTPS, a new TLS 1.2 connection per request, resum
 read -r FULL_S_TIME RESUMED_S_TIME <<< "$(handshakes)"
 echo
 echo "Berth's handshakes during the four s_time rows: $((FULL_S_TIME - FULL_RESUMED)) full, $((RESUMED_S_TIME - RESUMED_RESUMED)) resumed. OpenSSL's C client costs less per connection than the Python one, so in these rows the rate of resumed connections against full ones depends less on the client; the clients are still the limit. A TLS 1.2 resumption skips the key exchange that a TLS 1.3 one still makes (clients offer only psk_dhe_ke)."
+
+[ "$ONLY" = connections ] && exit 0
 
 # --- memory ---------------------------------------------------------------------------------
 # A fresh process, so what the allocator kept from the load runs above is not counted.
