@@ -5,7 +5,8 @@
 # Prints requests/s, p50 and p99 latency, the proxy's CPU time per request and the ratios to the
 # direct run and to nginx, for plain HTTP and HTTPS (keep-alive, and a new TLS connection per
 # request: resumed by wrk, full and resumed handshakes by benches/tls_connections.py, and by
-# openssl s_time over TLS 1.3 and TLS 1.2), then
+# openssl s_time over TLS 1.3 and TLS 1.2, those last also with each proxy capped at
+# CPU_CAP_PERCENT (default 10) % of its core so that the proxy is the limit), then
 # memory and deploy figures. Loopback only. Needs: wrk, nginx (apt-get install wrk nginx-light).
 #
 # Each contender is measured ROUNDS times, the contenders taking turns, and the median run
@@ -350,18 +351,20 @@ run_s_time() {
   local mode=$1 version=$2 port=$3 pid=$4
   local seconds=${DURATION%s}
   local page=$'/1k HTTP/1.0\r\nHost: tls.bench\r\nX-Padding:'
-  local clients=() before ticks
+  local clients=() before ticks started
   taskset -c $LOAD_CPU openssl s_time -connect "127.0.0.1:$port" "$mode" "$version" -time 1 -www "$page" > /dev/null 2>&1
   before=$(cpu_ticks "$pid")
+  started=$(date +%s%N)
   for i in 1 2 3 4; do
     taskset -c $LOAD_CPU openssl s_time -connect "127.0.0.1:$port" "$mode" "$version" \
       -time "$seconds" -www "$page" > "$WORK/s_time.$i" 2>&1 & clients+=($!)
   done
   wait "${clients[@]}"
   ticks=$(( $(cpu_ticks "$pid") - before ))
-  python3 - "$ticks" "$(getconf CLK_TCK)" "$seconds" "$WORK"/s_time.? <<'PY'
+  # The rate is over the time measured here: s_time's own is in whole seconds.
+  python3 - "$ticks" "$(getconf CLK_TCK)" "$(( $(date +%s%N) - started ))" "$WORK"/s_time.? <<'PY'
 import re, sys
-ticks, hz, seconds = float(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+ticks, hz, seconds = float(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]) / 1e9
 count = 0
 for name in sys.argv[4:]:
     text = open(name).read()
@@ -388,6 +391,44 @@ report_s_time() {
   done
   local rows=("berth (buffered, Kamal's default)|$berth")
   [ -n "$BASELINE_PID" ] && rows+=("baseline berth, $BASELINE_BIN (buffered)|$baseline")
+  [ -n "$KP_PID" ] && rows+=("kamal-proxy (buffered)|$kamal")
+  table "$title" "${rows[@]}" "nginx|$nginx"
+}
+
+# --- a CPU cap on the proxy under test, for rows where the proxy must be the limit ------------
+# The clients on the other core cannot open connections faster than any of the proxies can
+# take them, so the rows above compare CPU per connection, not capacity. Capping each proxy at
+# CPU_CAP_PERCENT of its core (a cgroup CPU quota, v1 or v2; needs root) makes the proxy the
+# limit: its rate then says how many connections that much CPU buys.
+CPU_CAP_PERCENT=${CPU_CAP_PERCENT:-10}
+CAP_GROUP=""
+if [ "$(id -u)" = 0 ] && [ -f /sys/fs/cgroup/cgroup.controllers ] && grep -qw cpu /sys/fs/cgroup/cgroup.controllers; then
+  CAP_GROUP=/sys/fs/cgroup/berth-bench-$$
+  { echo +cpu > /sys/fs/cgroup/cgroup.subtree_control && mkdir -p "$CAP_GROUP" &&
+    echo "$((CPU_CAP_PERCENT * 1000)) 100000" > "$CAP_GROUP/cpu.max"; } 2>/dev/null || CAP_GROUP=""
+  CAP_ROOT=/sys/fs/cgroup
+elif [ "$(id -u)" = 0 ] && [ -d /sys/fs/cgroup/cpu ]; then
+  CAP_GROUP=/sys/fs/cgroup/cpu/berth-bench-$$
+  { mkdir -p "$CAP_GROUP" && echo 100000 > "$CAP_GROUP/cpu.cfs_period_us" &&
+    echo "$((CPU_CAP_PERCENT * 1000))" > "$CAP_GROUP/cpu.cfs_quota_us"; } 2>/dev/null || CAP_GROUP=""
+  CAP_ROOT=/sys/fs/cgroup/cpu
+fi
+# Moves process PID (every thread of it) into the capped group, or back out.
+cap_cpu() { echo "$1" > "$CAP_GROUP/cgroup.procs"; }
+uncap_cpu() { echo "$1" > "$CAP_ROOT/cgroup.procs"; }
+
+# report_s_time_capped MODE VERSION TITLE: report_s_time with each proxy capped in turn.
+report_s_time_capped() {
+  local mode=$1 version=$2 title=$3
+  local berth="" kamal="" nginx=""
+  for _ in $(seq "$ROUNDS"); do
+    cap_cpu $BERTH_PID; berth+="$(run_s_time "$mode" "$version" $BERTH_TLS_PORT $BERTH_PID);"; uncap_cpu $BERTH_PID
+    if [ -n "$KP_PID" ]; then
+      cap_cpu $KP_PID; kamal+="$(run_s_time "$mode" "$version" $KP_TLS_PORT $KP_PID);"; uncap_cpu $KP_PID
+    fi
+    cap_cpu $NGINX_PID; nginx+="$(run_s_time "$mode" "$version" $NGINX_TLS_PORT $NGINX_PID);"; uncap_cpu $NGINX_PID
+  done
+  local rows=("berth (buffered, Kamal's default)|$berth")
   [ -n "$KP_PID" ] && rows+=("kamal-proxy (buffered)|$kamal")
   table "$title" "${rows[@]}" "nginx|$nginx"
 }
@@ -456,6 +497,18 @@ read -r FULL_S_TIME RESUMED_S_TIME <<< "$(handshakes)"
 echo
 echo "Berth's handshakes during the four s_time rows: $((FULL_S_TIME - FULL_RESUMED)) full, $((RESUMED_S_TIME - RESUMED_RESUMED)) resumed. OpenSSL's C client costs less per connection than the Python one, so in these rows the rate of resumed connections against full ones depends less on the client; the clients are still the limit. A TLS 1.2 resumption skips the key exchange that a TLS 1.3 one still makes (clients offer only psk_dhe_ke)."
 
+if [ -n "$CAP_GROUP" ]; then
+  report_s_time_capped -new -tls1_3 "HTTPS, a new TLS 1.3 connection per request, full handshakes (openssl s_time -new), each proxy capped at $CPU_CAP_PERCENT% of its core, GET, 1 KB"
+  report_s_time_capped -reuse -tls1_3 "HTTPS, a new TLS 1.3 connection per request, resumed handshakes (openssl s_time -reuse), each proxy capped at $CPU_CAP_PERCENT% of its core, GET, 1 KB"
+  report_s_time_capped -new -tls1_2 "HTTPS, a new TLS 1.2 connection per request, full handshakes (openssl s_time -new), each proxy capped at $CPU_CAP_PERCENT% of its core, GET, 1 KB"
+  report_s_time_capped -reuse -tls1_2 "HTTPS, a new TLS 1.2 connection per request, resumed handshakes (openssl s_time -reuse), each proxy capped at $CPU_CAP_PERCENT% of its core, GET, 1 KB"
+  echo
+  echo "With every proxy held to $CPU_CAP_PERCENT% of a core, the proxy is the limit: these rates compare how many connections the same CPU buys."
+  rmdir "$CAP_GROUP" 2>/dev/null || true
+else
+  echo
+  echo "Rows with a CPU cap on the proxy skipped: they need root and a cgroup CPU controller."
+fi
 [ "$ONLY" = connections ] && exit 0
 
 # --- memory ---------------------------------------------------------------------------------
