@@ -310,11 +310,11 @@ report_h2load() {
   table "$title" "${rows[@]}" "nginx|$nginx"
 }
 
-# run_tls_connections MODE PORT PATH PID -> "rps p50_ms p99_ms cpu_us_per_request": new TLS
+# run_tls_connections MODE PATH PORT PID -> "rps p50_ms p99_ms cpu_us_per_request": new TLS
 # connections, one request each, by benches/tls_connections.py (4 client processes) in MODE:
 # `full` (no client resumes) or `resumed` (each offers the session of its last connection).
 run_tls_connections() {
-  local mode=$1 port=$2 path=$3 pid=$4
+  local mode=$1 path=$2 port=$3 pid=$4
   local seconds=${DURATION%s}
   taskset -c $LOAD_CPU python3 benches/tls_connections.py "$mode" "$port" "$path" 1 > /dev/null
   local before
@@ -326,15 +326,18 @@ run_tls_connections() {
     "$ticks" "$(getconf CLK_TCK)" "$count"
 }
 
-# report_tls_connections MODE TITLE PATH: each proxy, new TLS connections in MODE.
-report_tls_connections() {
-  local mode=$1 title=$2 path=$3
+# report_each TITLE RUNNER ARGS...: a row per proxy (Berth, the baseline build and
+# kamal-proxy when given, nginx), each measured ROUNDS times, the proxies taking turns, by
+# `RUNNER ARGS... PORT PID` with that proxy's TLS port and the pid whose CPU time counts.
+report_each() {
+  local title=$1
+  shift
   local berth="" baseline="" kamal="" nginx=""
   for _ in $(seq "$ROUNDS"); do
-    berth+="$(run_tls_connections "$mode" $BERTH_TLS_PORT "$path" $BERTH_PID);"
-    [ -n "$BASELINE_PID" ] && baseline+="$(run_tls_connections "$mode" $BASELINE_TLS_PORT "$path" $BASELINE_PID);"
-    [ -n "$KP_PID" ] && kamal+="$(run_tls_connections "$mode" $KP_TLS_PORT "$path" $KP_PID);"
-    nginx+="$(run_tls_connections "$mode" $NGINX_TLS_PORT "$path" $NGINX_PID);"
+    berth+="$("$@" $BERTH_TLS_PORT $BERTH_PID);"
+    [ -n "$BASELINE_PID" ] && baseline+="$("$@" $BASELINE_TLS_PORT $BASELINE_PID);"
+    [ -n "$KP_PID" ] && kamal+="$("$@" $KP_TLS_PORT $KP_PID);"
+    nginx+="$("$@" $NGINX_TLS_PORT $NGINX_PID);"
   done
   local rows=("berth (buffered, Kamal's default)|$berth")
   [ -n "$BASELINE_PID" ] && rows+=("baseline berth, $BASELINE_BIN (buffered)|$baseline")
@@ -379,22 +382,6 @@ print(count / seconds, "nan nan", cpu)
 PY
 }
 
-# report_s_time MODE VERSION TITLE: each proxy, new TLS connections by openssl s_time.
-report_s_time() {
-  local mode=$1 version=$2 title=$3
-  local berth="" baseline="" kamal="" nginx=""
-  for _ in $(seq "$ROUNDS"); do
-    berth+="$(run_s_time "$mode" "$version" $BERTH_TLS_PORT $BERTH_PID);"
-    [ -n "$BASELINE_PID" ] && baseline+="$(run_s_time "$mode" "$version" $BASELINE_TLS_PORT $BASELINE_PID);"
-    [ -n "$KP_PID" ] && kamal+="$(run_s_time "$mode" "$version" $KP_TLS_PORT $KP_PID);"
-    nginx+="$(run_s_time "$mode" "$version" $NGINX_TLS_PORT $NGINX_PID);"
-  done
-  local rows=("berth (buffered, Kamal's default)|$berth")
-  [ -n "$BASELINE_PID" ] && rows+=("baseline berth, $BASELINE_BIN (buffered)|$baseline")
-  [ -n "$KP_PID" ] && rows+=("kamal-proxy (buffered)|$kamal")
-  table "$title" "${rows[@]}" "nginx|$nginx"
-}
-
 # --- a CPU cap on the proxy under test, for rows where the proxy must be the limit ------------
 # The clients on the other core cannot open connections faster than any of the proxies can
 # take them, so the rows above compare CPU per connection, not capacity. Capping each proxy at
@@ -417,20 +404,12 @@ fi
 cap_cpu() { echo "$1" > "$CAP_GROUP/cgroup.procs"; }
 uncap_cpu() { echo "$1" > "$CAP_ROOT/cgroup.procs"; }
 
-# report_s_time_capped MODE VERSION TITLE: report_s_time with each proxy capped in turn.
-report_s_time_capped() {
-  local mode=$1 version=$2 title=$3
-  local berth="" kamal="" nginx=""
-  for _ in $(seq "$ROUNDS"); do
-    cap_cpu $BERTH_PID; berth+="$(run_s_time "$mode" "$version" $BERTH_TLS_PORT $BERTH_PID);"; uncap_cpu $BERTH_PID
-    if [ -n "$KP_PID" ]; then
-      cap_cpu $KP_PID; kamal+="$(run_s_time "$mode" "$version" $KP_TLS_PORT $KP_PID);"; uncap_cpu $KP_PID
-    fi
-    cap_cpu $NGINX_PID; nginx+="$(run_s_time "$mode" "$version" $NGINX_TLS_PORT $NGINX_PID);"; uncap_cpu $NGINX_PID
-  done
-  local rows=("berth (buffered, Kamal's default)|$berth")
-  [ -n "$KP_PID" ] && rows+=("kamal-proxy (buffered)|$kamal")
-  table "$title" "${rows[@]}" "nginx|$nginx"
+# capped RUNNER ARGS... PORT PID: the runner, with process PID held to the CPU cap meanwhile.
+capped() {
+  local pid=${!#}
+  cap_cpu "$pid"
+  "$@"
+  uncap_cpu "$pid"
 }
 
 # Berth's TLS handshakes so far, full and resumed: tells whether a row's clients resumed.
@@ -481,27 +460,27 @@ report_tls "HTTPS, a new TLS connection per request (Connection: close; wrk resu
 read -r FULL_AFTER RESUMED_AFTER <<< "$(handshakes)"
 echo
 echo "Berth's handshakes during the new-connection row: $((FULL_AFTER - FULL_BEFORE)) full, $((RESUMED_AFTER - RESUMED_BEFORE)) resumed (\`berth_tls_handshakes_total\`): the row measures resumed handshakes."
-report_tls_connections full "HTTPS, a new TLS connection per request, full handshakes (no client resumes; 4 Python clients), GET, 1 KB" /1k
+report_each "HTTPS, a new TLS connection per request, full handshakes (no client resumes; 4 Python clients), GET, 1 KB" run_tls_connections full /1k
 read -r FULL_END RESUMED_END <<< "$(handshakes)"
 echo
 echo "Berth's handshakes during the full-handshake row: $((FULL_END - FULL_AFTER)) full, $((RESUMED_END - RESUMED_AFTER)) resumed. Requests/s there are bounded by the Python clients on the other core; CPU per connection is the figure to compare."
-report_tls_connections resumed "HTTPS, a new TLS connection per request, resumed handshakes (the same 4 Python clients, each offering its last session), GET, 1 KB" /1k
+report_each "HTTPS, a new TLS connection per request, resumed handshakes (the same 4 Python clients, each offering its last session), GET, 1 KB" run_tls_connections resumed /1k
 read -r FULL_RESUMED RESUMED_RESUMED <<< "$(handshakes)"
 echo
 echo "Berth's handshakes during the resumed row: $((FULL_RESUMED - FULL_END)) full, $((RESUMED_RESUMED - RESUMED_END)) resumed. With the same clients as the row above, the two rows' CPU per connection compare full and resumed handshakes directly."
-report_s_time -new -tls1_3 "HTTPS, a new TLS 1.3 connection per request, full handshakes (openssl s_time -new, 4 processes), GET, 1 KB"
-report_s_time -reuse -tls1_3 "HTTPS, a new TLS 1.3 connection per request, resumed handshakes (openssl s_time -reuse, 4 processes), GET, 1 KB"
-report_s_time -new -tls1_2 "HTTPS, a new TLS 1.2 connection per request, full handshakes (openssl s_time -new, 4 processes), GET, 1 KB"
-report_s_time -reuse -tls1_2 "HTTPS, a new TLS 1.2 connection per request, resumed handshakes (openssl s_time -reuse, 4 processes), GET, 1 KB"
+report_each "HTTPS, a new TLS 1.3 connection per request, full handshakes (openssl s_time -new, 4 processes), GET, 1 KB" run_s_time -new -tls1_3
+report_each "HTTPS, a new TLS 1.3 connection per request, resumed handshakes (openssl s_time -reuse, 4 processes), GET, 1 KB" run_s_time -reuse -tls1_3
+report_each "HTTPS, a new TLS 1.2 connection per request, full handshakes (openssl s_time -new, 4 processes), GET, 1 KB" run_s_time -new -tls1_2
+report_each "HTTPS, a new TLS 1.2 connection per request, resumed handshakes (openssl s_time -reuse, 4 processes), GET, 1 KB" run_s_time -reuse -tls1_2
 read -r FULL_S_TIME RESUMED_S_TIME <<< "$(handshakes)"
 echo
 echo "Berth's handshakes during the four s_time rows: $((FULL_S_TIME - FULL_RESUMED)) full, $((RESUMED_S_TIME - RESUMED_RESUMED)) resumed. OpenSSL's C client costs less per connection than the Python one, so in these rows the rate of resumed connections against full ones depends less on the client; the clients are still the limit. A TLS 1.2 resumption skips the key exchange that a TLS 1.3 one still makes (clients offer only psk_dhe_ke)."
 
 if [ -n "$CAP_GROUP" ]; then
-  report_s_time_capped -new -tls1_3 "HTTPS, a new TLS 1.3 connection per request, full handshakes (openssl s_time -new), each proxy capped at $CPU_CAP_PERCENT% of its core, GET, 1 KB"
-  report_s_time_capped -reuse -tls1_3 "HTTPS, a new TLS 1.3 connection per request, resumed handshakes (openssl s_time -reuse), each proxy capped at $CPU_CAP_PERCENT% of its core, GET, 1 KB"
-  report_s_time_capped -new -tls1_2 "HTTPS, a new TLS 1.2 connection per request, full handshakes (openssl s_time -new), each proxy capped at $CPU_CAP_PERCENT% of its core, GET, 1 KB"
-  report_s_time_capped -reuse -tls1_2 "HTTPS, a new TLS 1.2 connection per request, resumed handshakes (openssl s_time -reuse), each proxy capped at $CPU_CAP_PERCENT% of its core, GET, 1 KB"
+  report_each "HTTPS, a new TLS 1.3 connection per request, full handshakes (openssl s_time -new), each proxy capped at $CPU_CAP_PERCENT% of its core, GET, 1 KB" capped run_s_time -new -tls1_3
+  report_each "HTTPS, a new TLS 1.3 connection per request, resumed handshakes (openssl s_time -reuse), each proxy capped at $CPU_CAP_PERCENT% of its core, GET, 1 KB" capped run_s_time -reuse -tls1_3
+  report_each "HTTPS, a new TLS 1.2 connection per request, full handshakes (openssl s_time -new), each proxy capped at $CPU_CAP_PERCENT% of its core, GET, 1 KB" capped run_s_time -new -tls1_2
+  report_each "HTTPS, a new TLS 1.2 connection per request, resumed handshakes (openssl s_time -reuse), each proxy capped at $CPU_CAP_PERCENT% of its core, GET, 1 KB" capped run_s_time -reuse -tls1_2
   echo
   echo "With every proxy held to $CPU_CAP_PERCENT% of a core, the proxy is the limit: these rates compare how many connections the same CPU buys."
   rmdir "$CAP_GROUP" 2>/dev/null || true
