@@ -3,6 +3,7 @@
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsFd;
+use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +15,8 @@ use berth_acme::{
 };
 use berth_control::{paths, Registry, StateFile};
 use berth_proxy::listener::{self, ServerLimits};
-use berth_proxy::upstream::upstream_client;
-use berth_proxy::{Metrics, Proxy, RouteTableHandle, TrustedProxies};
+use berth_proxy::upstream::{upstream_client, UpstreamClient};
+use berth_proxy::{Metrics, Proxy, RouteTableHandle, Service, TrustedProxies};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{parse_bool, RunArgs};
@@ -353,6 +354,10 @@ impl std::io::Write for LossyStdout {
     }
 }
 
+/// Runs the daemon until SIGTERM/SIGINT, or until a new process has taken over and this one
+/// has drained. Its steps, in order: open the certificates and the registry, take over from
+/// the old process (with `--upgrade`) or bind, restore the state, start the workers and the
+/// control API, say so, then wait for the end and drain.
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     // A write past the file-size limit (RLIMIT_FSIZE) would kill the process with SIGXFSZ;
     // with a handler installed it fails with EFBIG instead, and the change is refused.
@@ -362,11 +367,124 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let routes = RouteTableHandle::default();
     let client = upstream_client(options.target_connect_timeout);
     let state_file = StateFile::new(paths::state_path());
-    // Owner-only, as kamal-proxy creates it: it holds the certificates' keys.
+    create_config_dir()?;
+    let socket_path = paths::socket_path();
+    let certificates = open_certificates(&options).await?;
+    let metrics = (options.metrics_port != 0).then(|| Arc::new(Metrics::new()));
+    let registry = new_registry(&routes, &client, &state_file, &certificates, &metrics);
+
+    // Taking over: the old process has frozen changes before it sent its sockets, so the
+    // state file read below is final.
+    let taken_over = match options.upgrade {
+        true => Some(take_over(&socket_path).await?),
+        false => None,
+    };
+    let restored = registry
+        .restore()
+        .with_context(|| format!("cannot restore state from {}", state_file.path().display()))?;
+    tracing::info!(path = %state_file.path().display(), services = restored, "Restored state");
+
+    let Sockets {
+        http,
+        https,
+        http3,
+        http3_start,
+        for_handover,
+        addresses,
+        taken_over,
+    } = Sockets::open(&options, taken_over)?;
+    certificates
+        .certificates
+        .set_local_http(reachable(addresses.http));
+    let control = bind_control(&socket_path, taken_over.is_some()).await?;
+    let handover_socket = handover::listen(&socket_path)?;
+    let metrics_listener = match &metrics {
+        Some(_) => Some(metrics_server::bind(options.bind, options.metrics_port)?),
+        None => None,
+    };
+
+    let proxy = new_proxy(
+        &options,
+        routes,
+        client,
+        &certificates,
+        &metrics,
+        &addresses,
+    );
+    let drain = proxy.drain().clone();
+    let worker_count = workers::worker_count();
+    let setup = WorkerSetup {
+        proxy,
+        certificates: certificates.clone(),
+        limits: options.limits.clone(),
+        proxy_protocol: options.proxy_protocol,
+        target_connect_timeout: options.target_connect_timeout,
+    };
+    let workers = Workers::start(worker_count, &http, &https, setup, http3_start)?;
+    drop((http, https));
+    let control_plane = ControlPlane::start(
+        control,
+        metrics_listener.zip(metrics),
+        &registry,
+        &certificates,
+    )?;
+    tracing::info!(
+        http = %addresses.http,
+        https = %addresses.https,
+        socket = %socket_path.display(),
+        acme_directory = %options.acme.directory,
+        workers = worker_count,
+        upgrade = options.upgrade,
+        pid = std::process::id(),
+        "Proxy started"
+    );
+    let old_process = announce_ready(taken_over)?;
+    let http3_released = http3.map(|http3| {
+        http3.start_reading(
+            old_process,
+            options.upgrade_drain_timeout + HTTP3_RELEASE_SLACK,
+        )
+    });
+    let handed_over = spawn_handover_offers(handover_socket, for_handover, &registry, addresses);
+
+    let finished = match wait_for_end(handed_over).await? {
+        End::Shutdown => {
+            tracing::info!("Shutting down: no new connections; finishing in-flight requests");
+            let _ = std::fs::remove_file(&socket_path);
+            let _ = std::fs::remove_file(handover::socket_path(&socket_path));
+            drain.shut_down(SHUTDOWN_GRACE).await
+        }
+        End::HandedOver(new_process) => {
+            // The new process reads the HTTP/3 socket once this one has stopped reading it.
+            tokio::spawn(async move {
+                if let Some(released) = http3_released {
+                    let _ = released.await;
+                }
+                drop(new_process);
+            });
+            let drain_timeout = options.upgrade_drain_timeout;
+            let drain_timeout_ms = u64::try_from(drain_timeout.as_millis()).unwrap_or(u64::MAX);
+            tracing::info!(drain_timeout_ms, "Handed over to the new process; draining");
+            drain.finish(drain_timeout).await
+        }
+    };
+    workers.stop().await;
+    control_plane.stop().await;
+    tracing::info!(finished_in_time = finished, "Stopped");
+    Ok(())
+}
+
+/// Creates the configuration directory, owner-only as kamal-proxy creates it: it holds the
+/// certificates' keys.
+fn create_config_dir() -> anyhow::Result<()> {
     std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
         .create(paths::config_dir())
-        .with_context(|| format!("cannot create {}", paths::config_dir().display()))?;
-    let socket_path = paths::socket_path();
+        .with_context(|| format!("cannot create {}", paths::config_dir().display()))
+}
+
+/// The certificates the listeners present: the local store, or the shared one when
+/// `--cert-store` names it (looked at once here, so a problem shows in the first lines).
+async fn open_certificates(options: &RunOptions) -> anyhow::Result<Arc<TlsBridge>> {
     let shared_store = match &options.cert_store {
         Some(store) => {
             let shared = SharedStore::new(&store.url, store.key.clone(), store.instance.clone())
@@ -377,204 +495,235 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let certificates = Arc::new(
-        TlsBridge::new(Certificates::with_shared_store(
-            options.acme.clone(),
-            shared_store,
-        ))
-        .with_tls_hosts(options.tls_hosts.clone()),
-    );
-    let metrics = (options.metrics_port != 0).then(|| Arc::new(Metrics::new()));
+    let certificates = Certificates::with_shared_store(options.acme.clone(), shared_store);
+    Ok(Arc::new(
+        TlsBridge::new(certificates).with_tls_hosts(options.tls_hosts.clone()),
+    ))
+}
+
+/// The control plane's registry of services, publishing to `routes` and saving to
+/// `state_file`.
+fn new_registry(
+    routes: &RouteTableHandle<Service>,
+    client: &UpstreamClient,
+    state_file: &StateFile,
+    certificates: &Arc<TlsBridge>,
+    metrics: &Option<Arc<Metrics>>,
+) -> Arc<Registry> {
     let mut registry = Registry::new(routes.clone(), client.clone(), state_file.clone())
         .with_tls(certificates.clone());
-    if let Some(metrics) = &metrics {
+    if let Some(metrics) = metrics {
         registry = registry.with_metrics(Arc::clone(metrics));
     }
-    let registry = Arc::new(registry);
+    Arc::new(registry)
+}
 
-    // Taking over: the old process has frozen changes before it sent its sockets, so the
-    // state file read below is final.
-    let taken_over = if options.upgrade {
-        let taken = tokio::task::spawn_blocking({
-            let socket_path = socket_path.clone();
-            move || handover::take_over(&socket_path)
-        })
-        .await??;
-        Some(taken)
+/// Receives the old process's sockets (`--upgrade`). Blocking, so off the runtime's threads.
+async fn take_over(socket_path: &Path) -> anyhow::Result<handover::TakenOver> {
+    let socket_path = socket_path.to_path_buf();
+    tokio::task::spawn_blocking(move || handover::take_over(&socket_path)).await?
+}
+
+/// The control API's socket. A process taking over replaces the old one's socket file.
+async fn bind_control(
+    socket_path: &Path,
+    taking_over: bool,
+) -> anyhow::Result<tokio::net::UnixListener> {
+    let bound = if taking_over {
+        berth_control::api::bind_replacing(socket_path).await
     } else {
-        None
+        berth_control::api::bind(socket_path).await
     };
-    let restored = registry
-        .restore()
-        .with_context(|| format!("cannot restore state from {}", state_file.path().display()))?;
-    tracing::info!(path = %state_file.path().display(), services = restored, "Restored state");
+    bound.with_context(|| format!("cannot open the control socket {}", socket_path.display()))
+}
 
-    let (http, https, mut taken_over) = match taken_over {
-        Some(taken) => {
-            taken.http.set_nonblocking(true)?;
-            taken.https.set_nonblocking(true)?;
-            let (http, https) = (taken.http.try_clone()?, taken.https.try_clone()?);
-            (http, https, Some(taken))
-        }
-        None => (
-            bind_listener(options.bind, options.http_port)?.into_std()?,
-            bind_listener(options.bind, options.https_port)?.into_std()?,
-            None,
-        ),
-    };
-    let http_address = http.local_addr()?;
-    let https_address = https.local_addr()?;
-    certificates
-        .certificates
-        .set_local_http(reachable(http_address));
-    let http3 = Http3Socket::open(
-        options.http3,
-        taken_over.as_mut().and_then(|t| t.http3.take()),
-        https_address,
-    )?;
-    let (http3, http3_start) = http3.unzip();
-    let listeners = handover::Listeners {
-        http: http.as_fd().try_clone_to_owned()?,
-        https: https.as_fd().try_clone_to_owned()?,
-        http3: http3.as_ref().map(Http3Socket::handover_fd).transpose()?,
-    };
-    let http3_address = http3.as_ref().map(|http3| http3.address);
-    let control = if taken_over.is_some() {
-        berth_control::api::bind_replacing(&socket_path).await
-    } else {
-        berth_control::api::bind(&socket_path).await
-    }
-    .with_context(|| format!("cannot open the control socket {}", socket_path.display()))?;
-    let handover_socket = handover::listen(&socket_path)?;
-    let metrics_listener = match &metrics {
-        Some(_) => Some(metrics_server::bind(options.bind, options.metrics_port)?),
-        None => None,
-    };
-
+/// The data plane's proxy, before the workers take their copies of it.
+fn new_proxy(
+    options: &RunOptions,
+    routes: RouteTableHandle<Service>,
+    client: UpstreamClient,
+    certificates: &Arc<TlsBridge>,
+    metrics: &Option<Arc<Metrics>>,
+    addresses: &handover::Addresses,
+) -> Proxy {
     let mut proxy = Proxy::new(routes, client)
-        .with_tls(certificates.clone(), https_address.port())
+        .with_tls(certificates.clone(), addresses.https.port())
         .with_trusted_proxies(options.trusted_proxies.clone());
-    if let Some(metrics) = &metrics {
+    if let Some(metrics) = metrics {
         proxy = proxy.with_metrics(Arc::clone(metrics));
     }
-    if http3_address.is_some() {
-        proxy = proxy.with_http3(https_address.port());
+    if addresses.http3.is_some() {
+        proxy = proxy.with_http3(addresses.https.port());
     }
-    let drain = proxy.drain().clone();
-    let worker_count = workers::worker_count();
-    let workers = Workers::start(
-        worker_count,
-        &http,
-        &https,
-        WorkerSetup {
-            proxy,
-            certificates: certificates.clone(),
-            limits: options.limits.clone(),
-            proxy_protocol: options.proxy_protocol,
-            target_connect_timeout: options.target_connect_timeout,
-        },
-        http3_start,
-    )?;
-    drop((http, https));
-    let api_stop = CancellationToken::new();
-    let api = tokio::spawn(berth_control::api::serve(control, registry.clone(), {
-        let api_stop = api_stop.clone();
-        async move { api_stop.cancelled().await }
-    }));
-    let metrics_stop = CancellationToken::new();
-    if let (Some(listener), Some(metrics)) = (metrics_listener, metrics) {
-        tracing::info!(address = %listener.local_addr()?, "Serving metrics at /metrics");
-        tokio::spawn(metrics_server::serve(
-            listener,
-            metrics,
-            registry.clone(),
-            certificates.clone(),
-            metrics_stop.clone().cancelled_owned(),
-        ));
-    }
-    tracing::info!(
-        http = %http_address,
-        https = %https_address,
-        socket = %socket_path.display(),
-                acme_directory = %options.acme.directory,
-        workers = worker_count,
-                upgrade = options.upgrade,
-        pid = std::process::id(),
-        "Proxy started"
-    );
-    let old_process = match taken_over {
+    proxy
+}
+
+/// Tells whoever waits that this process serves: systemd, and the old process when this one
+/// took over (which then drains). Returns the old process, told later when its HTTP/3
+/// socket may be read.
+fn announce_ready(
+    taken_over: Option<handover::TakenOver>,
+) -> anyhow::Result<Option<handover::OldProcess>> {
+    match taken_over {
         Some(taken) => {
             let old_process = taken.ready()?;
             handover::notify_systemd(&format!("MAINPID={}\nREADY=1", std::process::id()));
-            Some(old_process)
+            Ok(Some(old_process))
         }
         None => {
             handover::notify_systemd("READY=1");
-            None
+            Ok(None)
         }
-    };
-    let http3_released = http3.map(|http3| {
-        http3.start_reading(
-            old_process,
-            options.upgrade_drain_timeout + HTTP3_RELEASE_SLACK,
-        )
-    });
+    }
+}
 
-    let (handed_over_tx, mut handed_over) = tokio::sync::mpsc::channel::<handover::NewProcess>(1);
-    // A plain thread, not `spawn_blocking`: it blocks in accept for the life of the process,
-    // and the runtime would wait for a blocking task at exit.
-    {
-        let registry = registry.clone();
-        let runtime = tokio::runtime::Handle::current();
-        std::thread::spawn(move || {
-            let addresses = handover::Addresses {
-                http: http_address,
-                https: https_address,
-                http3: http3_address,
-            };
-            offer_handovers(
-                runtime,
-                handover_socket,
-                listeners,
-                registry,
-                addresses,
-                handed_over_tx,
-            )
-        });
+/// The listening sockets: taken over from the old process, or bound here.
+struct Sockets {
+    http: std::net::TcpListener,
+    https: std::net::TcpListener,
+    http3: Option<Http3Socket>,
+    http3_start: Option<Http3Start>,
+    /// Copies of the three descriptors, to hand on to a later process.
+    for_handover: handover::Listeners,
+    addresses: handover::Addresses,
+    /// The takeover, when there was one: the old process is told once this one serves.
+    taken_over: Option<handover::TakenOver>,
+}
+
+impl Sockets {
+    fn open(options: &RunOptions, taken_over: Option<handover::TakenOver>) -> anyhow::Result<Self> {
+        let (http, https, mut taken_over) = match taken_over {
+            Some(taken) => {
+                taken.http.set_nonblocking(true)?;
+                taken.https.set_nonblocking(true)?;
+                let (http, https) = (taken.http.try_clone()?, taken.https.try_clone()?);
+                (http, https, Some(taken))
+            }
+            None => (
+                bind_listener(options.bind, options.http_port)?.into_std()?,
+                bind_listener(options.bind, options.https_port)?.into_std()?,
+                None,
+            ),
+        };
+        let https_address = https.local_addr()?;
+        let http3 = Http3Socket::open(
+            options.http3,
+            taken_over.as_mut().and_then(|t| t.http3.take()),
+            https_address,
+        )?;
+        let (http3, http3_start) = http3.unzip();
+        let for_handover = handover::Listeners {
+            http: http.as_fd().try_clone_to_owned()?,
+            https: https.as_fd().try_clone_to_owned()?,
+            http3: http3.as_ref().map(Http3Socket::handover_fd).transpose()?,
+        };
+        let addresses = handover::Addresses {
+            http: http.local_addr()?,
+            https: https_address,
+            http3: http3.as_ref().map(|http3| http3.address),
+        };
+        Ok(Self {
+            http,
+            https,
+            http3,
+            http3_start,
+            for_handover,
+            addresses,
+            taken_over,
+        })
+    }
+}
+
+/// What the main thread's runtime serves beside the workers: the control API and metrics.
+struct ControlPlane {
+    api: tokio::task::JoinHandle<std::io::Result<()>>,
+    api_stop: CancellationToken,
+    metrics_stop: CancellationToken,
+}
+
+impl ControlPlane {
+    fn start(
+        control: tokio::net::UnixListener,
+        metrics: Option<(tokio::net::TcpListener, Arc<Metrics>)>,
+        registry: &Arc<Registry>,
+        certificates: &Arc<TlsBridge>,
+    ) -> anyhow::Result<Self> {
+        let api_stop = CancellationToken::new();
+        let api = tokio::spawn(berth_control::api::serve(
+            control,
+            registry.clone(),
+            api_stop.clone().cancelled_owned(),
+        ));
+        let metrics_stop = CancellationToken::new();
+        if let Some((listener, metrics)) = metrics {
+            tracing::info!(address = %listener.local_addr()?, "Serving metrics at /metrics");
+            tokio::spawn(metrics_server::serve(
+                listener,
+                metrics,
+                registry.clone(),
+                certificates.clone(),
+                metrics_stop.clone().cancelled_owned(),
+            ));
+        }
+        Ok(Self {
+            api,
+            api_stop,
+            metrics_stop,
+        })
     }
 
-    let (grace, shutting_down) = tokio::select! {
-        signal = wait_for_signal() => {
-            signal?;
-            tracing::info!("Shutting down: no new connections; finishing in-flight requests");
-            let _ = std::fs::remove_file(&socket_path);
-                        let _ = std::fs::remove_file(handover::socket_path(&socket_path));
-            (SHUTDOWN_GRACE, true)
-        }
-        new_process = handed_over.recv() => {
-            // The new process reads the HTTP/3 socket once this one has stopped reading it.
-            tokio::spawn(async move {
-                if let Some(released) = http3_released {
-                    let _ = released.await;
-                }
-                drop(new_process);
-            });
-            tracing::info!(drain_timeout_ms = options.upgrade_drain_timeout.as_millis() as u64, "Handed over to the new process; draining");
-                        (options.upgrade_drain_timeout, false)
-        }
-    };
+    /// Stops both, giving the API a second to answer the calls it has.
+    async fn stop(self) {
+        self.api_stop.cancel();
+        self.metrics_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.api).await;
+    }
+}
 
-    let finished = if shutting_down {
-        drain.shut_down(grace).await
-    } else {
-        drain.finish(grace).await
-    };
-    workers.stop().await;
-    api_stop.cancel();
-    metrics_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(1), api).await;
-    tracing::info!(finished_in_time = finished, "Stopped");
-    Ok(())
+/// Offers this process's sockets to a new process on a plain thread, not `spawn_blocking`:
+/// it blocks in accept for the life of the process, and the runtime would wait for a
+/// blocking task at exit. The receiver hears of the new process once it has taken over.
+fn spawn_handover_offers(
+    handover_socket: std::os::unix::net::UnixListener,
+    listeners: handover::Listeners,
+    registry: &Arc<Registry>,
+    addresses: handover::Addresses,
+) -> tokio::sync::mpsc::Receiver<handover::NewProcess> {
+    let (handed_over_tx, handed_over) = tokio::sync::mpsc::channel(1);
+    let registry = registry.clone();
+    let runtime = tokio::runtime::Handle::current();
+    std::thread::spawn(move || {
+        offer_handovers(
+            runtime,
+            handover_socket,
+            listeners,
+            registry,
+            addresses,
+            handed_over_tx,
+        )
+    });
+    handed_over
+}
+
+/// How the process comes to an end.
+enum End {
+    /// SIGTERM or SIGINT.
+    Shutdown,
+    /// A new process has taken over; held until this one lets go of the HTTP/3 socket.
+    HandedOver(handover::NewProcess),
+}
+
+async fn wait_for_end(
+    mut handed_over: tokio::sync::mpsc::Receiver<handover::NewProcess>,
+) -> anyhow::Result<End> {
+    tokio::select! {
+        signal = wait_for_signal() => signal.map(|()| End::Shutdown),
+        new_process = handed_over.recv() => match new_process {
+            Some(new_process) => Ok(End::HandedOver(new_process)),
+            // The offering thread ended without a new process: it cannot accept any more.
+            None => wait_for_signal().await.map(|()| End::Shutdown),
+        },
+    }
 }
 
 /// The HTTP/3 socket in this process: bound here, or taken over from the old process, which
