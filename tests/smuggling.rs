@@ -129,6 +129,7 @@ async fn malformed_and_ambiguous_http1_requests_are_refused_and_never_reach_the_
         ("invalid Host", "GET / HTTP/1.1\r\nHost: app.test/evil\r\n\r\n".into(), &[400]),
         ("Host with userinfo", "GET / HTTP/1.1\r\nHost: user@app.test\r\n\r\n".into(), &[400]),
         ("oversized target", format!("GET /{long_path} HTTP/1.1\r\nHost: app.test\r\n\r\n"), &[400, 414, 431]),
+        ("a target character only hyper refuses", "GET /a<b> HTTP/1.1\r\nHost: app.test\r\n\r\n".into(), &[400]),
         ("garbage request line", "GET  / HTTP/1.1\r\nHost: app.test\r\n\r\n".into(), &[400]),
         ("unknown HTTP version", "GET / HTTP/7.1\r\nHost: app.test\r\n\r\n".into(), &[400, 505]),
     ];
