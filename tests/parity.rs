@@ -1064,3 +1064,88 @@ async fn inputs_kamal_proxy_accepts_are_accepted() {
         assert!(listed.contains("127.0.0.1"), "{side}: {listed}");
     }
 }
+
+/// One request written as raw bytes, as a client that does not encode its URLs sends it:
+/// the status and the body.
+async fn raw_request(
+    address: SocketAddr,
+    method: &str,
+    target: &[u8],
+    host: &str,
+) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let mut head = format!("{method} ").into_bytes();
+    head.extend_from_slice(target);
+    head.extend_from_slice(
+        format!(" HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    stream.write_all(&head).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .get(9..12)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_paths_reach_the_app_encoded_as_kamal_proxy_encodes_them() {
+    let app = Upstream::start("app").await;
+    for peer in Peer::both() {
+        let side = peer.name();
+        peer.deploy("app", &app.target(), &["--host=app.test"]);
+        // (sent, the path the app gets; None: refused with 400)
+        let cases: [(&[u8], Option<&str>); 6] = [
+            ("/caf\u{e9}".as_bytes(), Some("/caf%C3%A9")),
+            (b"/a|b{c}\"d\\e^f", Some("/a%7Cb%7Bc%7D%22d%5Ce%5Ef")),
+            (
+                b"/as-is!'()*[x]:@;=,+$&~%41",
+                Some("/as-is!'()*[x]:@;=,+$&~%41"),
+            ),
+            (b"/a%zz", None),
+            (b"/a%4", None),
+            (b"/b%", None),
+        ];
+        for (sent, expected) in cases {
+            let shown = String::from_utf8_lossy(sent);
+            let (status, body) = raw_request(peer.address(), "GET", sent, "app.test").await;
+            match expected {
+                Some(path) => {
+                    assert_eq!(status, 200, "{side}: {shown}: {body}");
+                    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+                    assert_eq!(report["path"], path, "{side}: {shown}");
+                }
+                None => assert_eq!(status, 400, "{side}: {shown}: {body}"),
+            }
+        }
+        // The query goes on as it came, broken escapes and all.
+        let (status, body) = raw_request(peer.address(), "GET", b"/q?x=|{}%zz", "app.test").await;
+        assert_eq!(status, 200, "{side}: {body}");
+        let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(report["query"], "x=|{}%zz", "{side}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn options_star_is_answered_by_the_proxy_not_the_app() {
+    let app = Upstream::start("app").await;
+    for peer in Peer::both() {
+        let side = peer.name();
+        peer.deploy("app", &app.target(), &["--host=app.test"]);
+        let (status, body) = raw_request(peer.address(), "OPTIONS", b"*", "app.test").await;
+        assert_eq!((status, body.as_str()), (200, ""), "{side}");
+        // Any other OPTIONS request is the app's.
+        let (status, body) = raw_request(peer.address(), "OPTIONS", b"/x", "app.test").await;
+        assert_eq!(status, 200, "{side}");
+        assert!(body.contains("\"method\":\"OPTIONS\""), "{side}: {body}");
+    }
+}

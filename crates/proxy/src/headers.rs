@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::ip_text::IpText;
+use crate::request_target::PathShape;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -596,8 +597,10 @@ pub fn client_ip_from_header(headers: &HeaderMap, name: &str) -> Option<IpAddr> 
 
 /// Refuses request heads whose framing or host two parsers could read differently, the
 /// ground request smuggling grows on. hyper already refuses malformed lengths, chunk sizes,
-/// header names and line folding; these are the cases it lets through.
-pub fn check_request_head<B>(request: &http::Request<B>) -> Result<(), &'static str> {
+/// header names and line folding; these are the cases it lets through. Also refuses a path
+/// with a broken percent-escape, as kamal-proxy does, and says what the path needs before
+/// it goes on ([`crate::request_target`]).
+pub fn check_request_head<B>(request: &http::Request<B>) -> Result<PathShape, &'static str> {
     let headers = request.headers();
     let mut hosts = headers.get_all(header::HOST).iter();
     let host = hosts.next();
@@ -629,7 +632,8 @@ pub fn check_request_head<B>(request: &http::Request<B>) -> Result<(), &'static 
             return Err("Unsupported Transfer-Encoding.");
         }
     }
-    Ok(())
+    crate::request_target::inspect_path(request.uri().path())
+        .map_err(|_| "Invalid percent-encoding in the request target.")
 }
 
 /// Whether a Host value is `host[:port]` (a name, an IPv4 address or a bracketed IPv6 one),

@@ -25,7 +25,8 @@
 //! - [`tls`]: TLS termination with the certificate chosen by server name.
 //! - [`http3`]: HTTP/3 over QUIC on the HTTPS port's UDP socket, into the same pipeline.
 //! - `buffer`, `headers`, `tunnel`, `error_page` (with `page_template`, the Go template
-//!   subset custom pages use), `request_log`: the layers the pipeline uses.
+//!   subset custom pages use), `request_log`, `request_target` (the path as kamal-proxy
+//!   passes it on): the layers the pipeline uses.
 //! - [`GoDuration`] and [`config`]: the service options a deploy sets.
 //!
 //! The data plane never waits on the control plane: the control plane builds a new
@@ -54,6 +55,7 @@ pub mod pipeline;
 pub mod proxy_protocol;
 mod read_targets;
 mod request_log;
+mod request_target;
 pub mod rollout;
 pub mod route;
 pub mod service;

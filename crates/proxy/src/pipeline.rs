@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::uri::{PathAndQuery, Scheme, Uri};
-use http::{header, HeaderValue, Request, Response, StatusCode, Version};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio_util::sync::WaitForCancellationFutureOwned;
@@ -30,6 +30,7 @@ use crate::headers::{self, TrustedProxies};
 use crate::metrics::Metrics;
 use crate::read_targets;
 use crate::request_log::RequestRecord;
+use crate::request_target::{self, PathShape};
 use crate::route::{strip_prefix, RouteTableHandle};
 use crate::service::{Admission, Service, ServiceSettings};
 use crate::target::{InFlight, Target};
@@ -222,8 +223,12 @@ impl Proxy {
         hints: Option<EarlyHints>,
     ) -> impl Future<Output = Answer<ProxyBody>> + '_ {
         async move {
-            if let Err(reason) = headers::check_request_head(&request) {
-                return refuse_head(conn, &request, reason);
+            let path_shape = match headers::check_request_head(&request) {
+                Ok(path_shape) => path_shape,
+                Err(reason) => return refuse_head(conn, &request, reason),
+            };
+            if request.method() == Method::OPTIONS && request.uri().path() == "*" {
+                return server_options();
             }
             // Boxed: the record travels with the response to its body's end, and moving it
             // there whole (over 500 bytes) cost several copies a request.
@@ -245,7 +250,7 @@ impl Proxy {
                 service,
                 path_and_query,
                 cookie_scope,
-            }) = self.route(&request, &mut record)
+            }) = self.route(&request, path_shape, &mut record)
             else {
                 return self.not_routed(record);
             };
@@ -347,7 +352,12 @@ impl Proxy {
 
     /// The service the request's host and path name, and what it makes of the request's
     /// path; noted in the record (its name, its request fields to log, its metrics).
-    fn route<B>(&self, request: &Request<B>, record: &mut RequestRecord) -> Option<Routed> {
+    fn route<B>(
+        &self,
+        request: &Request<B>,
+        path_shape: PathShape,
+        record: &mut RequestRecord,
+    ) -> Option<Routed> {
         let routes = self.inner.routes.current();
         let host = record.host_name();
         let found = routes.lookup(host, request.uri().path())?;
@@ -359,9 +369,14 @@ impl Proxy {
             uri.path()
         };
         let path_and_query = match uri.path_and_query() {
-            // As it came (nothing stripped): a cheap clone of the parsed request line.
-            Some(original) if stripped.len() == uri.path().len() => original.clone(),
-            _ => upstream_path(stripped, uri.query()),
+            // As it came (nothing stripped, nothing to encode): a cheap clone of the parsed
+            // request line.
+            Some(original)
+                if stripped.len() == uri.path().len() && path_shape == PathShape::AsItCame =>
+            {
+                original.clone()
+            }
+            _ => upstream_path(&request_target::escape_path(stripped), uri.query()),
         };
         // `--scope-cookie-paths`: the app's cookies are scoped under its prefix.
         let cookie_scope = (config.scope_cookie_paths && found.prefix != "/").then(|| {
@@ -584,6 +599,13 @@ impl Proxy {
         record.request_id = Some(request_id);
         Ok(added_headers)
     }
+}
+
+/// The answer to `OPTIONS *`, a question about the server rather than any resource: 200
+/// and nothing more, from the proxy itself, as Go's server (so kamal-proxy) gives it. Not
+/// logged, as kamal-proxy does not log it.
+fn server_options() -> Answer<ProxyBody> {
+    Response::new(body::empty()).into()
 }
 
 /// The 400 for a request head no target should see.
