@@ -1149,3 +1149,43 @@ async fn options_star_is_answered_by_the_proxy_not_the_app() {
         assert!(body.contains("\"method\":\"OPTIONS\""), "{side}: {body}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_answers_from_the_app_reach_the_client_as_kamal_proxy_passes_them() {
+    let app = raw_app(|head| {
+        if head.starts_with("GET /status-599 ") {
+            b"HTTP/1.1 599 Whatever\r\nContent-Length: 2\r\n\r\nok".to_vec()
+        } else if head.starts_with("GET /gzip-chunks ") {
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+                .to_vec()
+        } else {
+            ok()
+        }
+    })
+    .await;
+    for peer in Peer::both() {
+        let side = peer.name();
+        peer.deploy("app", &app.to_string(), &["--host=app.test"]);
+        // Both paths a request can take through Berth: its own HTTP/1.1 and hyper (HTTP/1.0).
+        for version in ["1.1", "1.0"] {
+            let mut stream = tokio::net::TcpStream::connect(peer.address())
+                .await
+                .unwrap();
+            let request = format!(
+                "GET /status-599 HTTP/{version}\r\nHost: app.test\r\nConnection: close\r\n\r\n"
+            );
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer).await.unwrap();
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(
+                answer.starts_with(&format!("HTTP/{version} 599 status code 599\r\n")),
+                "{side}, HTTP/{version}: {answer}"
+            );
+        }
+        // A body still coded after its chunks are taken apart: refused, not passed on as if
+        // plain.
+        let (status, _) = raw_request(peer.address(), "GET", b"/gzip-chunks", "app.test").await;
+        assert_eq!(status, 502, "{side}");
+    }
+}

@@ -84,6 +84,12 @@ impl<B> Answer<B> {
     /// The response as `http` has it, every field in its map.
     pub fn into_response(mut self) -> Response<B> {
         self.headers_mut();
+        let status = self.response.status();
+        if status.canonical_reason().is_none() {
+            if let Ok(reason) = hyper::ext::ReasonPhrase::try_from(unknown_reason(status)) {
+                self.response.extensions_mut().insert(reason);
+            }
+        }
         self.response
     }
 
@@ -293,6 +299,12 @@ impl ReceivedFields {
             write_line(out, &head[run_at..run_end]);
         }
     }
+}
+
+/// The reason phrase for a status without a standard one, as Go's server writes it (so
+/// kamal-proxy): `599 status code 599`, where hyper would write `599 <none>`.
+pub(crate) fn unknown_reason(status: StatusCode) -> String {
+    format!("status code {}", status.as_u16())
 }
 
 #[cfg(test)]

@@ -579,7 +579,10 @@ fn encode_head(
         out.extend_from_slice(b"HTTP/1.1 ");
         out.extend_from_slice(status.as_str().as_bytes());
         out.push(b' ');
-        out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+        match status.canonical_reason() {
+            Some(reason) => out.extend_from_slice(reason.as_bytes()),
+            None => out.extend_from_slice(crate::answer::unknown_reason(status).as_bytes()),
+        }
         out.extend_from_slice(b"\r\n");
     }
     let is_head = *method == Method::HEAD;
@@ -892,7 +895,7 @@ mod tests {
         let mut response = Response::new(crate::body::empty());
         *response.status_mut() = StatusCode::from_u16(599).unwrap();
         let (head, ..) = head_of(response, Method::GET, false);
-        assert!(head.starts_with("HTTP/1.1 599 <none>\r\n"));
+        assert!(head.starts_with("HTTP/1.1 599 status code 599\r\n"));
     }
 
     #[test]

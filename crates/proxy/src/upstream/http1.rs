@@ -498,7 +498,10 @@ enum Framing {
 }
 
 /// How the response body is delimited (RFC 9112 section 6.3). A chunked body's
-/// Content-Length is dropped: it must not reach the client beside another framing.
+/// Content-Length is dropped: it must not reach the client beside another framing. Any
+/// transfer coding but a lone `chunked` is refused, as kamal-proxy (Go) refuses it: after
+/// taking the chunks apart, what is left would still be coded (gzip, say), and the client
+/// would be given it with nothing saying so.
 fn body_framing(
     head_request: bool,
     status: StatusCode,
@@ -513,19 +516,20 @@ fn body_framing(
         return Ok(Framing::Empty);
     }
     if noted.transfer_encoding {
-        let chunked_last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.rsplit(',').next())
-            .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"));
+        let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
+        let only_chunked = match (codings.next(), codings.next()) {
+            (Some(coding), None) => coding
+                .to_str()
+                .is_ok_and(|coding| coding.trim().eq_ignore_ascii_case("chunked")),
+            _ => false,
+        };
+        if !only_chunked {
+            return Err(UpstreamError::InvalidResponse(
+                "unsupported transfer coding",
+            ));
+        }
         headers.remove(header::CONTENT_LENGTH);
-        return Ok(if chunked_last {
-            Framing::Chunked
-        } else {
-            Framing::UntilClose
-        });
+        return Ok(Framing::Chunked);
     }
     match noted.content_length {
         NotedLength::Absent => return Ok(Framing::UntilClose),
@@ -805,6 +809,19 @@ mod tests {
             framing("HTTP/1.1 200 OK\r\nX: y\r\n\r\nbody"),
             Ok(Framing::UntilClose)
         );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked \r\n\r\nbody"),
+            Ok(Framing::Chunked)
+        );
+        for refused in [
+            "Transfer-Encoding: gzip, chunked\r\n",
+            "Transfer-Encoding: gzip\r\n",
+            "Transfer-Encoding: identity\r\n",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        ] {
+            let head = format!("HTTP/1.1 200 OK\r\n{refused}\r\nbody");
+            assert_eq!(framing(&head), Err(()), "{refused:?}");
+        }
         let head =
             parse("HTTP/1.1 200 OK\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\nbody");
         assert!(!head.passes_as_received());
