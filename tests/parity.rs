@@ -1127,6 +1127,11 @@ async fn request_paths_reach_the_app_encoded_as_kamal_proxy_encodes_them() {
                 None => assert_eq!(status, 400, "{side}: {shown}: {body}"),
             }
         }
+        // The log shows the path decoded.
+        let (status, _) =
+            raw_request(peer.address(), "GET", b"/logged%20as%C3%A9", "app.test").await;
+        assert_eq!(status, 200, "{side}");
+        request_line(&peer, "/logged as\u{e9}").await;
         // The query goes on as it came, broken escapes and all.
         let (status, body) = raw_request(peer.address(), "GET", b"/q?x=|{}%zz", "app.test").await;
         assert_eq!(status, 200, "{side}: {body}");

@@ -210,7 +210,10 @@ impl RequestRecord {
         ));
         line.string(key!("host"), crate::route::strip_port(host));
         line.number(key!("port"), u64::from(self.port));
-        line.string(key!("path"), self.uri.path());
+        line.string(
+            key!("path"),
+            &crate::request_target::decoded_path(self.uri.path()),
+        );
         line.header_string(key!("request_id"), self.request_id.as_ref());
         line.number(key!("status"), u64::from(self.status));
         line.string(key!("service"), self.service.as_deref().unwrap_or_default());

@@ -12,7 +12,8 @@
 //! into a real `/`. Here only the offending bytes are encoded and existing escapes are left
 //! as they came: where the two differ, Go has changed the path the app routes on.
 //!
-//! The query is passed on untouched, as Go passes it.
+//! The query is passed on untouched, as Go passes it. The request log shows the path
+//! decoded, as kamal-proxy's does.
 
 use std::borrow::Cow;
 
@@ -70,6 +71,44 @@ pub fn escape_path(path: &str) -> Cow<'_, str> {
         }
     }
     Cow::Owned(escaped)
+}
+
+/// The path with its escapes decoded, as kamal-proxy logs it (Go's `URL.Path`): `/caf%C3%A9`
+/// is logged as `/café`. Bytes that do not make UTF-8 once decoded are logged as U+FFFD, as
+/// Go's JSON encoder writes them. Borrowed when there is no `%`, as for nearly every request.
+pub fn decoded_path(path: &str) -> Cow<'_, str> {
+    if !path.contains('%') {
+        return Cow::Borrowed(path);
+    }
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while let Some(&byte) = bytes.get(at) {
+        let escaped = match bytes.get(at + 1..at + 3) {
+            Some(&[high, low]) if byte == b'%' => hex_value(high).zip(hex_value(low)),
+            _ => None,
+        };
+        match escaped {
+            Some((high, low)) => {
+                decoded.push(high << 4 | low);
+                at += 3;
+            }
+            None => {
+                decoded.push(byte);
+                at += 1;
+            }
+        }
+    }
+    match String::from_utf8(decoded) {
+        Ok(text) => Cow::Owned(text),
+        Err(error) => Cow::Owned(String::from_utf8_lossy(error.as_bytes()).into_owned()),
+    }
+}
+
+fn hex_value(digit: u8) -> Option<u8> {
+    char::from(digit)
+        .to_digit(16)
+        .and_then(|value| u8::try_from(value).ok())
 }
 
 /// A byte Go's `url` package does not leave as it is in a path: not unreserved, not a
@@ -146,6 +185,14 @@ mod tests {
             };
             assert_eq!(inspect_path(sent), Ok(shape), "{sent}");
         }
+    }
+
+    #[test]
+    fn the_logged_path_is_decoded_as_go_decodes_it() {
+        assert_eq!(decoded_path("/plain"), "/plain");
+        assert!(matches!(decoded_path("/plain"), Cow::Borrowed(_)));
+        assert_eq!(decoded_path("/caf%C3%A9/%2F%20x"), "/café// x");
+        assert_eq!(decoded_path("/%ff"), "/\u{fffd}");
     }
 
     #[test]
