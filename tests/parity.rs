@@ -1194,3 +1194,61 @@ async fn odd_answers_from_the_app_reach_the_client_as_kamal_proxy_passes_them() 
         assert_eq!(status, 502, "{side}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_logged_host_and_remote_addr_are_what_the_client_sent() {
+    let app = Upstream::start("app").await;
+    for peer in Peer::both() {
+        let side = peer.name();
+        peer.deploy("plain", &app.target(), &["--host=plain.test"]);
+        peer.deploy(
+            "named",
+            &app.target(),
+            &["--host=named.test", "--client-ip-header=X-Real-IP"],
+        );
+        for (host, path, fields, host_logged, remote_logged) in [
+            (
+                "plain.test:8080",
+                "/with-port",
+                "",
+                "plain.test:8080",
+                "127.0.0.1",
+            ),
+            (
+                "plain.test",
+                "/forwarded-list",
+                "X-Forwarded-For: 9.9.9.9, 8.8.8.8\r\n",
+                "plain.test",
+                "9.9.9.9, 8.8.8.8",
+            ),
+            (
+                "plain.test",
+                "/forwarded-garbage",
+                "X-Forwarded-For: unknown\r\n",
+                "plain.test",
+                "unknown",
+            ),
+            (
+                "named.test",
+                "/named",
+                "X-Real-IP: 7.7.7.7, 6.6.6.6\r\nX-Forwarded-For: 9.9.9.9\r\n",
+                "named.test",
+                "7.7.7.7, 6.6.6.6",
+            ),
+        ] {
+            let mut stream = tokio::net::TcpStream::connect(peer.address())
+                .await
+                .unwrap();
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{fields}Connection: close\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+            let line = request_line(&peer, path).await;
+            assert_eq!(line["status"], 200, "{side}: {line}");
+            assert_eq!(line["host"], host_logged, "{side}: {line}");
+            assert_eq!(line["remote_addr"], remote_logged, "{side}: {line}");
+        }
+    }
+}

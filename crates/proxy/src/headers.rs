@@ -589,12 +589,6 @@ fn new_request_id() -> HeaderValue {
     unsafe { HeaderValue::from_maybe_shared_unchecked(shared) }
 }
 
-/// The client address from a named header (first entry of a list), if it parses.
-pub fn client_ip_from_header(headers: &HeaderMap, name: &str) -> Option<IpAddr> {
-    let value = headers.get(name)?.to_str().ok()?;
-    value.split(',').next()?.trim().parse().ok()
-}
-
 /// Refuses request heads whose framing or host two parsers could read differently, the
 /// ground request smuggling grows on. hyper already refuses malformed lengths, chunk sizes,
 /// header names and line folding; these are the cases it lets through. Also refuses a path

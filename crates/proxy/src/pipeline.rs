@@ -583,10 +583,9 @@ impl Proxy {
         let trusted_peer =
             !self.inner.trusted_proxies.is_empty() && self.inner.trusted_proxies.contains(peer_ip);
         let client_ip_header = config.client_ip_header.as_deref();
-        // The log's remote_addr, as kamal-proxy gives it: the client-IP header's address, else
-        // the first X-Forwarded-For entry (which the record kept), else the peer.
-        record.remote_addr =
-            client_ip_header.and_then(|name| headers::client_ip_from_header(&parts.headers, name));
+        // The log's remote_addr, as kamal-proxy gives it: the client-IP header, else the first
+        // X-Forwarded-For line (which the record kept), else the peer.
+        record.remote_addr = client_ip_header.and_then(|name| parts.headers.get(name).cloned());
         let forwarding = headers::Forwarding {
             peer: peer_ip,
             scheme: conn.scheme(),

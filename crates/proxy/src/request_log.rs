@@ -6,7 +6,7 @@
 //! `msg` first (as the daemon's other lines), then kamal-proxy's fields in its order.
 
 use std::io::Write;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -37,8 +37,9 @@ pub struct RequestRecord {
     pub proto: Version,
     pub scheme: &'static str,
     pub peer: SocketAddr,
-    /// The client as the service's client-IP header names it, if it does.
-    pub remote_addr: Option<IpAddr>,
+    /// The service's client-IP header as the client sent it, if the service names one and
+    /// the request has it.
+    pub remote_addr: Option<HeaderValue>,
     /// The request's first X-Forwarded-For line, read at `begin` (before forwarding replaces
     /// it) and parsed only when the line is written: the client the request names.
     forwarded_for: Option<HeaderValue>,
@@ -149,13 +150,14 @@ impl RequestRecord {
         header_text(self.host.as_ref())
     }
 
-    /// The client-IP header's address, else the first X-Forwarded-For entry (kamal-proxy's
-    /// `remote_addr`).
-    fn remote_addr(&self) -> Option<IpAddr> {
-        self.remote_addr.or_else(|| {
-            let value = self.forwarded_for.as_ref()?.to_str().ok()?;
-            value.split(',').next()?.trim().parse().ok()
-        })
+    /// kamal-proxy's `remote_addr`: the client-IP header's value, else the first
+    /// X-Forwarded-For line's, each as the client wrote it (a list, or not an address at
+    /// all, is logged as it came); `None` for the peer's address.
+    fn remote_addr(&self) -> Option<&HeaderValue> {
+        self.remote_addr
+            .as_ref()
+            .or(self.forwarded_for.as_ref())
+            .filter(|value| !value.is_empty())
     }
 
     /// Copies the named headers into `<prefix><lowercase name>` fields; `""` for one the
@@ -208,7 +210,8 @@ impl RequestRecord {
             key!("msg"),
             "\"Request\""
         ));
-        line.string(key!("host"), crate::route::strip_port(host));
+        // With its port, if it has one, as kamal-proxy logs it.
+        line.string(key!("host"), host);
         line.number(key!("port"), u64::from(self.port));
         line.string(
             key!("path"),
@@ -237,15 +240,11 @@ impl RequestRecord {
             key!("client_port"),
             itoa::Buffer::new().format(self.peer.port()),
         );
-        line.plain_bytes(
-            key!("remote_addr"),
+        match self.remote_addr() {
+            Some(named) => line.header_string(key!("remote_addr"), Some(named)),
             // Usually the peer itself, already formatted above.
-            match self.remote_addr() {
-                Some(remote) if remote != self.peer.ip() => IpText::new(remote),
-                _ => client_addr,
-            }
-            .as_bytes(),
-        );
+            None => line.plain_bytes(key!("remote_addr"), client_addr.as_bytes()),
+        }
         line.header_string(key!("user_agent"), self.user_agent.as_ref());
         line.plain_string(key!("proto"), proto_name(self.proto));
         line.plain_string(key!("scheme"), self.scheme);
@@ -652,7 +651,10 @@ mod tests {
         record.write_line(&mut out, std::time::Duration::from_micros(1500));
         assert_eq!(out.last(), Some(&b'\n'));
         let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(line["host"], "app.example");
+        assert_eq!(
+            line["host"], "app.example:8080",
+            "with its port, as kamal-proxy logs it"
+        );
         assert_eq!(line["path"], "/search");
         assert_eq!(line["query"], "q=%22x%22");
         assert_eq!(line["user_agent"], "agent \"quoted\"");
@@ -669,5 +671,32 @@ mod tests {
         let age = SystemTime::now().duration_since(parsed).unwrap();
         assert!(age < std::time::Duration::from_secs(60), "{timestamp}");
         assert_eq!(timestamp.len(), "2026-11-22T10:00:00.123456Z".len());
+    }
+
+    #[test]
+    fn remote_addr_is_the_header_the_client_wrote() {
+        let logged = |forwarded_for: Option<&str>, client_ip: Option<&str>| {
+            let mut request = http::Request::builder().uri("/");
+            if let Some(value) = forwarded_for {
+                request = request.header("x-forwarded-for", value);
+            }
+            let request = request.body(()).unwrap();
+            let mut record =
+                RequestRecord::begin(&request, "10.1.2.3:5555".parse().unwrap(), 80, "http");
+            record.remote_addr = client_ip.map(|value| HeaderValue::from_str(value).unwrap());
+            record.emitted = true;
+            let mut out = Vec::new();
+            record.write_line(&mut out, std::time::Duration::ZERO);
+            let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            line["remote_addr"].as_str().unwrap().to_string()
+        };
+        assert_eq!(logged(None, None), "10.1.2.3");
+        assert_eq!(logged(Some(""), None), "10.1.2.3");
+        assert_eq!(logged(Some("9.9.9.9, 8.8.8.8"), None), "9.9.9.9, 8.8.8.8");
+        assert_eq!(logged(Some("not an address"), None), "not an address");
+        assert_eq!(
+            logged(Some("9.9.9.9"), Some("7.7.7.7, 6.6.6.6")),
+            "7.7.7.7, 6.6.6.6"
+        );
     }
 }
