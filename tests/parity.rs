@@ -136,8 +136,22 @@ async fn a_path_service_on_a_tls_host_is_redirected_to_https_like_its_root() {
             &app.target(),
             &["--host=secure.test", "--path-prefix=/api"],
         );
-        let reply = get(peer.address(), "secure.test", "/api/x").await;
+        let reply = get(peer.address(), "secure.test", "/api/x?a=1&b=2").await;
         assert_eq!(reply.status, 301, "{side}: {}", reply.body);
+        // A line of HTML linking to the new place, as Go's http.Redirect writes it.
+        let location = reply.headers["location"].to_str().unwrap();
+        let escaped = location.replace('&', "&amp;");
+        assert_eq!(
+            reply.body,
+            format!("<a href=\"{escaped}\">Moved Permanently</a>.\n\n"),
+            "{side}"
+        );
+        assert_eq!(
+            reply.headers["content-type"], "text/html; charset=utf-8",
+            "{side}"
+        );
+        let line = request_line(&peer, "/api/x").await;
+        assert_eq!(line["resp_content_length"], reply.body.len(), "{side}");
         // A TLS path service cannot be asked for directly.
         let refused = peer.cli(&[
             "deploy",

@@ -260,9 +260,7 @@ impl Proxy {
             if let Some(location) =
                 redirect_location(config, conn, &record, uri, self.inner.https_port)
             {
-                record.status = 301;
-                record.emit();
-                return redirect(location).into();
+                return redirect(request.method(), &location, &mut record).into();
             }
 
             match service.admit(uri.path()).await {
@@ -953,12 +951,29 @@ fn redirect_location(
     ))
 }
 
-fn redirect(location: String) -> Response<ProxyBody> {
+/// A 301 to `location`, logged, as Go's `http.Redirect` writes it (so kamal-proxy): a GET
+/// or HEAD also gets a line of HTML linking there, for a client that does not follow it.
+fn redirect(method: &Method, location: &str, record: &mut RequestRecord) -> Response<ProxyBody> {
     let mut response = Response::new(body::empty());
     *response.status_mut() = StatusCode::MOVED_PERMANENTLY;
-    if let Ok(value) = HeaderValue::from_str(&location) {
+    if let Ok(value) = HeaderValue::from_str(location) {
         response.headers_mut().insert(header::LOCATION, value);
     }
+    record.status = 301;
+    if *method == Method::GET || *method == Method::HEAD {
+        let mut page = String::with_capacity(location.len() + 40);
+        page.push_str("<a href=\"");
+        crate::page_template::escape_html_into(location, &mut page);
+        page.push_str("\">Moved Permanently</a>.\n\n");
+        let content_type = HeaderValue::from_static("text/html; charset=utf-8");
+        record.resp_content_length = Some(page.len() as u64);
+        record.resp_content_type = Some(content_type.clone());
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, content_type);
+        *response.body_mut() = body::full(Bytes::from(page));
+    }
+    record.emit();
     response
 }
 
