@@ -384,19 +384,11 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         .with_context(|| format!("cannot restore state from {}", state_file.path().display()))?;
     tracing::info!(path = %state_file.path().display(), services = restored, "Restored state");
 
-    let Sockets {
-        http,
-        https,
-        http3,
-        http3_start,
-        for_handover,
-        addresses,
-        taken_over,
-    } = Sockets::open(&options, taken_over)?;
+    let sockets = Sockets::open(&options, taken_over)?;
     certificates
         .certificates
-        .set_local_http(reachable(addresses.http));
-    let control = bind_control(&socket_path, taken_over.is_some()).await?;
+        .set_local_http(reachable(sockets.addresses.http));
+    let control = bind_control(&socket_path, sockets.taken_over.is_some()).await?;
     let handover_socket = handover::listen(&socket_path)?;
     let metrics_listener = match &metrics {
         Some(_) => Some(metrics_server::bind(options.bind, options.metrics_port)?),
@@ -409,7 +401,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         client,
         &certificates,
         &metrics,
-        &addresses,
+        &sockets.addresses,
     );
     let drain = proxy.drain().clone();
     let worker_count = workers::worker_count();
@@ -420,8 +412,14 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         proxy_protocol: options.proxy_protocol,
         target_connect_timeout: options.target_connect_timeout,
     };
-    let workers = Workers::start(worker_count, &http, &https, setup, http3_start)?;
-    drop((http, https));
+    let workers = Workers::start(
+        worker_count,
+        &sockets.http,
+        &sockets.https,
+        setup,
+        sockets.http3_start,
+    )?;
+    drop((sockets.http, sockets.https));
     let control_plane = ControlPlane::start(
         control,
         metrics_listener.zip(metrics),
@@ -429,8 +427,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         &certificates,
     )?;
     tracing::info!(
-        http = %addresses.http,
-        https = %addresses.https,
+        http = %sockets.addresses.http,
+        https = %sockets.addresses.https,
         socket = %socket_path.display(),
         acme_directory = %options.acme.directory,
         workers = worker_count,
@@ -438,14 +436,19 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         pid = std::process::id(),
         "Proxy started"
     );
-    let old_process = announce_ready(taken_over)?;
-    let http3_released = http3.map(|http3| {
+    let old_process = announce_ready(sockets.taken_over)?;
+    let http3_released = sockets.http3.map(|http3| {
         http3.start_reading(
             old_process,
             options.upgrade_drain_timeout + HTTP3_RELEASE_SLACK,
         )
     });
-    let handed_over = spawn_handover_offers(handover_socket, for_handover, &registry, addresses);
+    let handed_over = spawn_handover_offers(
+        handover_socket,
+        sockets.for_handover,
+        &registry,
+        sockets.addresses,
+    );
 
     let finished = match wait_for_end(handed_over).await? {
         End::Shutdown => {
