@@ -1266,3 +1266,78 @@ async fn the_logged_host_and_remote_addr_are_what_the_client_sent() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_without_a_content_type_gets_the_one_go_names() {
+    let app = raw_app(|head| {
+        if head.starts_with("HEAD /html ") {
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n".to_vec();
+        }
+        if head.starts_with("GET /big ") {
+            // More than is read with the head: the body streams.
+            let mut answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n<!DOCTYPE html>".to_vec();
+            answer.resize(answer.len() + 100_000 - 15, b'a');
+            return answer;
+        }
+        let path = head.split(' ').nth(1).unwrap_or_default();
+        let answer: &[u8] = match path {
+            "/html" => b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n<html><body>hi</body",
+            "/json" => b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{\"a\":1}",
+            "/png" => b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n\x89PNG\r\n\x1a\n\0\0\0\0",
+            "/chunks" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            "/typed-empty" => b"HTTP/1.1 200 OK\r\nContent-Type:\r\nContent-Length: 5\r\n\r\nhello",
+            "/encoded" => b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 25\r\n\r\n\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\x03\xcb\x48\xcd\xc9\xc9\x07\x00\x86\xa6\x10\x36\x05\x00\x00\x00",
+            _ => return ok(),
+        };
+        answer.to_vec()
+    })
+    .await;
+    for peer in Peer::both() {
+        let side = peer.name();
+        peer.deploy("streamed", &app.to_string(), &["--host=streamed.test"]);
+        peer.deploy(
+            "buffered",
+            &app.to_string(),
+            &["--host=buffered.test", "--buffer-responses"],
+        );
+        let html = "text/html; charset=utf-8";
+        let text = "text/plain; charset=utf-8";
+        for (host, path, expected) in [
+            ("streamed.test", "/html", Some(html)),
+            ("streamed.test", "/json", Some(text)),
+            ("streamed.test", "/png", Some("image/png")),
+            ("streamed.test", "/chunks", None),
+            ("buffered.test", "/chunks", Some(text)),
+            ("buffered.test", "/html", Some(html)),
+            ("streamed.test", "/typed-empty", Some("")),
+            ("streamed.test", "/big", Some(html)),
+            ("buffered.test", "/big", Some(html)),
+        ] {
+            let reply = get(peer.address(), host, path).await;
+            let named = reply
+                .headers
+                .get("content-type")
+                .map(|value| value.to_str().unwrap());
+            assert_eq!(named, expected, "{side}: {host}{path}");
+        }
+        let mut connection = Connection::open(peer.address()).await.unwrap();
+        // A coded body is not looked into. (The client asks for gzip itself: otherwise Go's
+        // transport would ask for it, decode it and name the type of the decoded body.)
+        let mut coded = request("GET", "streamed.test", "/encoded", "");
+        coded
+            .headers_mut()
+            .insert("accept-encoding", "gzip".parse().unwrap());
+        let reply = connection.send(coded).await.unwrap();
+        assert_eq!(reply.headers["content-encoding"], "gzip", "{side}");
+        assert!(reply.headers.get("content-type").is_none(), "{side}");
+        // A HEAD has no body to name a type from.
+        let reply = connection
+            .send(request("HEAD", "streamed.test", "/html", ""))
+            .await
+            .unwrap();
+        assert!(reply.headers.get("content-type").is_none(), "{side}");
+        // The log keeps the type the app sent: none.
+        let line = request_line(&peer, "/json").await;
+        assert_eq!(line["resp_content_type"], "", "{side}: {line}");
+    }
+}

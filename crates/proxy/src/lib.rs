@@ -26,7 +26,8 @@
 //! - [`http3`]: HTTP/3 over QUIC on the HTTPS port's UDP socket, into the same pipeline.
 //! - `buffer`, `headers`, `tunnel`, `error_page` (with `page_template`, the Go template
 //!   subset custom pages use), `request_log`, `request_target` (the path as kamal-proxy
-//!   passes it on): the layers the pipeline uses.
+//!   passes it on), `sniff` (the Content-Type named for a body the app sent without one):
+//!   the layers the pipeline uses.
 //! - [`GoDuration`] and [`config`]: the service options a deploy sets.
 //!
 //! The data plane never waits on the control plane: the control plane builds a new
@@ -60,6 +61,7 @@ pub mod rollout;
 pub mod route;
 pub mod service;
 pub mod signal;
+mod sniff;
 pub mod target;
 pub mod tls;
 mod tunnel;

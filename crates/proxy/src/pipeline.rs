@@ -33,6 +33,7 @@ use crate::request_log::RequestRecord;
 use crate::request_target::{self, PathShape};
 use crate::route::{strip_prefix, RouteTableHandle};
 use crate::service::{Admission, Service, ServiceSettings};
+use crate::sniff;
 use crate::target::{InFlight, Target};
 use crate::tunnel::ClientUpgrade;
 use crate::upstream::{describe_error, Outgoing, Received, UpstreamClient};
@@ -494,13 +495,14 @@ impl Proxy {
             };
             // Bound first: a match on the call itself would keep its temporaries in this
             // future's state across the await below.
-            let taken = self.take_response(arrived, target, &config.buffering)?;
+            let taken = self.take_response(arrived, target, &config.buffering, record)?;
             match taken {
                 AppResponse::Ready(forwarded) => Ok(forwarded),
-                AppResponse::ToBuffer(head, incoming) => {
+                AppResponse::Streamed(head, incoming, then) => {
                     // Boxed, as the request's buffering is.
-                    let buffered = Box::pin(buffer_response(&config.buffering, head, incoming));
-                    Ok(Forwarded::Response(buffered.await?))
+                    let finished =
+                        Box::pin(finish_streamed(&config.buffering, head, incoming, then));
+                    Ok(Forwarded::Response(finished.await?))
                 }
             }
         }
@@ -513,6 +515,7 @@ impl Proxy {
         arrived: Arrived,
         target: &Target,
         buffering: &BufferConfig,
+        record: &mut RequestRecord,
     ) -> Result<AppResponse, ForwardError> {
         let response = match arrived.response {
             None => return Err(ForwardError::Timeout),
@@ -546,7 +549,7 @@ impl Proxy {
                 "the target switched protocols without being asked".into(),
             ));
         }
-        app_response(buffering, response)
+        app_response(buffering, response, record)
     }
 
     /// The request head for the target: its URI, this hop's fields out, the forwarding
@@ -683,8 +686,8 @@ struct Arrived {
 /// The app's response, as `take_response` found it.
 enum AppResponse {
     Ready(Forwarded),
-    /// Streamed by the target, for a service that buffers responses: to be read whole.
-    ToBuffer(Answer<()>, ProxyBody),
+    /// Streamed by the target, with work to do before it is passed on.
+    Streamed(Answer<()>, ProxyBody, Then),
 }
 
 /// The target's response as the pipeline passes it on: this hop's fields out, and its body
@@ -693,8 +696,17 @@ enum AppResponse {
 fn app_response(
     buffering: &BufferConfig,
     response: Answer<Received>,
+    record: &mut RequestRecord,
 ) -> Result<AppResponse, ForwardError> {
     let (mut head, received) = response.into_head_and_body();
+    // The log's type is the one the app sent, as kamal-proxy logs it, not one named from the
+    // body ([`sniff`]) for an app that sent none.
+    record.resp_content_type = head.get(&header::CONTENT_TYPE);
+    let untyped = record.resp_content_type.is_none() && sniff::wanted(&head);
+    // Looked at only for a streamed body, before this hop's fields go.
+    let chunked = untyped
+        && matches!(received, Received::Streaming(_))
+        && head.get(&header::TRANSFER_ENCODING).is_some();
     // Fields passed on as received hold nothing for this hop only; a map may.
     headers::remove_hop_by_hop(head.map_mut(), false);
     let body = match received {
@@ -703,12 +715,28 @@ fn app_response(
             if buffering.responses && max > 0 && bytes.len() as u64 > max {
                 return Err(ForwardError::ResponseTooLarge);
             }
+            if untyped && !bytes.is_empty() {
+                sniff::name_from(&mut head, &bytes);
+            }
             AppBody::Whole(Some(bytes))
         }
         Received::Streaming(incoming)
             if buffering.responses && !is_event_stream(head.get(&header::CONTENT_TYPE)) =>
         {
-            return Ok(AppResponse::ToBuffer(head, incoming));
+            let then = Then {
+                buffer: true,
+                name_type: untyped,
+            };
+            return Ok(AppResponse::Streamed(head, incoming, then));
+        }
+        // Sent in chunks by the app and passed on as they come: kamal-proxy names no type
+        // for such a body.
+        Received::Streaming(incoming) if untyped && !chunked => {
+            let then = Then {
+                buffer: false,
+                name_type: true,
+            };
+            return Ok(AppResponse::Streamed(head, incoming, then));
         }
         Received::Streaming(incoming) => AppBody::Streamed(incoming),
     };
@@ -718,11 +746,38 @@ fn app_response(
 }
 
 /// A streamed response body read whole; its head given the length read.
+/// What a streamed response needs before it is passed on.
+struct Then {
+    /// Read whole first: the service buffers responses.
+    buffer: bool,
+    /// Given the Content-Type its first bytes name ([`sniff`]): the app sent none.
+    name_type: bool,
+}
+
+/// A streamed response made ready to pass on: read whole, its type named, or both.
+async fn finish_streamed(
+    buffering: &BufferConfig,
+    head: Answer<()>,
+    incoming: ProxyBody,
+    then: Then,
+) -> Result<Answer<AppBody>, ForwardError> {
+    let (head, body) = if then.buffer {
+        buffer_response(buffering, head, incoming).await?
+    } else {
+        (head, incoming)
+    };
+    Ok(if then.name_type {
+        name_streamed(head, body).await
+    } else {
+        head.with_body(AppBody::Streamed(body))
+    })
+}
+
 async fn buffer_response(
     buffering: &BufferConfig,
     mut head: Answer<()>,
     mut incoming: ProxyBody,
-) -> Result<Answer<AppBody>, ForwardError> {
+) -> Result<(Answer<()>, ProxyBody), ForwardError> {
     let buffered = buffer_body(&mut incoming, buffering.memory, buffering.max_response_body)
         .await
         .map_err(|e| match e {
@@ -734,7 +789,18 @@ async fn buffer_response(
         head.headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(buffered.len));
     }
-    Ok(head.with_body(AppBody::Streamed(buffered.into_body())))
+    Ok((head, buffered.into_body()))
+}
+
+/// A streamed body's response with the Content-Type Go's server would name from its first
+/// frame ([`sniff`]), that frame put back in front.
+async fn name_streamed(mut head: Answer<()>, body: ProxyBody) -> Answer<AppBody> {
+    let (named, body) = sniff::first_frame_type(body).await;
+    if let Some(named) = named {
+        head.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(named));
+    }
+    head.with_body(AppBody::Streamed(body))
 }
 
 /// Where routing sent a request.
@@ -783,7 +849,6 @@ impl PassingOn<'_> {
         record.capture_headers("resp_", &config.log_response_headers, |name| {
             response.get(name)
         });
-        record.resp_content_type = response.get(&header::CONTENT_TYPE);
         let cut = claim.target().cut_requests().clone();
         response.map_body(|inner| {
             body::boxed_as_is(ObservedBody {
