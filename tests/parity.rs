@@ -1341,3 +1341,24 @@ async fn a_body_without_a_content_type_gets_the_one_go_names() {
         assert_eq!(line["resp_content_type"], "", "{side}: {line}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_host_goes_to_the_service_without_hosts() {
+    let app = Upstream::start("app").await;
+    for peer in Peer::both() {
+        let side = peer.name();
+        peer.deploy("named", &app.target(), &["--host=named.test"]);
+        // Valid HTTP: the target names no host. No service takes it yet.
+        let (status, _) = raw_request(peer.address(), "GET", b"/empty-host", "").await;
+        assert_eq!(status, 404, "{side}");
+        peer.deploy("catch-all", &app.target(), &[]);
+        let (status, body) = raw_request(peer.address(), "GET", b"/empty-host", "").await;
+        assert_eq!(status, 200, "{side}: {body}");
+        let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+        // The app is told the target's address, as for a request with no Host at all.
+        assert_eq!(report["headers"]["host"], app.target(), "{side}: {body}");
+        let line = request_line(&peer, "/empty-host").await;
+        assert_eq!(line["service"], "catch-all", "{side}: {line}");
+        assert_eq!(line["host"], "", "{side}: {line}");
+    }
+}

@@ -601,21 +601,30 @@ pub fn check_request_head<B>(request: &http::Request<B>) -> Result<PathShape, &'
     if hosts.next().is_some() {
         return Err("More than one Host header.");
     }
-    if let Some(host) = host {
-        if !is_host_and_port(host.as_bytes()) {
-            return Err("Invalid Host header.");
-        }
-        if let Some(target) = request.uri().authority() {
-            if !target
-                .as_str()
-                .as_bytes()
-                .eq_ignore_ascii_case(host.as_bytes())
-            {
-                return Err("The Host header and the request target name different hosts.");
+    match host {
+        // Empty when the target has no host part (RFC 9112 section 3.2): only a service
+        // without hosts takes it, as in kamal-proxy.
+        Some(host) if host.is_empty() && request.uri().authority().is_none() => {}
+        Some(host) => {
+            if !is_host_and_port(host.as_bytes()) {
+                return Err("Invalid Host header.");
+            }
+            if let Some(target) = request.uri().authority() {
+                if !target
+                    .as_str()
+                    .as_bytes()
+                    .eq_ignore_ascii_case(host.as_bytes())
+                {
+                    return Err("The Host header and the request target name different hosts.");
+                }
             }
         }
-    } else if request.version() == http::Version::HTTP_11 && request.uri().authority().is_none() {
-        return Err("Missing Host header.");
+        None if request.version() == http::Version::HTTP_11
+            && request.uri().authority().is_none() =>
+        {
+            return Err("Missing Host header.");
+        }
+        None => {}
     }
     // With both Transfer-Encoding and Content-Length, hyper has already dropped the length
     // and will close the connection after the response (RFC 9112 section 6.3); what it lets

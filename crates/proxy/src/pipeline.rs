@@ -575,6 +575,11 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         headers::remove_hop_by_hop(&mut parts.headers, upgrade);
         let original_host = record.host().cloned();
+        // An empty Host goes on as none: the target's address is sent instead, as kamal-proxy
+        // (Go) sends it.
+        if original_host.as_ref().is_some_and(HeaderValue::is_empty) {
+            parts.headers.remove(header::HOST);
+        }
         // A Host header the client sent is forwarded as it is; one taken from HTTP/2's
         // `:authority` is added. (Inserting it anyway grew a full map on every request.)
         if let (Some(host), true) = (&original_host, record.host_from_authority()) {
