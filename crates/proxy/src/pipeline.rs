@@ -498,10 +498,10 @@ impl Proxy {
             let taken = self.take_response(arrived, target, &config.buffering, record)?;
             match taken {
                 AppResponse::Ready(forwarded) => Ok(forwarded),
-                AppResponse::Streamed(head, incoming, then) => {
+                AppResponse::Streamed(head, incoming, finish) => {
                     // Boxed, as the request's buffering is.
                     let finished =
-                        Box::pin(finish_streamed(&config.buffering, head, incoming, then));
+                        Box::pin(finish_streamed(&config.buffering, head, incoming, finish));
                     Ok(Forwarded::Response(finished.await?))
                 }
             }
@@ -692,7 +692,7 @@ struct Arrived {
 enum AppResponse {
     Ready(Forwarded),
     /// Streamed by the target, with work to do before it is passed on.
-    Streamed(Answer<()>, ProxyBody, Then),
+    Streamed(Answer<()>, ProxyBody, Finish),
 }
 
 /// The target's response as the pipeline passes it on: this hop's fields out, and its body
@@ -728,20 +728,20 @@ fn app_response(
         Received::Streaming(incoming)
             if buffering.responses && !is_event_stream(head.get(&header::CONTENT_TYPE)) =>
         {
-            let then = Then {
+            let finish = Finish {
                 buffer: true,
                 name_type: untyped,
             };
-            return Ok(AppResponse::Streamed(head, incoming, then));
+            return Ok(AppResponse::Streamed(head, incoming, finish));
         }
-        // Sent in chunks by the app and passed on as they come: kamal-proxy names no type
-        // for such a body.
+        // Streamed without a type: named from its first frame. One the app sends in chunks
+        // goes on without a type, as kamal-proxy sends it.
         Received::Streaming(incoming) if untyped && !chunked => {
-            let then = Then {
+            let finish = Finish {
                 buffer: false,
                 name_type: true,
             };
-            return Ok(AppResponse::Streamed(head, incoming, then));
+            return Ok(AppResponse::Streamed(head, incoming, finish));
         }
         Received::Streaming(incoming) => AppBody::Streamed(incoming),
     };
@@ -750,9 +750,8 @@ fn app_response(
     )))
 }
 
-/// A streamed response body read whole; its head given the length read.
 /// What a streamed response needs before it is passed on.
-struct Then {
+struct Finish {
     /// Read whole first: the service buffers responses.
     buffer: bool,
     /// Given the Content-Type its first bytes name ([`sniff`]): the app sent none.
@@ -764,20 +763,21 @@ async fn finish_streamed(
     buffering: &BufferConfig,
     head: Answer<()>,
     incoming: ProxyBody,
-    then: Then,
+    finish: Finish,
 ) -> Result<Answer<AppBody>, ForwardError> {
-    let (head, body) = if then.buffer {
+    let (head, body) = if finish.buffer {
         buffer_response(buffering, head, incoming).await?
     } else {
         (head, incoming)
     };
-    Ok(if then.name_type {
+    Ok(if finish.name_type {
         name_streamed(head, body).await
     } else {
         head.with_body(AppBody::Streamed(body))
     })
 }
 
+/// A streamed response body read whole; its head given the length read.
 async fn buffer_response(
     buffering: &BufferConfig,
     mut head: Answer<()>,
