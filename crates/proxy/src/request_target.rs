@@ -62,10 +62,7 @@ pub fn escape_path(path: &str) -> Cow<'_, str> {
     escaped.push_str(&path[..first]);
     for &byte in &bytes[first..] {
         if needs_escaping(byte) {
-            const HEX: &[u8; 16] = b"0123456789ABCDEF";
-            escaped.push('%');
-            escaped.push(char::from(HEX[usize::from(byte >> 4)]));
-            escaped.push(char::from(HEX[usize::from(byte & 0x0f)]));
+            escaped.push_str(percent_encoding::percent_encode_byte(byte));
         } else {
             escaped.push(char::from(byte));
         }
@@ -75,40 +72,10 @@ pub fn escape_path(path: &str) -> Cow<'_, str> {
 
 /// The path with its escapes decoded, as kamal-proxy logs it (Go's `URL.Path`): `/caf%C3%A9`
 /// is logged as `/café`. Bytes that do not make UTF-8 once decoded are logged as U+FFFD, as
-/// Go's JSON encoder writes them. Borrowed when there is no `%`, as for nearly every request.
+/// Go's JSON encoder writes them. Borrowed when there is no escape, as for nearly every
+/// request.
 pub fn decoded_path(path: &str) -> Cow<'_, str> {
-    if !path.contains('%') {
-        return Cow::Borrowed(path);
-    }
-    let bytes = path.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut at = 0;
-    while let Some(&byte) = bytes.get(at) {
-        let escaped = match bytes.get(at + 1..at + 3) {
-            Some(&[high, low]) if byte == b'%' => hex_value(high).zip(hex_value(low)),
-            _ => None,
-        };
-        match escaped {
-            Some((high, low)) => {
-                decoded.push(high << 4 | low);
-                at += 3;
-            }
-            None => {
-                decoded.push(byte);
-                at += 1;
-            }
-        }
-    }
-    match String::from_utf8(decoded) {
-        Ok(text) => Cow::Owned(text),
-        Err(error) => Cow::Owned(String::from_utf8_lossy(error.as_bytes()).into_owned()),
-    }
-}
-
-fn hex_value(digit: u8) -> Option<u8> {
-    char::from(digit)
-        .to_digit(16)
-        .and_then(|value| u8::try_from(value).ok())
+    percent_encoding::percent_decode_str(path).decode_utf8_lossy()
 }
 
 /// A byte Go's `url` package does not leave as it is in a path: not unreserved, not a
