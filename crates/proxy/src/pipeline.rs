@@ -707,7 +707,8 @@ fn app_response(
     // The log's type is the one the app sent, as kamal-proxy logs it, not one named from the
     // body ([`sniff`]) for an app that sent none.
     record.resp_content_type = head.get(&header::CONTENT_TYPE);
-    let untyped = record.resp_content_type.is_none() && sniff::wanted(&head);
+    let untyped =
+        record.resp_content_type.is_none() && sniff::allowed(&head, no_body_status(head.status()));
     // Looked at only for a streamed body, before this hop's fields go.
     let chunked = untyped
         && matches!(received, Received::Streaming(_))
@@ -765,16 +766,15 @@ async fn finish_streamed(
     incoming: ProxyBody,
     finish: Finish,
 ) -> Result<Answer<AppBody>, ForwardError> {
-    let (head, body) = if finish.buffer {
+    let (mut head, mut body) = if finish.buffer {
         buffer_response(buffering, head, incoming).await?
     } else {
         (head, incoming)
     };
-    Ok(if finish.name_type {
-        name_streamed(head, body).await
-    } else {
-        head.with_body(AppBody::Streamed(body))
-    })
+    if finish.name_type {
+        body = sniff::name_from_first_frame(&mut head, body).await;
+    }
+    Ok(head.with_body(AppBody::Streamed(body)))
 }
 
 /// A streamed response body read whole; its head given the length read.
@@ -795,17 +795,6 @@ async fn buffer_response(
             .insert(header::CONTENT_LENGTH, HeaderValue::from(buffered.len));
     }
     Ok((head, buffered.into_body()))
-}
-
-/// A streamed body's response with the Content-Type Go's server would name from its first
-/// frame ([`sniff`]), that frame put back in front.
-async fn name_streamed(mut head: Answer<()>, body: ProxyBody) -> Answer<AppBody> {
-    let (named, body) = sniff::first_frame_type(body).await;
-    if let Some(named) = named {
-        head.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static(named));
-    }
-    head.with_body(AppBody::Streamed(body))
 }
 
 /// Where routing sent a request.

@@ -19,7 +19,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{header, HeaderValue, StatusCode};
+use http::{header, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 
@@ -29,14 +29,10 @@ use crate::body::{BoxError, ProxyBody};
 /// How much of the body decides.
 const SNIFF_LEN: usize = 512;
 
-/// Whether the answer's type would be named from its body: the app sent none, nor a
-/// Content-Encoding, and the status allows a body.
-pub fn wanted<B>(answer: &Answer<B>) -> bool {
-    let status = answer.status();
-    !(status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED)
-        && answer.get(&header::CONTENT_TYPE).is_none()
+/// Whether a type may be named from the body of an answer the app sent without a
+/// Content-Type: its status allows a body (`bodiless` says it does not) and it is not coded.
+pub fn allowed<B>(answer: &Answer<B>, bodiless: bool) -> bool {
+    !bodiless
         && answer
             .get(&header::CONTENT_ENCODING)
             .is_none_or(|coding| coding.is_empty())
@@ -50,19 +46,16 @@ pub fn name_from<B>(answer: &mut Answer<B>, body_start: &[u8]) {
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(named));
 }
 
-/// The type the body's first frame names, if it has data (Go sends the head with its first
-/// write, too), and the body with that frame put back in front.
-pub async fn first_frame_type(mut body: ProxyBody) -> (Option<&'static str>, ProxyBody) {
+/// Names the answer's type from the body's first frame, if it has data (Go sends the head
+/// with its first write, too); returns the body with that frame put back in front.
+pub async fn name_from_first_frame<B>(answer: &mut Answer<B>, mut body: ProxyBody) -> ProxyBody {
     let first = body.frame().await;
-    let named = match &first {
-        Some(Ok(frame)) => frame
-            .data_ref()
-            .filter(|data| !data.is_empty())
-            .map(|data| detect(data)),
-        _ => None,
-    };
-    let body = crate::body::boxed_as_is(Prepended { first, rest: body });
-    (named, body)
+    if let Some(Ok(frame)) = &first {
+        if let Some(data) = frame.data_ref().filter(|data| !data.is_empty()) {
+            name_from(answer, data);
+        }
+    }
+    crate::body::boxed_as_is(Prepended { first, rest: body })
 }
 
 /// A body whose first frame was taken off to be looked at, put back in front.
