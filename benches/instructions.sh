@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # User-space instructions per proxied request, counted by valgrind's callgrind: Berth
-# (unbuffered and buffered) and nginx, each proxying the same 1 KB GETs to the same upstream.
+# (unbuffered and buffered) and nginx, each proxying the same 1 KB GETs to the same upstream,
+# over plain HTTP/1.1 and over TLS (HTTP/1.1 and HTTP/2, keep-alive; the handshakes are not
+# counted: two runs of different lengths on the same 8 connections each, and the difference).
 # Unlike requests/s on a shared machine, the count does not move with the neighbours' load, so
 # it is how the hot-path changes in benches/RESULTS.md were compared. Kernel time is not
 # counted (it is about the same for both proxies: the same five system calls per request).
@@ -20,8 +22,8 @@ cd "$(dirname "$0")/.."
 REQUESTS=${REQUESTS:-4000}
 CACHE_FLAG="${CALLGRIND_FLAGS:-}"
 [ -n "${CACHE_SIM:-}" ] && CACHE_FLAG="$CACHE_FLAG --cache-sim=yes"
-UPSTREAM_PORT=18091 NGINX_PORT=18092 BERTH_PORT=18093
-for tool in valgrind callgrind_control h2load nginx; do
+UPSTREAM_PORT=18091 NGINX_PORT=18092 BERTH_PORT=18093 NGINX_TLS_PORT=18094 BERTH_TLS_PORT=18493
+for tool in valgrind callgrind_control h2load nginx openssl; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install valgrind nghttp2-client nginx-light" >&2; exit 1; }
 done
 # Symbols for the report; otherwise the release build. PROXY=path measures that binary
@@ -51,12 +53,57 @@ http {
   access_log /dev/null combined; keepalive_requests 1000000;
   client_body_temp_path $WORK/b; proxy_temp_path $WORK/p;
   upstream app { server 127.0.0.1:$UPSTREAM_PORT; keepalive 64; }
-  server { listen 127.0.0.1:$NGINX_PORT;
+  ssl_certificate $WORK/tls-cert.pem; ssl_certificate_key $WORK/tls-key.pem;
+  ssl_protocols TLSv1.2 TLSv1.3;
+  server { listen 127.0.0.1:$NGINX_PORT; listen 127.0.0.1:$NGINX_TLS_PORT ssl http2;
     location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
       proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
       proxy_set_header X-Forwarded-Proto \$scheme; } }
 }
 CONF
+
+# The certificate for the TLS rows (ECDSA P-256, as Let's Encrypt issues by default).
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -keyout "$WORK/tls-key.pem" -out "$WORK/tls-cert.pem" -subj "/CN=tls.bench" \
+  -addext "subjectAltName=DNS:tls.bench" 2>/dev/null
+
+# instructions PID [NAME] -> the instructions the process under callgrind ran since the last
+# call (the profile kept as KEEP_PROFILES/NAME.callgrind when both are set)
+instructions() {
+  local pid=$1 name=${2:-} total
+  callgrind_control -d "$pid" > /dev/null 2>&1
+  sleep 1
+  total=$(cat "$WORK"/cg."$pid".[0-9]* | awk '/^summary:/ { sum += $2 } END { print sum + 0 }')
+  if [ -n "${KEEP_PROFILES:-}" ] && [ -n "$name" ]; then
+    mkdir -p "$KEEP_PROFILES" && cat "$WORK"/cg."$pid".[0-9]* > "$KEEP_PROFILES/$name.callgrind"
+  fi
+  rm -f "$WORK"/cg."$pid".[0-9]*
+  echo "$total"
+}
+
+# count_tls PORT PID PROTOCOL NAME -> instructions per request over TLS (PROTOCOL h1, h2 with
+# one stream per connection, or h2x16 with 16 at once, as benches/run.sh's row), on 8
+# keep-alive connections. Every h2load run makes 8 new connections, so one of REQUESTS and
+# one of 3 x REQUESTS requests are counted, and the difference divided by 2 x REQUESTS: what
+# the handshakes cost cancels out. With KEEP_PROFILES, the longer run's profile is kept.
+count_tls() {
+  local port=$1 pid=$2 protocol=$3 name=$4 short long
+  local args=(-c 8 -m 1 --connect-to="127.0.0.1:$port")
+  [ "$protocol" = h1 ] && args+=(--h1)
+  [ "$protocol" = h2x16 ] && args=(-c 8 -m 16 --connect-to="127.0.0.1:$port")
+  run_tls() {
+    h2load "${args[@]}" -n "$1" "https://tls.bench:$port/1k" | grep -q "$1 succeeded" \
+      || { echo "TLS requests failed on port $port" >&2; exit 1; }
+  }
+  run_tls 400
+  callgrind_control -z "$pid" > /dev/null 2>&1
+  run_tls "$REQUESTS"
+  short=$(instructions "$pid")
+  callgrind_control -z "$pid" > /dev/null 2>&1
+  run_tls $(( 3 * REQUESTS ))
+  long=$(instructions "$pid" "$name")
+  echo $(( (long - short) / (2 * REQUESTS) ))
+}
 
 # count PORT HOST PID -> prints the instructions per request of the process under callgrind
 count() {
@@ -83,12 +130,15 @@ valgrind --tool=callgrind $CACHE_FLAG --callgrind-out-file="$WORK/cg.%p" nginx -
 NGINX_PID=$!; PIDS+=($NGINX_PID)
 wait_for_port $NGINX_PORT
 nginx_count=$(count $NGINX_PORT up.bench $NGINX_PID)
+nginx_tls_h1=$(count_tls $NGINX_TLS_PORT $NGINX_PID h1 nginx-tls-h1)
+nginx_tls_h2=$(count_tls $NGINX_TLS_PORT $NGINX_PID h2 nginx-tls-h2)
+nginx_tls_h2x16=$(count_tls $NGINX_TLS_PORT $NGINX_PID h2x16 nginx-tls-h2x16)
 kill $NGINX_PID; sleep 1
 
 export HOME=$WORK/home KAMAL_PROXY_SOCKET=$WORK/proxy.sock
 mkdir -p "$HOME"
 TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind $CACHE_FLAG --callgrind-out-file="$WORK/cg.%p" "$PROXY" run \
-  --bind 127.0.0.1 --http-port $BERTH_PORT --https-port 18493 > /dev/null 2>&1 &
+  --bind 127.0.0.1 --http-port $BERTH_PORT --https-port $BERTH_TLS_PORT > /dev/null 2>&1 &
 BERTH_PID=$!; PIDS+=($BERTH_PID)
 for _ in $(seq 300); do [ -S "$KAMAL_PROXY_SOCKET" ] && break; sleep 0.1; done
 "$PROXY" deploy plain --target 127.0.0.1:$UPSTREAM_PORT --host plain.bench --health-check-interval=10s > /dev/null
@@ -96,6 +146,13 @@ for _ in $(seq 300); do [ -S "$KAMAL_PROXY_SOCKET" ] && break; sleep 0.1; done
   --health-check-interval=10s --buffer-requests --buffer-responses > /dev/null
 plain_count=$(count $BERTH_PORT plain.bench $BERTH_PID)
 buffered_count=$(count $BERTH_PORT buffered.bench $BERTH_PID)
+# Over TLS with Kamal's defaults for a TLS service (buffering on), as benches/run.sh.
+"$PROXY" deploy tls --target 127.0.0.1:$UPSTREAM_PORT --host tls.bench --health-check-interval=10s \
+  --tls --tls-redirect=false --tls-certificate-path "$WORK/tls-cert.pem" \
+  --tls-private-key-path "$WORK/tls-key.pem" --buffer-requests --buffer-responses > /dev/null
+berth_tls_h1=$(count_tls $BERTH_TLS_PORT $BERTH_PID h1 berth-tls-h1)
+berth_tls_h2=$(count_tls $BERTH_TLS_PORT $BERTH_PID h2 berth-tls-h2)
+berth_tls_h2x16=$(count_tls $BERTH_TLS_PORT $BERTH_PID h2x16 berth-tls-h2x16)
 
 echo "### User-space instructions per proxied 1 KB GET (callgrind, $REQUESTS requests, 8 connections)"
 echo
@@ -105,6 +162,14 @@ for row in "berth (unbuffered) $plain_count" "berth (buffered, Kamal's default) 
   name=${row% *}; value=${row##* }
   echo "| $name | $value | $(python3 -c "print(f'{$value/$nginx_count:.2f}')") |"
 done
+echo
+echo "### Over TLS: user-space instructions per proxied 1 KB GET, keep-alive (handshakes not counted)"
+echo
+echo "| proxy | HTTP/1.1 | vs nginx | HTTP/2, 1 stream per connection | vs nginx | HTTP/2, 16 streams per connection | vs nginx |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
+ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
+echo "| berth (buffered, Kamal's default) | $berth_tls_h1 | $(ratio $berth_tls_h1 $nginx_tls_h1) | $berth_tls_h2 | $(ratio $berth_tls_h2 $nginx_tls_h2) | $berth_tls_h2x16 | $(ratio $berth_tls_h2x16 $nginx_tls_h2x16) |"
+echo "| nginx | $nginx_tls_h1 | 1.00 | $nginx_tls_h2 | 1.00 | $nginx_tls_h2x16 | 1.00 |"
 
 if [ -n "${CACHE_SIM:-}" ]; then
   echo
