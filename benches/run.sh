@@ -5,8 +5,9 @@
 # Prints requests/s, p50 and p99 latency, the proxy's CPU time per request and the ratios to the
 # direct run and to nginx, for plain HTTP and HTTPS (keep-alive, and a new TLS connection per
 # request: resumed by wrk, full and resumed handshakes by benches/tls_connections.py, and by
-# openssl s_time over TLS 1.3 and TLS 1.2, those last also with each proxy capped at
-# CPU_CAP_PERCENT (default 10) % of its core so that the proxy is the limit), then
+# openssl s_time over TLS 1.3 and TLS 1.2; h2load's keep-alive rows and the s_time rows also
+# with each proxy capped at CPU_CAP_PERCENT (default 10) % of its core so that the proxy is
+# the limit), then
 # memory and deploy figures. Loopback only. Needs: wrk, nginx (apt-get install wrk nginx-light).
 #
 # Each contender is measured ROUNDS times, the contenders taking turns, and the median run
@@ -19,8 +20,9 @@
 #   BASELINE_BIN=/tmp/proxy-before ONLY=plain benches/run.sh      # another build of Berth
 #       alongside, in turns with this one (a change measured against its parent), and only
 #       the plain 1 KB GET row
-#   BASELINE_BIN=/tmp/proxy-before ONLY=https benches/run.sh      # the same, for the three
-#       HTTPS keep-alive rows (wrk HTTP/1.1, h2load HTTP/2 and HTTP/1.1)
+#   BASELINE_BIN=/tmp/proxy-before ONLY=https benches/run.sh      # the same, for the
+#       HTTPS keep-alive rows (wrk HTTP/1.1, h2load HTTP/2 and HTTP/1.1, and h2load again
+#       with each proxy capped)
 #   BASELINE_BIN=/tmp/proxy-before ONLY=connections benches/run.sh  # the same, for the rows
 #       of new TLS connections
 #
@@ -307,6 +309,9 @@ report_h2load() {
   table "$title" "${rows[@]}" "nginx|$nginx"
 }
 
+# run_h2load_at PATH PROTOCOL PORT PID: run_h2load with the port and pid last, for report_each.
+run_h2load_at() { run_h2load h2load "$3" "$1" "$2" "$4"; }
+
 # run_tls_connections MODE PATH PORT PID -> "rps p50_ms p99_ms cpu_us_per_request": new TLS
 # connections, one request each, by benches/tls_connections.py (4 client processes) in MODE:
 # `full` (no client resumes) or `resumed` (each offers the session of its last connection).
@@ -450,8 +455,16 @@ if [ -z "$ONLY" ] || [ "$ONLY" = https ]; then
   report_tls "HTTPS (HTTP/1.1 keep-alive), GET, 1 KB response" /1k
   report_h2load "HTTPS, HTTP/2 (h2load, 8 connections x 16 streams), GET, 1 KB" /1k h2
   report_h2load "HTTPS, HTTP/1.1 (h2load, 32 connections), GET, 1 KB" /1k http/1.1
+  # Uncapped, the load generator's core is the limit in the rows above, and requests/s say
+  # little about the proxies; held to the same sliver of a core, the proxy is the limit.
+  if [ -n "$CAP_GROUP" ]; then
+    report_each "HTTPS, HTTP/1.1 (h2load, 32 connections), each proxy capped at $CPU_CAP_PERCENT% of its core, GET, 1 KB" capped run_h2load_at /1k http/1.1
+    report_each "HTTPS, HTTP/2 (h2load, 8 connections x 16 streams), each proxy capped at $CPU_CAP_PERCENT% of its core, GET, 1 KB" capped run_h2load_at /1k h2
+    echo
+    echo "With every proxy held to $CPU_CAP_PERCENT% of a core, the proxy is the limit: these rates compare how many requests the same CPU buys (latencies there are the quota's: a throttled proxy waits out the rest of its 100 ms period)."
+  fi
 fi
-[ "$ONLY" = https ] && exit 0
+[ "$ONLY" = https ] && { [ -n "$CAP_GROUP" ] && rmdir "$CAP_GROUP" 2>/dev/null; exit 0; }
 read -r FULL_BEFORE RESUMED_BEFORE <<< "$(handshakes)"
 report_tls "HTTPS, a new TLS connection per request (Connection: close; wrk resumes sessions), GET, 1 KB" /1k "Connection: close"
 read -r FULL_AFTER RESUMED_AFTER <<< "$(handshakes)"
