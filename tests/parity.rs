@@ -1210,6 +1210,76 @@ async fn odd_answers_from_the_app_reach_the_client_as_kamal_proxy_passes_them() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_answer_heads_pass_and_a_listed_content_length_is_refused() {
+    let big_value = "v".repeat(300 * 1024);
+    let app = raw_app(move |head| {
+        if head.starts_with("GET /many-fields ") {
+            let mut answer = b"HTTP/1.1 200 OK\r\n".to_vec();
+            for field in 0..300 {
+                answer.extend_from_slice(format!("X-Field-{field}: {field}\r\n").as_bytes());
+            }
+            answer.extend_from_slice(b"Content-Length: 2\r\n\r\nok");
+            answer
+        } else if head.starts_with("GET /big-field ") {
+            format!("HTTP/1.1 200 OK\r\nX-Big: {big_value}\r\nContent-Length: 2\r\n\r\nok")
+                .into_bytes()
+        } else if head.starts_with("GET /length-list ") {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok".to_vec()
+        } else {
+            ok()
+        }
+    })
+    .await;
+    for peer in Peer::both() {
+        let side = peer.name();
+        peer.deploy("app", &app.to_string(), &["--host=app.test"]);
+        // More fields than Berth parses without allocating, every one passed on.
+        let answer = raw_answer(peer.address(), "/many-fields").await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200 "),
+            "{side}: {}",
+            &answer[..80]
+        );
+        let lowered = answer.to_ascii_lowercase();
+        let fields = lowered
+            .lines()
+            .filter(|line| line.starts_with("x-field-"))
+            .count();
+        assert_eq!(fields, 300, "{side}");
+        // A head of 300 KiB, read over many reads.
+        let answer = raw_answer(peer.address(), "/big-field").await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200 "),
+            "{side}: {}",
+            &answer[..80]
+        );
+        let lowered = answer.to_ascii_lowercase();
+        let big = lowered
+            .lines()
+            .find_map(|line| line.strip_prefix("x-big: "));
+        assert_eq!(big.map(str::len), Some(300 * 1024), "{side}");
+        assert!(answer.ends_with("\r\n\r\nok"), "{side}");
+        // A list is not a length: Go refuses it, and passing it on would leave the client
+        // to guess.
+        let (status, _) = raw_request(peer.address(), "GET", b"/length-list", "app.test").await;
+        assert_eq!(status, 502, "{side}");
+    }
+}
+
+/// The whole answer to `GET path` for app.test, head and body, as text.
+async fn raw_answer(address: SocketAddr, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_logged_host_and_remote_addr_are_what_the_client_sent() {
     let app = Upstream::start("app").await;
     for peer in Peer::both() {
@@ -1318,6 +1388,15 @@ async fn a_body_without_a_content_type_gets_the_one_go_names() {
                 .headers
                 .get("content-type")
                 .map(|value| value.to_str().unwrap());
+            // Go's ReverseProxy flushes the head of a body of unknown length from a timer
+            // it starts at once, which races the first write of the body: kamal-proxy names
+            // a type there on some runs and not on others. Berth never does.
+            if matches!(peer, Peer::KamalProxy { .. })
+                && (host, path) == ("streamed.test", "/chunks")
+            {
+                assert!(named.is_none() || named == Some(text), "{side}: {named:?}");
+                continue;
+            }
             assert_eq!(named, expected, "{side}: {host}{path}");
         }
         let mut connection = Connection::open(peer.address()).await.unwrap();

@@ -29,10 +29,14 @@ use crate::body;
 use crate::client_io::EarlyHints;
 use crate::headers::AddedHeaders;
 
-/// Largest response head accepted from a target.
-const MAX_HEAD: usize = 64 * 1024;
-/// Most header fields in a response head.
+/// Largest response head accepted from a target: Go's transport allows 10 MiB, so an app
+/// that worked behind kamal-proxy works here.
+const MAX_HEAD: usize = 10 << 20;
+/// Header fields parsed without allocating; a head with more is parsed again with room
+/// for every line it has (Go sets no limit on their number).
 const MAX_HEADERS: usize = 128;
+/// The most fields a response head may have.
+const MOST_HEADERS: usize = 16 * 1024;
 /// How much is read from the target at a time.
 const READ_SIZE: usize = 16 * 1024;
 /// Bodies up to this size are sent in the same write as the request head.
@@ -165,14 +169,19 @@ impl Http1Client {
         // A reused buffer is reclaimed whole if the body last read into it is gone.
         buffer.reserve(READ_SIZE);
         let mut received_any = false;
+        // Where the search for the end of a head that was not whole resumes: a long head is
+        // parsed once it has all come, not again at every read.
+        let mut unended_from = None;
         let head = 'head: loop {
             // One read may bring an interim response and the final one together.
             // (Nothing to parse before the first read: the buffer starts empty.)
-            while !buffer.is_empty() {
+            while !buffer.is_empty() && head_may_be_whole(&buffer, unended_from) {
                 let Some(head) = parse_head(&mut buffer).map_err(|error| failed(error, false))?
                 else {
+                    unended_from = Some(buffer.len());
                     break;
                 };
+                unended_from = None;
                 if head.status == StatusCode::SWITCHING_PROTOCOLS {
                     let error = UpstreamError::InvalidResponse("switching protocols unasked");
                     return Err(failed(error, false));
@@ -396,6 +405,24 @@ impl FieldRole {
     }
 }
 
+/// Whether `buffer` may now hold a whole head: always before a first parse, and after one
+/// found it unfinished at `unended_from`, once a blank line has come after that (or the head
+/// has outgrown the limit, for the parse to refuse it).
+fn head_may_be_whole(buffer: &[u8], unended_from: Option<usize>) -> bool {
+    let Some(from) = unended_from else {
+        return true;
+    };
+    if buffer.len() > MAX_HEAD {
+        return true;
+    }
+    // A line feed the last search saw may start the blank line: look back two bytes.
+    let fresh = &buffer[from.saturating_sub(2)..];
+    memchr::memchr_iter(b'\n', fresh).any(|at| match fresh.get(at + 1..at + 3) {
+        Some([b'\n', _]) | Some([b'\r', b'\n']) => true,
+        _ => fresh.get(at + 1) == Some(&b'\n'),
+    })
+}
+
 /// Parses a complete response head off the front of `buffer`, if it holds one. The fields
 /// stay in the head's memory: [`ReceivedFields`] notes where each sits.
 ///
@@ -406,10 +433,19 @@ impl FieldRole {
 fn parse_head(buffer: &mut BytesMut) -> Result<Option<Head>, UpstreamError> {
     // Left uninitialised: filling 128 slots would cost more than parsing a small head.
     let mut slots = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+    let mut more_slots;
     let mut parsed = httparse::Response::new(&mut []);
     let parsing = httparse::ParserConfig::default();
-    let head_len = match parsing.parse_response_with_uninit_headers(&mut parsed, buffer, &mut slots)
-    {
+    let mut parsing_outcome =
+        parsing.parse_response_with_uninit_headers(&mut parsed, buffer, &mut slots);
+    if let Err(httparse::Error::TooManyHeaders) = parsing_outcome {
+        // Rare: parsed again with room for as many fields as the head has lines.
+        more_slots = room_for_every_line(buffer);
+        parsed = httparse::Response::new(&mut []);
+        parsing_outcome =
+            parsing.parse_response_with_uninit_headers(&mut parsed, buffer, &mut more_slots);
+    }
+    let head_len = match parsing_outcome {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buffer.len() > MAX_HEAD => {
             return Err(UpstreamError::InvalidResponse("response head too large"));
@@ -489,6 +525,15 @@ fn parse_head(buffer: &mut BytesMut) -> Result<Option<Head>, UpstreamError> {
     }))
 }
 
+/// Slots for as many header fields as `head` has lines, up to [`MOST_HEADERS`].
+#[cold]
+fn room_for_every_line<'head>(head: &[u8]) -> Vec<MaybeUninit<httparse::Header<'head>>> {
+    let lines = memchr::memchr_iter(b'\n', head).count();
+    let mut slots = Vec::new();
+    slots.resize_with(lines.min(MOST_HEADERS), MaybeUninit::uninit);
+    slots
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Framing {
     Empty,
@@ -541,19 +586,14 @@ fn body_framing(
         let text = value
             .to_str()
             .map_err(|_| UpstreamError::InvalidResponse("invalid Content-Length"))?;
-        for item in text.split(',') {
-            let item = item.trim();
-            if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(UpstreamError::InvalidResponse("invalid Content-Length"));
-            }
-            let parsed: u64 = item
-                .parse()
-                .map_err(|_| UpstreamError::InvalidResponse("invalid Content-Length"))?;
-            if length.is_some_and(|seen| seen != parsed) {
-                return Err(UpstreamError::InvalidResponse("conflicting Content-Length"));
-            }
-            length = Some(parsed);
+        // Digits only, as Go's transport reads it: a list (`2, 2`) is refused, not passed
+        // on for the client to make sense of.
+        let parsed = crate::headers::plain_length(text.trim().as_bytes())
+            .ok_or(UpstreamError::InvalidResponse("invalid Content-Length"))?;
+        if length.is_some_and(|seen| seen != parsed) {
+            return Err(UpstreamError::InvalidResponse("conflicting Content-Length"));
         }
+        length = Some(parsed);
     }
     Ok(length.map_or(Framing::UntilClose, Framing::Length))
 }
@@ -793,8 +833,13 @@ mod tests {
             framing("HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nbody"),
             Ok(Framing::Length(12))
         );
+        // A list is refused, as Go's transport refuses it; repeated fields that agree are one.
         assert_eq!(
             framing("HTTP/1.1 200 OK\r\nContent-Length: 4, 4\r\n\r\nbody"),
+            Err(())
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\nbody"),
             Ok(Framing::Length(4))
         );
         assert_eq!(
@@ -856,6 +901,59 @@ mod tests {
         ] {
             assert!(!passes(kept), "{kept:?}");
         }
+    }
+
+    #[test]
+    fn a_head_with_more_fields_than_the_first_parse_has_room_for_is_read_whole() {
+        let mut text = String::from("HTTP/1.1 200 OK\r\n");
+        for field in 0..MAX_HEADERS * 3 {
+            text.push_str(&format!("X-Field-{field}: {field}\r\n"));
+        }
+        text.push_str("Content-Length: 4\r\n\r\nbody");
+        let head = parse(&text);
+        let headers = head.fields.into_map(0);
+        assert_eq!(headers.len(), MAX_HEADERS * 3 + 1);
+        assert_eq!(headers["x-field-383"], "383");
+    }
+
+    #[test]
+    fn a_head_over_the_limit_is_refused() {
+        let mut buffer = BytesMut::from("HTTP/1.1 200 OK\r\nX-Big: ");
+        buffer.extend_from_slice(&vec![b'a'; MAX_HEAD]);
+        assert!(parse_head(&mut buffer).is_err(), "unfinished and too large");
+        buffer.extend_from_slice(b"\r\n\r\n");
+        assert!(parse_head(&mut buffer).is_err(), "whole and too large");
+    }
+
+    #[test]
+    fn an_unfinished_head_is_parsed_again_only_once_a_blank_line_has_come() {
+        let unfinished = b"HTTP/1.1 200 OK\r\nX-A: 1\r\n";
+        assert!(
+            head_may_be_whole(unfinished, None),
+            "a first parse is always tried"
+        );
+        // What came after the last parse, and where the blank line may start.
+        let whole_with = |more: &[u8]| {
+            let mut bytes = unfinished.to_vec();
+            bytes.extend_from_slice(more);
+            head_may_be_whole(&bytes, Some(unfinished.len()))
+        };
+        assert!(!whole_with(b"X-B: 2"));
+        assert!(!whole_with(b"X-B: 2\r\nX-C: 3\r\n"));
+        assert!(
+            whole_with(b"\r\n"),
+            "the blank line begins in the earlier bytes"
+        );
+        assert!(whole_with(b"\n"), "bare line feeds, which httparse accepts");
+        assert!(whole_with(b"X-B: 2\r\n\r\nbody"));
+        assert!(whole_with(b"X-B: 2\n\nbody"));
+        // A head cut in the blank line itself.
+        let mut bytes = unfinished.to_vec();
+        bytes.push(b'\r');
+        assert!(!head_may_be_whole(&bytes, Some(unfinished.len())));
+        let searched = bytes.len();
+        bytes.push(b'\n');
+        assert!(head_may_be_whole(&bytes, Some(searched)));
     }
 
     #[test]
