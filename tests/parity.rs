@@ -1266,6 +1266,47 @@ async fn large_answer_heads_pass_and_a_listed_content_length_is_refused() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_requests_never_reach_the_app() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let app = raw_app({
+        let seen = Arc::clone(&seen);
+        move |head| {
+            seen.lock().unwrap().push(head.to_string());
+            ok()
+        }
+    })
+    .await;
+    for peer in Peer::both() {
+        let side = peer.name();
+        peer.deploy("app", &app.to_string(), &[]);
+        let mut stream = tokio::net::TcpStream::connect(peer.address())
+            .await
+            .unwrap();
+        stream
+            .write_all(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        // kamal-proxy's transport refuses it with a 502; Berth answers 400, as nginx does.
+        let expected = match peer {
+            Peer::Berth(_) => "HTTP/1.1 400 ",
+            Peer::KamalProxy { .. } => "HTTP/1.1 502 ",
+        };
+        assert!(answer.starts_with(expected), "{side}: {answer}");
+        let seen = seen.lock().unwrap();
+        assert!(
+            seen.iter().all(|head| !head.starts_with("CONNECT")),
+            "{side}: {seen:?}"
+        );
+    }
+}
+
 /// The whole answer to `GET path` for app.test, head and body, as text.
 async fn raw_answer(address: SocketAddr, path: &str) -> String {
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();

@@ -593,8 +593,13 @@ fn new_request_id() -> HeaderValue {
 /// ground request smuggling grows on. hyper already refuses malformed lengths, chunk sizes,
 /// header names and line folding; these are the cases it lets through. Also refuses a path
 /// with a broken percent-escape, as kamal-proxy does, and says what the path needs before
-/// it goes on ([`crate::request_target`]).
+/// it goes on ([`crate::request_target`]), and CONNECT, which asks for a tunnel to anywhere.
 pub fn check_request_head<B>(request: &http::Request<B>) -> Result<PathShape, &'static str> {
+    // A forward proxy's method: never sent on to an app (kamal-proxy's Go transport refuses
+    // it before reaching the app too; nginx answers 400).
+    if request.method() == http::Method::CONNECT {
+        return Err("CONNECT is not supported: this is a reverse proxy.");
+    }
     let headers = request.headers();
     let mut hosts = headers.get_all(header::HOST).iter();
     let host = hosts.next();
