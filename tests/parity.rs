@@ -965,7 +965,11 @@ async fn early_hints_app(release: Arc<tokio::sync::Notify>) -> SocketAddr {
             tokio::spawn(async move {
                 while let Some(head) = read_head(&mut stream).await {
                     if !head.starts_with("GET /up ") {
-                        let hints = b"HTTP/1.1 103 Early Hints\r\nLink: </app.css>; rel=preload; as=style\r\n\r\n";
+                        let hints: &[u8] = if head.contains(" /processing ") {
+                            b"HTTP/1.1 102 Processing\r\n\r\n"
+                        } else {
+                            b"HTTP/1.1 103 Early Hints\r\nLink: </app.css>; rel=preload; as=style\r\n\r\n"
+                        };
                         if stream.write_all(hints).await.is_err() {
                             return;
                         }
@@ -985,9 +989,20 @@ async fn early_hints_app(release: Arc<tokio::sync::Notify>) -> SocketAddr {
 async fn early_hints_reach_the_client_before_the_answer() {
     let release = Arc::new(tokio::sync::Notify::new());
     let app = early_hints_app(Arc::clone(&release)).await;
+    let interims = [
+        (
+            "/page",
+            "http/1.1 103 early hints\r\n",
+            "link: </app.css>; rel=preload; as=style",
+        ),
+        ("/processing", "http/1.1 102 processing\r\n", ""),
+    ];
     for peer in Peer::both() {
         let side = peer.name();
-        for buffered in [false, true] {
+        for (buffered, (path, interim, field)) in [false, true]
+            .into_iter()
+            .flat_map(|buffered| interims.iter().map(move |interim| (buffered, interim)))
+        {
             let name = if buffered { "buffered" } else { "streamed" };
             let mut flags = vec!["--host=app.test"];
             if buffered {
@@ -997,10 +1012,8 @@ async fn early_hints_reach_the_client_before_the_answer() {
             let mut stream = tokio::net::TcpStream::connect(peer.address())
                 .await
                 .unwrap();
-            stream
-                .write_all(b"GET /page HTTP/1.1\r\nHost: app.test\r\n\r\n")
-                .await
-                .unwrap();
+            let request = format!("GET {path} HTTP/1.1\r\nHost: app.test\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.unwrap();
             let (seen, hints) = read_until(&mut stream, "\r\n\r\n", Duration::from_secs(5)).await;
             let text = String::from_utf8_lossy(&seen).to_ascii_lowercase();
             // The reference kamal-proxy holds early hints back when it buffers responses
@@ -1015,8 +1028,7 @@ async fn early_hints_reach_the_client_before_the_answer() {
                 "{side} ({name}): nothing before the answer: {text:?}"
             );
             assert!(
-                text.starts_with("http/1.1 103 early hints\r\n")
-                    && text.contains("link: </app.css>; rel=preload; as=style"),
+                text.starts_with(interim) && text.contains(field),
                 "{side} ({name}): {text}"
             );
             release.notify_one();
@@ -1030,6 +1042,25 @@ async fn early_hints_reach_the_client_before_the_answer() {
                 answer.starts_with("HTTP/1.1 200") || text.contains("http/1.1 200"),
                 "{side} ({name}): {answer}"
             );
+        }
+        // An HTTP/1.0 client is sent no interim response (RFC 9110 section 15.2); the
+        // reference kamal-proxy sends it `HTTP/1.0 103 Early Hints` and the like.
+        if matches!(peer, Peer::Berth(_)) {
+            let mut stream = tokio::net::TcpStream::connect(peer.address())
+                .await
+                .unwrap();
+            stream
+                .write_all(b"GET /page HTTP/1.0\r\nHost: app.test\r\n\r\n")
+                .await
+                .unwrap();
+            release.notify_one();
+            let mut answer = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+                .await
+                .expect("an answer within 5 s")
+                .unwrap();
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(answer.starts_with("HTTP/1.0 200 "), "{side}: {answer}");
         }
     }
 }

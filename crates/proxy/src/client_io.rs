@@ -4,9 +4,9 @@
 //!   hyper's buffer when hyper gave it back) are replayed first;
 //! - reads, writes and requests are counted in an [`Activity`], which the connection's task
 //!   reads to tell when the connection has gone quiet and can be parked;
-//! - interim responses (`103 Early Hints`) the app sends before its answer are written ahead
-//!   of everything hyper writes: hyper's server cannot send them, so they go around it, while
-//!   it waits for the service (see [`EarlyHints`]).
+//! - interim responses (`103 Early Hints` and the like) the app sends before its answer are
+//!   written ahead of everything hyper writes: hyper's server cannot send them, so they go
+//!   around it, while it waits for the service (see [`InterimResponses`]).
 
 use std::io;
 use std::pin::Pin;
@@ -84,12 +84,12 @@ impl Activity {
     }
 }
 
-/// Sends `103 Early Hints` from the app to this connection's client ahead of the final
-/// response. Given to the pipeline in a request's extensions (HTTP/1.1 connections only).
+/// Sends interim responses from the app (`103 Early Hints`, `102 Processing`) to this
+/// connection's client ahead of the final response. Given to the pipeline in a request's extensions (HTTP/1.1 connections only).
 #[derive(Debug, Clone)]
-pub struct EarlyHints(Arc<Activity>);
+pub struct InterimResponses(Arc<Activity>);
 
-impl EarlyHints {
+impl InterimResponses {
     pub fn new(activity: Arc<Activity>) -> Self {
         Self(activity)
     }

@@ -39,7 +39,7 @@ use tokio::time::Instant;
 
 use crate::answer::Answer;
 use crate::body::{BoxError, ProxyBody};
-use crate::client_io::{self, Activity, ClientIo, EarlyHints, Relocate, RequestGuard};
+use crate::client_io::{self, Activity, ClientIo, InterimResponses, Relocate, RequestGuard};
 use crate::drain::Drain;
 use crate::fast_http1::{self, FastEnd};
 use crate::parking;
@@ -500,11 +500,13 @@ impl hyper::service::Service<Request<Incoming>> for Http1Service {
         }
 
         let (proxy, info) = (self.proxy.clone(), self.info);
-        let hints = EarlyHints::new(Arc::clone(&self.activity));
+        // HTTP/1.0 clients are sent no interim responses (RFC 9110 section 15.2).
+        let hints = (request.version() == hyper::Version::HTTP_11)
+            .then(|| InterimResponses::new(Arc::clone(&self.activity)));
         // Boxed: a request's state then takes memory only while the request is in flight,
         // instead of being reserved inside every connection's task, idle ones included.
         Box::pin(async move {
-            let mut response = proxy.handle(info, request, Some(hints)).await;
+            let mut response = proxy.handle(info, request, hints).await;
             add_connection_headers(&proxy, info, &mut response);
             let response = response.into_response();
             Ok(response.map(|body| ServedBody {

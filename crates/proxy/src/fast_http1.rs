@@ -36,7 +36,7 @@ use tokio::time::Instant;
 
 use crate::answer::{Answer, Known};
 use crate::body::ProxyBody;
-use crate::client_io::{Activity, ClientIo, EarlyHints};
+use crate::client_io::{Activity, ClientIo, InterimResponses};
 use crate::connection::{add_connection_headers, close_quietly, QuietWatch, Tick};
 use crate::headers;
 use crate::pipeline::{ConnectionInfo, Proxy};
@@ -386,7 +386,7 @@ where
     async move {
         let _guard = activity.request_started();
         let method = request.method().clone();
-        let hints = EarlyHints::new(Arc::clone(activity));
+        let hints = InterimResponses::new(Arc::clone(activity));
         let handled = proxy.handle(info, request, Some(hints));
         // Awaited as one future made in place: a pipeline pinned in this block would take
         // room of its own beside the response's writing, and be copied once more.
@@ -402,9 +402,9 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// The pipeline's answer to come. While the pipeline works, early hints it queues are
-    /// written as they come (flushing the stream writes them, and registers the task to be
-    /// woken for the next), and the client is watched for closing.
+    /// The pipeline's answer to come. While the pipeline works, interim responses it queues
+    /// are written as they come (flushing the stream writes them, and registers the task to
+    /// be woken for the next), and the client is watched for closing.
     struct Answering<'a, S, F> {
         io: &'a mut ClientIo<S>,
         read_buf: &'a mut BytesMut,

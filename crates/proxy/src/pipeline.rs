@@ -22,7 +22,7 @@ use crate::signal::Signal;
 use crate::answer::Answer;
 use crate::body::{self, BoxError, ProxyBody};
 use crate::buffer::{buffer_body, BufferError};
-use crate::client_io::EarlyHints;
+use crate::client_io::InterimResponses;
 use crate::config::{BufferConfig, ServiceConfig};
 use crate::drain::Drain;
 use crate::error_page::ErrorPages;
@@ -208,7 +208,8 @@ impl Proxy {
     }
 
     /// Serves one request. Never fails: every problem becomes an error page. `hints` passes
-    /// the app's `103 Early Hints` on to the client, when its connection can take them.
+    /// the app's interim responses (`103 Early Hints`, `102 Processing`) on to the client,
+    /// when its connection can take them.
     ///
     /// Its phases, in order: check the head, answer ACME, route, redirect, admit, pick a
     /// target, forward, pass the answer on.
@@ -221,7 +222,7 @@ impl Proxy {
         &self,
         conn: ConnectionInfo,
         request: Request<B>,
-        hints: Option<EarlyHints>,
+        hints: Option<InterimResponses>,
     ) -> impl Future<Output = Answer<ProxyBody>> + '_ {
         async move {
             let path_shape = match headers::check_request_head(&request) {
@@ -857,10 +858,11 @@ impl PassingOn<'_> {
     }
 }
 
-/// The client's side of a request: its connection, and whether it can take early hints.
+/// The client's side of a request: its connection, and whether it can take interim
+/// responses.
 struct Downstream {
     conn: ConnectionInfo,
-    hints: Option<EarlyHints>,
+    hints: Option<InterimResponses>,
 }
 
 enum Forwarded {

@@ -26,7 +26,7 @@ use super::Received;
 use super::TCP_KEEPALIVE;
 use crate::answer::{Answer, Known, ReceivedFields};
 use crate::body;
-use crate::client_io::EarlyHints;
+use crate::client_io::InterimResponses;
 use crate::headers::AddedHeaders;
 
 /// Largest response head accepted from a target: Go's transport allows 10 MiB, so an app
@@ -84,7 +84,7 @@ impl Http1Client {
         &'a self,
         request: Request<Bytes>,
         added: Option<&AddedHeaders>,
-        hints: Option<EarlyHints>,
+        hints: Option<InterimResponses>,
     ) -> impl Future<Output = Result<Answer<Received>, UpstreamError>> + 'a {
         let target = request.uri().authority().cloned();
         let head_request = request.method() == Method::HEAD;
@@ -152,7 +152,7 @@ impl Http1Client {
         target: &Authority,
         message: &Message,
         head_request: bool,
-        hints: Option<&EarlyHints>,
+        hints: Option<&InterimResponses>,
     ) -> Result<Answer<Received>, Failed> {
         if let Err(error) = message.write_to(&mut stream).await {
             return Err(Failed {
@@ -189,10 +189,10 @@ impl Http1Client {
                 if !head.status.is_informational() {
                     break 'head head;
                 }
-                // 103 Early Hints reach the client at once (HTTP/1.1 clients); 100 Continue
-                // was for the proxy, which sent the whole body.
-                if let (StatusCode::EARLY_HINTS, Some(hints)) = (head.status, hints) {
-                    hints.send(&super::early_hints_head(&head.fields.into_map(0)));
+                // 103 Early Hints and the like reach the client at once (HTTP/1.1 clients);
+                // 100 Continue was for the proxy, which sent the whole body.
+                if let (true, Some(hints)) = (super::passes_on(head.status), hints) {
+                    hints.send(&super::interim_head(head.status, &head.fields.into_map(0)));
                 }
             }
             if buffer.capacity() - buffer.len() < 1024 {

@@ -26,7 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::answer::Answer;
 use crate::body::{self, BoxError, ProxyBody};
-use crate::client_io::EarlyHints;
+use crate::client_io::InterimResponses;
 use crate::coarse_timer::{CoarseDeadline, CoarseTimer};
 use crate::headers::AddedHeaders;
 use pool::ConnectionPool;
@@ -91,7 +91,7 @@ impl UpstreamClient {
         &self,
         request: Request<Outgoing>,
         added: Option<AddedHeaders>,
-        hints: Option<EarlyHints>,
+        hints: Option<InterimResponses>,
     ) -> impl Future<Output = Result<Answer<Received>, BoxError>> + '_ {
         let (mut parts, outgoing) = request.into_parts();
         match outgoing {
@@ -106,8 +106,8 @@ impl UpstreamClient {
                 let mut request = Request::from_parts(parts, body);
                 if let Some(hints) = hints {
                     hyper::ext::on_informational(&mut request, move |interim| {
-                        if interim.status() == http::StatusCode::EARLY_HINTS {
-                            hints.send(&early_hints_head(interim.headers()));
+                        if passes_on(interim.status()) {
+                            hints.send(&interim_head(interim.status(), interim.headers()));
                         }
                     });
                 }
@@ -136,9 +136,27 @@ impl UpstreamClient {
     }
 }
 
-/// A `103 Early Hints` head for the client, with the app's fields (hop-by-hop ones left out).
-pub(crate) fn early_hints_head(headers: &http::HeaderMap) -> Vec<u8> {
-    let mut head = b"HTTP/1.1 103 Early Hints\r\n".to_vec();
+/// Whether an interim response from the app goes on to the client, as Go's reverse proxy
+/// passes them on: `103 Early Hints`, `102 Processing` and the like. Not `100 Continue`,
+/// which answered the proxy's own request (the client's `Expect` is answered by the
+/// proxy), nor `101`, which is not interim.
+pub(crate) fn passes_on(status: http::StatusCode) -> bool {
+    status.is_informational()
+        && status != http::StatusCode::CONTINUE
+        && status != http::StatusCode::SWITCHING_PROTOCOLS
+}
+
+/// An interim response head for an HTTP/1.1 client, with the app's fields (hop-by-hop ones
+/// left out).
+pub(crate) fn interim_head(status: http::StatusCode, headers: &http::HeaderMap) -> Vec<u8> {
+    let mut head = b"HTTP/1.1 ".to_vec();
+    head.extend_from_slice(status.as_str().as_bytes());
+    head.push(b' ');
+    match status.canonical_reason() {
+        Some(reason) => head.extend_from_slice(reason.as_bytes()),
+        None => head.extend_from_slice(crate::answer::unknown_reason(status).as_bytes()),
+    }
+    head.extend_from_slice(b"\r\n");
     let mut fields = headers.clone();
     crate::headers::remove_hop_by_hop(&mut fields, false);
     for (name, value) in &fields {
