@@ -1046,20 +1046,10 @@ async fn early_hints_reach_the_client_before_the_answer() {
         // An HTTP/1.0 client is sent no interim response (RFC 9110 section 15.2); the
         // reference kamal-proxy sends it `HTTP/1.0 103 Early Hints` and the like.
         if matches!(peer, Peer::Berth(_)) {
-            let mut stream = tokio::net::TcpStream::connect(peer.address())
-                .await
-                .unwrap();
-            stream
-                .write_all(b"GET /page HTTP/1.0\r\nHost: app.test\r\n\r\n")
-                .await
-                .unwrap();
+            // The app is let go at once: the permit waits for it.
             release.notify_one();
-            let mut answer = Vec::new();
-            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
-                .await
-                .expect("an answer within 5 s")
-                .unwrap();
-            let answer = String::from_utf8_lossy(&answer);
+            let request = b"GET /page HTTP/1.0\r\nHost: app.test\r\n\r\n";
+            let answer = send_raw(peer.address(), request).await;
             assert!(answer.starts_with("HTTP/1.0 200 "), "{side}: {answer}");
         }
     }
@@ -1202,8 +1192,21 @@ async fn options_star_is_answered_by_the_proxy_not_the_app() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn odd_answers_from_the_app_reach_the_client_as_kamal_proxy_passes_them() {
-    let app = raw_app(|head| {
-        if head.starts_with("GET /status-599 ") {
+    let big_value = "v".repeat(300 * 1024);
+    let app = raw_app(move |head| {
+        if head.starts_with("GET /many-fields ") {
+            let mut answer = b"HTTP/1.1 200 OK\r\n".to_vec();
+            for field in 0..300 {
+                answer.extend_from_slice(format!("X-Field-{field}: {field}\r\n").as_bytes());
+            }
+            answer.extend_from_slice(b"Content-Length: 2\r\n\r\nok");
+            answer
+        } else if head.starts_with("GET /big-field ") {
+            format!("HTTP/1.1 200 OK\r\nX-Big: {big_value}\r\nContent-Length: 2\r\n\r\nok")
+                .into_bytes()
+        } else if head.starts_with("GET /length-list ") {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok".to_vec()
+        } else if head.starts_with("GET /status-599 ") {
             b"HTTP/1.1 599 Whatever\r\nContent-Length: 2\r\n\r\nok".to_vec()
         } else if head.starts_with("GET /gzip-chunks ") {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
@@ -1237,57 +1240,15 @@ async fn odd_answers_from_the_app_reach_the_client_as_kamal_proxy_passes_them() 
         // plain.
         let (status, _) = raw_request(peer.address(), "GET", b"/gzip-chunks", "app.test").await;
         assert_eq!(status, 502, "{side}");
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn large_answer_heads_pass_and_a_listed_content_length_is_refused() {
-    let big_value = "v".repeat(300 * 1024);
-    let app = raw_app(move |head| {
-        if head.starts_with("GET /many-fields ") {
-            let mut answer = b"HTTP/1.1 200 OK\r\n".to_vec();
-            for field in 0..300 {
-                answer.extend_from_slice(format!("X-Field-{field}: {field}\r\n").as_bytes());
-            }
-            answer.extend_from_slice(b"Content-Length: 2\r\n\r\nok");
-            answer
-        } else if head.starts_with("GET /big-field ") {
-            format!("HTTP/1.1 200 OK\r\nX-Big: {big_value}\r\nContent-Length: 2\r\n\r\nok")
-                .into_bytes()
-        } else if head.starts_with("GET /length-list ") {
-            b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok".to_vec()
-        } else {
-            ok()
-        }
-    })
-    .await;
-    for peer in Peer::both() {
-        let side = peer.name();
-        peer.deploy("app", &app.to_string(), &["--host=app.test"]);
         // More fields than Berth parses without allocating, every one passed on.
         let answer = raw_answer(peer.address(), "/many-fields").await;
-        assert!(
-            answer.starts_with("HTTP/1.1 200 "),
-            "{side}: {}",
-            &answer[..80]
-        );
-        let lowered = answer.to_ascii_lowercase();
-        let fields = lowered
-            .lines()
-            .filter(|line| line.starts_with("x-field-"))
-            .count();
-        assert_eq!(fields, 300, "{side}");
+        let lines = lines_of_a_200(side, &answer);
+        let fields = lines.iter().filter(|line| line.starts_with("x-field-"));
+        assert_eq!(fields.count(), 300, "{side}");
         // A head of 300 KiB, read over many reads.
         let answer = raw_answer(peer.address(), "/big-field").await;
-        assert!(
-            answer.starts_with("HTTP/1.1 200 "),
-            "{side}: {}",
-            &answer[..80]
-        );
-        let lowered = answer.to_ascii_lowercase();
-        let big = lowered
-            .lines()
-            .find_map(|line| line.strip_prefix("x-big: "));
+        let lines = lines_of_a_200(side, &answer);
+        let big = lines.iter().find_map(|line| line.strip_prefix("x-big: "));
         assert_eq!(big.map(str::len), Some(300 * 1024), "{side}");
         assert!(answer.ends_with("\r\n\r\nok"), "{side}");
         // A list is not a length: Go refuses it, and passing it on would leave the client
@@ -1311,19 +1272,8 @@ async fn connect_requests_never_reach_the_app() {
     for peer in Peer::both() {
         let side = peer.name();
         peer.deploy("app", &app.to_string(), &[]);
-        let mut stream = tokio::net::TcpStream::connect(peer.address())
-            .await
-            .unwrap();
-        stream
-            .write_all(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
-            .await
-            .unwrap();
-        let mut answer = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
-            .await
-            .expect("an answer within 5 s")
-            .unwrap();
-        let answer = String::from_utf8_lossy(&answer);
+        let request = b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n";
+        let answer = send_raw(peer.address(), request).await;
         // kamal-proxy's transport refuses it with a 502; Berth answers 400, as nginx does.
         let expected = match peer {
             Peer::Berth(_) => "HTTP/1.1 400 ",
@@ -1338,11 +1288,30 @@ async fn connect_requests_never_reach_the_app() {
     }
 }
 
+/// The lines of an answer that must be a 200, lowercased: names are compared without case.
+fn lines_of_a_200(side: &str, answer: &str) -> Vec<String> {
+    assert!(
+        answer.starts_with("HTTP/1.1 200 "),
+        "{side}: {}",
+        &answer[..80]
+    );
+    answer
+        .to_ascii_lowercase()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
 /// The whole answer to `GET path` for app.test, head and body, as text.
 async fn raw_answer(address: SocketAddr, path: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     let request = format!("GET {path} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
+    send_raw(address, request.as_bytes()).await
+}
+
+/// Sends `request` as it is on a new connection; the whole answer, as text.
+async fn send_raw(address: SocketAddr, request: &[u8]) -> String {
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream.write_all(request).await.unwrap();
     let mut answer = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
         .await

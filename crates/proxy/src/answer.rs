@@ -301,6 +301,24 @@ impl ReceivedFields {
     }
 }
 
+/// Writes `HTTP/1.1 <code> <reason>\r\n`: the standard reason, or for a status without one
+/// the reason Go's server writes ([`unknown_reason`]).
+#[inline]
+pub(crate) fn write_status_line(out: &mut Vec<u8>, status: StatusCode) {
+    if status == StatusCode::OK {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        return;
+    }
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    match status.canonical_reason() {
+        Some(reason) => out.extend_from_slice(reason.as_bytes()),
+        None => out.extend_from_slice(unknown_reason(status).as_bytes()),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
 /// The reason phrase for a status without a standard one, as Go's server writes it (so
 /// kamal-proxy): `599 status code 599`, where hyper would write `599 <none>`.
 pub(crate) fn unknown_reason(status: StatusCode) -> String {

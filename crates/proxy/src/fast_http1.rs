@@ -573,18 +573,7 @@ fn encode_head(
     close_asked: bool,
 ) -> (Framing, bool) {
     let (status, map) = (head.status(), head.map());
-    if status == StatusCode::OK {
-        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
-    } else {
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(status.as_str().as_bytes());
-        out.push(b' ');
-        match status.canonical_reason() {
-            Some(reason) => out.extend_from_slice(reason.as_bytes()),
-            None => out.extend_from_slice(crate::answer::unknown_reason(status).as_bytes()),
-        }
-        out.extend_from_slice(b"\r\n");
-    }
+    crate::answer::write_status_line(out, status);
     let is_head = *method == Method::HEAD;
     let bodiless_status = status.is_informational()
         || status == StatusCode::NO_CONTENT

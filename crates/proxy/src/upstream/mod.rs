@@ -149,14 +149,8 @@ pub(crate) fn passes_on(status: http::StatusCode) -> bool {
 /// An interim response head for an HTTP/1.1 client, with the app's fields (hop-by-hop ones
 /// left out).
 pub(crate) fn interim_head(status: http::StatusCode, headers: &http::HeaderMap) -> Vec<u8> {
-    let mut head = b"HTTP/1.1 ".to_vec();
-    head.extend_from_slice(status.as_str().as_bytes());
-    head.push(b' ');
-    match status.canonical_reason() {
-        Some(reason) => head.extend_from_slice(reason.as_bytes()),
-        None => head.extend_from_slice(crate::answer::unknown_reason(status).as_bytes()),
-    }
-    head.extend_from_slice(b"\r\n");
+    let mut head = Vec::new();
+    crate::answer::write_status_line(&mut head, status);
     let mut fields = headers.clone();
     crate::headers::remove_hop_by_hop(&mut fields, false);
     for (name, value) in &fields {
