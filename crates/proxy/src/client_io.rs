@@ -85,7 +85,8 @@ impl Activity {
 }
 
 /// Sends interim responses from the app (`103 Early Hints`, `102 Processing`) to this
-/// connection's client ahead of the final response. Given to the pipeline in a request's extensions (HTTP/1.1 connections only).
+/// connection's client ahead of the final response. Given to the pipeline with HTTP/1.1
+/// requests only.
 #[derive(Debug, Clone)]
 pub struct InterimResponses(Arc<Activity>);
 

@@ -417,10 +417,8 @@ fn head_may_be_whole(buffer: &[u8], unended_from: Option<usize>) -> bool {
     }
     // A line feed the last search saw may start the blank line: look back two bytes.
     let fresh = &buffer[from.saturating_sub(2)..];
-    memchr::memchr_iter(b'\n', fresh).any(|at| match fresh.get(at + 1..at + 3) {
-        Some([b'\n', _]) | Some([b'\r', b'\n']) => true,
-        _ => fresh.get(at + 1) == Some(&b'\n'),
-    })
+    memchr::memchr_iter(b'\n', fresh)
+        .any(|at| fresh.get(at + 1) == Some(&b'\n') || fresh.get(at + 1..at + 3) == Some(b"\r\n"))
 }
 
 /// Parses a complete response head off the front of `buffer`, if it holds one. The fields
