@@ -67,15 +67,19 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
   -keyout "$WORK/tls-key.pem" -out "$WORK/tls-cert.pem" -subj "/CN=tls.bench" \
   -addext "subjectAltName=DNS:tls.bench" 2>/dev/null
 
-# instructions PID [NAME] -> the instructions the process under callgrind ran since the last
-# call (the profile kept as KEEP_PROFILES/NAME.callgrind when both are set)
+# instructions PID [NAME] -> the instructions the process under callgrind ran since its
+# counters were last zeroed. With a NAME, the summary line is kept as WORK/summary.NAME (for
+# CACHE_SIM's table), and the profile as KEEP_PROFILES/NAME.callgrind when that is set.
 instructions() {
   local pid=$1 name=${2:-} total
   callgrind_control -d "$pid" > /dev/null 2>&1
   sleep 1
   total=$(cat "$WORK"/cg."$pid".[0-9]* | awk '/^summary:/ { sum += $2 } END { print sum + 0 }')
-  if [ -n "${KEEP_PROFILES:-}" ] && [ -n "$name" ]; then
-    mkdir -p "$KEEP_PROFILES" && cat "$WORK"/cg."$pid".[0-9]* > "$KEEP_PROFILES/$name.callgrind"
+  if [ -n "$name" ]; then
+    grep -h "^summary:" "$WORK"/cg."$pid".[0-9]* > "$WORK/summary.$name"
+    if [ -n "${KEEP_PROFILES:-}" ]; then
+      mkdir -p "$KEEP_PROFILES" && cat "$WORK"/cg."$pid".[0-9]* > "$KEEP_PROFILES/$name.callgrind"
+    fi
   fi
   rm -f "$WORK"/cg."$pid".[0-9]*
   echo "$total"
@@ -112,15 +116,8 @@ count() {
   callgrind_control -z "$pid" > /dev/null 2>&1
   h2load --h1 -n "$REQUESTS" -c 8 -H ":authority: $host" "http://127.0.0.1:$port/1k" \
     | grep -q "$REQUESTS succeeded" || { echo "requests failed on port $port" >&2; exit 1; }
-  callgrind_control -d "$pid" > /dev/null 2>&1
-  sleep 1
   local total
-  total=$(grep -h "^summary:" "$WORK"/cg."$pid".[0-9]* | awk '{ print $2 }')
-  grep -h "^summary:" "$WORK"/cg."$pid".[0-9]* > "$WORK/summary.$host"
-  if [ -n "${KEEP_PROFILES:-}" ]; then
-    mkdir -p "$KEEP_PROFILES" && cp "$WORK"/cg."$pid".[0-9]* "$KEEP_PROFILES/$host.callgrind"
-  fi
-  rm -f "$WORK"/cg.*
+  total=$(instructions "$pid" "$host")
   echo $(( total / REQUESTS ))
 }
 

@@ -737,7 +737,8 @@ fn app_response(
             return Ok(AppResponse::Streamed(head, incoming, finish));
         }
         // Streamed without a type: named from its first frame. One the app sends in chunks
-        // goes on without a type, as kamal-proxy sends it.
+        // goes on without a type, as kamal-proxy sends it when its head-flush timer wins the
+        // race with the first write ([`sniff`]).
         Received::Streaming(incoming) if untyped && !chunked => {
             let finish = Finish {
                 buffer: false,

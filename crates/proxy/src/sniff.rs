@@ -11,8 +11,10 @@
 //! Only the first frame of the body is looked at, at most 512 bytes of it, as Go looks at
 //! its first write. A body that has a Content-Type (even an empty one), a Content-Encoding,
 //! or a status without a body is left as it is, and so is one the app sends in chunks while
-//! the service streams responses: the reference kamal-proxy names no type for it (when it
-//! buffers responses, Kamal's default, it names one for every body). The request log keeps
+//! the service streams responses. For those, Go's ReverseProxy sends the head from a timer
+//! that races the body's first write, so kamal-proxy names a type on some runs and not on
+//! others; Berth always sends the head as it came. (When it buffers responses, Kamal's
+//! default, kamal-proxy names one for every body, and so does Berth.) The request log keeps
 //! the type the app sent, as kamal-proxy's does.
 
 use std::pin::Pin;
