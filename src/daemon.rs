@@ -344,6 +344,8 @@ struct LossyStdout;
 
 impl std::io::Write for LossyStdout {
     fn write(&mut self, buffer: &[u8]) -> std::io::Result<usize> {
+        // After the request lines this thread holds, which came first.
+        berth_proxy::log_output::flush_this_thread();
         let _ = std::io::stdout().write_all(buffer);
         Ok(buffer.len())
     }

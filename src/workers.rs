@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use berth_proxy::http3;
 use berth_proxy::listener::{self, ServerLimits};
+use berth_proxy::log_output;
 use berth_proxy::upstream::upstream_client;
 use berth_proxy::{CertificateSource, Proxy};
 use tokio_util::sync::CancellationToken;
@@ -51,6 +52,17 @@ pub fn worker_count() -> usize {
         .unwrap_or(1)
 }
 
+/// Writes the worker's request log lines at least every [`log_output::LONGEST_WAIT`], for a
+/// worker too busy to park (where they are written otherwise).
+async fn flush_the_log_while_busy() {
+    let mut every = tokio::time::interval(log_output::LONGEST_WAIT);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        log_output::flush_this_thread();
+    }
+}
+
 impl Workers {
     /// Starts `count` workers accepting on `http` and `https`. They serve until
     /// [`Workers::stop`]; the proxy's drain decides when they stop accepting.
@@ -80,12 +92,16 @@ impl Workers {
             let http3 = http3.take();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                // The request log's lines go out together when the worker runs out of work.
+                .on_thread_park(log_output::flush_this_thread)
                 .build()
                 .context("cannot start a worker runtime")?;
             let thread = std::thread::Builder::new()
                 .name(format!("berth-worker-{index}"))
                 .spawn(move || {
+                    log_output::batch_on_this_thread();
                     runtime.block_on(async move {
+                        tokio::spawn(flush_the_log_while_busy());
                         let (http, https) = match (
                             tokio::net::TcpListener::from_std(http),
                             tokio::net::TcpListener::from_std(https),
@@ -125,7 +141,8 @@ impl Workers {
                         // Connections outlive the accept loops (the drain waits for them), so
                         // the runtime runs until told to stop.
                         stop.cancelled().await;
-                    })
+                    });
+                    log_output::flush_this_thread();
                 })
                 .context("cannot start a worker thread")?;
             threads.push(thread);

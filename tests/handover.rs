@@ -114,7 +114,9 @@ async fn handover_under_load_drops_no_request() {
         .unwrap();
     assert_eq!(echoed.to_text().unwrap(), "new process");
     assert!(
-        new.log_lines().iter().any(|l| l["msg"] == "Request"),
+        new.log_lines_once(|lines| lines.iter().any(|l| l["msg"] == "Request"))
+            .iter()
+            .any(|l| l["msg"] == "Request"),
         "requests reached the new process"
     );
 }

@@ -68,15 +68,17 @@ fn forwarded_for(report: &serde_json::Value) -> &str {
         .unwrap_or_default()
 }
 
-/// The `client_addr` of the last request log line for `/report`.
-/// The last request line's `key`: `client_addr` (the connection's client, from the PROXY
-/// header) or `remote_addr` (the client the request names, as kamal-proxy logs it).
-fn logged(proxy: &ProxyProcess, key: &str) -> String {
+/// The `key` of the `nth` (from 1) request line for `/report`: `client_addr` (the connection's
+/// client, from the PROXY header) or `remote_addr` (the client the request names, as
+/// kamal-proxy logs it).
+fn logged(proxy: &ProxyProcess, nth: usize, key: &str) -> String {
+    let is_report =
+        |line: &&serde_json::Value| line["msg"] == "Request" && line["path"] == "/report";
     proxy
-        .log_lines()
+        .log_lines_once(|lines| lines.iter().filter(is_report).count() >= nth)
         .iter()
-        .rev()
-        .find(|line| line["msg"] == "Request" && line["path"] == "/report")
+        .filter(is_report)
+        .nth(nth - 1)
         .map(|line| line[key].as_str().unwrap_or_default().to_string())
         .unwrap_or_default()
 }
@@ -109,7 +111,7 @@ async fn proxy_protocol_headers_carry_the_client_address_and_are_required() {
     .await
     .expect("answered");
     assert_eq!(forwarded_for(&report), "203.0.113.7");
-    assert_eq!(logged(&proxy, "client_addr"), "203.0.113.7");
+    assert_eq!(logged(&proxy, 1, "client_addr"), "203.0.113.7");
 
     // v2 from a trusted proxy: its X-Forwarded-For is kept and names the client.
     let report = plain(
@@ -120,8 +122,8 @@ async fn proxy_protocol_headers_carry_the_client_address_and_are_required() {
     .await
     .expect("answered");
     assert_eq!(forwarded_for(&report), "198.51.100.4, 10.1.2.3");
-    assert_eq!(logged(&proxy, "client_addr"), "10.1.2.3");
-    assert_eq!(logged(&proxy, "remote_addr"), "198.51.100.4");
+    assert_eq!(logged(&proxy, 2, "client_addr"), "10.1.2.3");
+    assert_eq!(logged(&proxy, 2, "remote_addr"), "198.51.100.4");
 
     // v1 UNKNOWN (the balancer's own health check) keeps the socket's address.
     let report = plain(&proxy, b"PROXY UNKNOWN\r\n", "")

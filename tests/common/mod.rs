@@ -294,6 +294,23 @@ impl ProxyProcess {
             .collect()
     }
 
+    /// The JSON lines the daemon has written once `ready` holds for them, or after 5 s. A
+    /// worker writes its request lines when it runs out of work, so a request's line may
+    /// arrive moments after its response.
+    pub fn log_lines_once(
+        &self,
+        ready: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let lines = self.log_lines();
+            if ready(&lines) || std::time::Instant::now() > deadline {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill")

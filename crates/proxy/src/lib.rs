@@ -21,6 +21,7 @@
 //!   a target's cut).
 //! - [`coarse_timer`]: deadlines swept every 100 ms (the target timeout), cheaper per
 //!   request than a tokio timer.
+//! - [`log_output`]: request log lines to stdout, batched on the worker threads.
 //! - [`metrics`]: Prometheus counters and histograms, and the gauges filled in at scrape.
 //! - [`tls`]: TLS termination with the certificate chosen by server name.
 //! - [`http3`]: HTTP/3 over QUIC on the HTTPS port's UDP socket, into the same pipeline.
@@ -49,6 +50,7 @@ pub mod health;
 pub mod http3;
 mod ip_text;
 pub mod listener;
+pub mod log_output;
 pub mod metrics;
 mod page_template;
 mod parking;

@@ -5,7 +5,6 @@
 //! The line has kamal-proxy's shape, since log pipelines are keyed on it: `time`, `level`,
 //! `msg` first (as the daemon's other lines), then kamal-proxy's fields in its order.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -188,8 +187,7 @@ impl RequestRecord {
             let mut buffer = buffer.borrow_mut();
             buffer.clear();
             self.write_line(&mut buffer, elapsed);
-            // A failed write to stdout (closed pipe) must not disturb the request.
-            let _ = std::io::stdout().lock().write_all(&buffer);
+            crate::log_output::write_line(&buffer);
         });
         // Only routed requests are counted, so a record with metrics names its service.
         if let (Some(metrics), Some(service)) = (self.metrics.take(), &self.service) {
