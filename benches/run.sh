@@ -2,7 +2,8 @@
 # Load benchmark: the upstream direct, Berth unbuffered, Berth with Kamal's buffering, and
 # nginx as an equivalent keep-alive reverse proxy, with the same load generator and settings
 # (in the 1 KB keep-alive rows also the same nginx adding the headers kamal-proxy adds).
-# Prints requests/s, p50 and p99 latency, the proxy's CPU time per request and the ratios to the
+# Prints requests/s, p50 and p99 latency, the proxy's CPU time per request, how busy the load
+# generator's core was (near 100%, it was the limit, not the proxy) and the ratios to the
 # direct run and to nginx, for plain HTTP and HTTPS (keep-alive, and a new TLS connection per
 # request: resumed by wrk, full and resumed handshakes by benches/tls_connections.py, and by
 # openssl s_time over TLS 1.3 and TLS 1.2; h2load's keep-alive rows and the s_time rows also
@@ -181,10 +182,22 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 LUA
 
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+# How busy the load generator's core was while a run measured: load_core_mark before,
+# load_core_busy after prints the percentage. Near 100, the load generator and the upstream
+# were the limit and requests/s say little about the proxy (its CPU per request still does).
+load_core_ticks() { awk -v cpu="cpu$LOAD_CPU" '$1 == cpu { print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat; }
+load_core_mark() { LOAD_MARK=$(load_core_ticks); }
+load_core_busy() {
+  local busy_before all_before busy all
+  read -r busy_before all_before <<< "$LOAD_MARK"
+  read -r busy all <<< "$(load_core_ticks)"
+  awk -v busy=$((busy - busy_before)) -v all=$((all - all_before)) 'BEGIN { print all ? 100 * busy / all : "nan" }'
+}
 # nginx's one worker (the master only supervises it): the process whose CPU time counts.
 until NGINX_PID=$(pgrep -P "$NGINX_MASTER" nginx | head -1) && [ -n "$NGINX_PID" ]; do sleep 0.05; done
 
-# run NAME PORT HOST PATH [SCRIPT [SCHEME [HEADER [PID]]]] -> "rps p50_ms p99_ms cpu_us_per_request"
+# run NAME PORT HOST PATH [SCRIPT [SCHEME [HEADER [PID]]]] -> "rps p50_ms p99_ms cpu_us_per_request
+# load_core_busy_percent"
 # PID, when given, is the proxy whose CPU time (user + system) is divided by the requests.
 run() {
   local port=$2 host=$3 path=$4 script=${5:-} scheme=${6:-http} header=${7:-} pid=${8:-}
@@ -195,10 +208,12 @@ run() {
   taskset -c $LOAD_CPU wrk "${args[@]/#-d$DURATION/-d2s}" "$scheme://127.0.0.1:$port$path" > /dev/null 2>&1
   local before=0
   [ -n "$pid" ] && before=$(cpu_ticks "$pid")
+  load_core_mark
   taskset -c $LOAD_CPU wrk "${args[@]}" "$scheme://127.0.0.1:$port$path" > "$WORK/wrk.out" 2>&1
-  local ticks=nan
+  local load ticks=nan
+  load=$(load_core_busy)
   [ -n "$pid" ] && ticks=$(( $(cpu_ticks "$pid") - before ))
-  python3 - "$WORK/wrk.out" "$ticks" "$(getconf CLK_TCK)" <<'PY'
+  python3 - "$WORK/wrk.out" "$ticks" "$(getconf CLK_TCK)" "$load" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
 ticks, hz = float(sys.argv[2]), float(sys.argv[3])
@@ -214,7 +229,7 @@ socket_errors = re.search(r"Socket errors: (.*)", text)
 if errors or socket_errors:
     print("errors in run:", errors.group(0) if errors else "", socket_errors.group(0) if socket_errors else "", file=sys.stderr)
 cpu = ticks / hz * 1e6 / float(total.group(1)) if total and ticks == ticks else float("nan")
-print(rps.group(1) if rps else "nan", ms("50"), ms("99"), cpu)
+print(rps.group(1) if rps else "nan", ms("50"), ms("99"), cpu, sys.argv[4])
 PY
 }
 
@@ -270,10 +285,13 @@ run_h2load() {
   taskset -c $LOAD_CPU h2load "${args[@]}" -D 2 "https://tls.bench:$port$path" > /dev/null 2>&1
   local before
   before=$(cpu_ticks "$pid")
+  load_core_mark
   taskset -c $LOAD_CPU h2load "${args[@]}" -D "$seconds" \
     --log-file="$WORK/h2load.log" "https://tls.bench:$port$path" > "$WORK/h2load.out" 2>&1
-  local ticks=$(( $(cpu_ticks "$pid") - before ))
-  python3 - "$WORK/h2load.out" "$WORK/h2load.log" "$ticks" "$(getconf CLK_TCK)" <<'PY'
+  local load ticks
+  load=$(load_core_busy)
+  ticks=$(( $(cpu_ticks "$pid") - before ))
+  python3 - "$WORK/h2load.out" "$WORK/h2load.log" "$ticks" "$(getconf CLK_TCK)" "$load" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
 ticks, hz = float(sys.argv[3]), float(sys.argv[4])
@@ -287,7 +305,7 @@ def pct(p):
     return times[min(len(times) - 1, int(len(times) * p))] / 1000 if times else float("nan")
 count = int(done.group(1)) if done else 0
 cpu = ticks / hz * 1e6 / count if count else float("nan")
-print(rps.group(1) if rps else "nan", pct(0.50), pct(0.99), cpu)
+print(rps.group(1) if rps else "nan", pct(0.50), pct(0.99), cpu, sys.argv[5])
 PY
 }
 
@@ -312,7 +330,7 @@ report_h2load() {
 # run_h2load_at PATH PROTOCOL PORT PID: run_h2load with the port and pid last, for report_each.
 run_h2load_at() { run_h2load h2load "$3" "$1" "$2" "$4"; }
 
-# run_tls_connections MODE PATH PORT PID -> "rps p50_ms p99_ms cpu_us_per_request": new TLS
+# run_tls_connections MODE PATH PORT PID -> "rps p50_ms p99_ms cpu_us_per_request load": new TLS
 # connections, one request each, by benches/tls_connections.py (4 client processes) in MODE:
 # `full` (no client resumes) or `resumed` (each offers the session of its last connection).
 run_tls_connections() {
@@ -321,11 +339,14 @@ run_tls_connections() {
   taskset -c $LOAD_CPU python3 benches/tls_connections.py "$mode" "$port" "$path" 1 > /dev/null
   local before
   before=$(cpu_ticks "$pid")
+  load_core_mark
   local rps p50 p99 count
   read -r rps p50 p99 count _ <<< "$(taskset -c $LOAD_CPU python3 benches/tls_connections.py "$mode" "$port" "$path" "$seconds")"
-  local ticks=$(( $(cpu_ticks "$pid") - before ))
-  python3 -c "import sys; t, hz, n = map(float, sys.argv[1:4]); print('$rps $p50 $p99', t / hz * 1e6 / n if n else float('nan'))" \
-    "$ticks" "$(getconf CLK_TCK)" "$count"
+  local load ticks
+  load=$(load_core_busy)
+  ticks=$(( $(cpu_ticks "$pid") - before ))
+  python3 -c "import sys; t, hz, n = map(float, sys.argv[1:4]); print('$rps $p50 $p99', t / hz * 1e6 / n if n else float('nan'), sys.argv[4])" \
+    "$ticks" "$(getconf CLK_TCK)" "$count" "$load"
 }
 
 # report_each TITLE RUNNER ARGS...: a row per proxy (Berth, the baseline build and
@@ -347,7 +368,7 @@ report_each() {
   table "$title" "${rows[@]}" "nginx|$nginx"
 }
 
-# run_s_time MODE VERSION PORT PID -> "rps nan nan cpu_us_per_connection": new TLS connections,
+# run_s_time MODE VERSION PORT PID -> "rps nan nan cpu_us_per_connection load": new TLS connections,
 # one HTTP/1.0 GET each, by 4 openssl s_time processes: MODE -new (every handshake full) or
 # -reuse (every connection offers the first one's session), VERSION -tls1_3 or -tls1_2. s_time
 # sends "GET <page> HTTP/1.0" and no Host, so the page carries one (and no server name, which
@@ -359,19 +380,22 @@ run_s_time() {
   local clients=() before ticks started
   taskset -c $LOAD_CPU openssl s_time -connect "127.0.0.1:$port" "$mode" "$version" -time 1 -www "$page" > /dev/null 2>&1
   before=$(cpu_ticks "$pid")
+  load_core_mark
   started=$(date +%s%N)
   for i in 1 2 3 4; do
     taskset -c $LOAD_CPU openssl s_time -connect "127.0.0.1:$port" "$mode" "$version" \
       -time "$seconds" -www "$page" > "$WORK/s_time.$i" 2>&1 & clients+=($!)
   done
   wait "${clients[@]}"
+  local load
+  load=$(load_core_busy)
   ticks=$(( $(cpu_ticks "$pid") - before ))
   # The rate is over the time measured here: s_time's own is in whole seconds.
-  python3 - "$ticks" "$(getconf CLK_TCK)" "$(( $(date +%s%N) - started ))" "$WORK"/s_time.? <<'PY'
+  python3 - "$ticks" "$(getconf CLK_TCK)" "$(( $(date +%s%N) - started ))" "$load" "$WORK"/s_time.? <<'PY'
 import re, sys
 ticks, hz, seconds = float(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]) / 1e9
 count = 0
-for name in sys.argv[4:]:
+for name in sys.argv[5:]:
     text = open(name).read()
     # The last "N connections in S real seconds, B bytes read per connection" is the timed run.
     runs = re.findall(r"(\d+) connections in [\d.]+ real seconds, (\d+) bytes read per connection", text)
@@ -380,7 +404,7 @@ for name in sys.argv[4:]:
         continue
     count += int(runs[-1][0])
 cpu = ticks / hz * 1e6 / count if count else float("nan")
-print(count / seconds, "nan nan", cpu)
+print(count / seconds, "nan nan", cpu, sys.argv[4])
 PY
 }
 
@@ -427,18 +451,20 @@ table() {
 import statistics, sys
 title, *rows = sys.argv[1:]
 def median_run(text):
-    # Each figure is the median of its own rounds: req/s, p50, p99 and CPU taken separately.
+    # Each figure is the median of its own rounds: req/s, p50, p99, CPU and the load core's
+    # busy share taken separately.
     rounds = [tuple(map(float, r.split())) for r in text.split(";") if r.strip()]
-    return tuple(statistics.median(r[i] for r in rounds) for i in range(4))
+    return tuple(statistics.median(r[i] for r in rounds) for i in range(5))
 named = [(row.split("|", 1)[0], median_run(row.split("|", 1)[1])) for row in rows]
 first, nginx = named[0][1], named[-1][1]
 print(f"\n### {title}\n")
-print("| run | req/s | p50 ms | p99 ms | CPU µs/request | req/s vs first | req/s vs nginx | p99 vs nginx | CPU vs nginx |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-for name, (rps, p50, p99, cpu) in named:
+print("| run | req/s | p50 ms | p99 ms | CPU µs/request | req/s vs first | req/s vs nginx | p99 vs nginx | CPU vs nginx | load core busy |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+for name, (rps, p50, p99, cpu, load) in named:
     cpu_text = "-" if cpu != cpu else f"{cpu:.1f}"
     ratio = "-" if cpu != cpu or not nginx[3] else f"{cpu/nginx[3]:.2f}"
-    print(f"| {name} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {cpu_text} | {rps/first[0]:.2f} | {rps/nginx[0]:.2f} | {p99/nginx[2]:.2f} | {ratio} |")
+    load_text = "-" if load != load else f"{load:.0f}%"
+    print(f"| {name} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {cpu_text} | {rps/first[0]:.2f} | {rps/nginx[0]:.2f} | {p99/nginx[2]:.2f} | {ratio} | {load_text} |")
 PY
 }
 
