@@ -113,10 +113,11 @@ async fn handover_under_load_drops_no_request() {
         .unwrap()
         .unwrap();
     assert_eq!(echoed.to_text().unwrap(), "new process");
+    let is_request = |line: &serde_json::Value| line["msg"] == "Request";
     assert!(
-        new.log_lines_once(|lines| lines.iter().any(|l| l["msg"] == "Request"))
+        new.log_lines_once(|lines| lines.iter().any(is_request))
             .iter()
-            .any(|l| l["msg"] == "Request"),
+            .any(is_request),
         "requests reached the new process"
     );
 }
