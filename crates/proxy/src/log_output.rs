@@ -76,28 +76,35 @@ pub fn flush_this_thread() {
     });
 }
 
-/// Writes one whole line (ending in a newline), now or in this thread's next batch.
-pub(crate) fn write_line(line: &[u8]) {
-    let held = PENDING.try_with(|pending| {
-        let Ok(mut pending) = pending.try_borrow_mut() else {
-            return false;
+/// Formats one whole line (ending in a newline) with `format`, straight into this thread's
+/// batch, and writes it now or with the batch.
+pub(crate) fn write_line(format: impl FnOnce(&mut Vec<u8>)) {
+    let mut format = Some(format);
+    // `try_with`: a line may end while this thread's locals are being destroyed.
+    let _ = PENDING.try_with(|pending| {
+        let (Ok(mut pending), Some(format)) = (pending.try_borrow_mut(), format.take()) else {
+            return;
         };
+        let start = pending.lines.len();
+        format(&mut pending.lines);
         if !pending.batching {
-            (pending.sink)(line);
-            return true;
-        }
-        if pending.lines.len() + line.len() > BATCH_BYTES {
             pending.write_out();
+        } else if pending.lines.len() > BATCH_BYTES {
+            // The new line does not fit with the ones before it: they go first, and it waits
+            // for the next batch, unless it fills one by itself.
+            if start > 0 {
+                (pending.sink)(&pending.lines[..start]);
+                pending.lines.drain(..start);
+            }
+            if pending.lines.len() > BATCH_BYTES {
+                pending.write_out();
+            }
         }
-        if line.len() > BATCH_BYTES {
-            (pending.sink)(line);
-        } else {
-            pending.lines.extend_from_slice(line);
-        }
-        true
     });
-    if held != Ok(true) {
-        write_to_stdout(line);
+    if let Some(format) = format {
+        let mut line = Vec::new();
+        format(&mut line);
+        write_to_stdout(&line);
     }
 }
 
@@ -132,8 +139,8 @@ mod tests {
     fn a_thread_that_does_not_batch_writes_each_line_at_once() {
         std::thread::spawn(|| {
             write_into_record();
-            write_line(b"{}\n");
-            write_line(b"{}\n");
+            write_line(|out| out.extend_from_slice(b"{}\n"));
+            write_line(|out| out.extend_from_slice(b"{}\n"));
             assert_eq!(writes(), [3, 3]);
         })
         .join()
@@ -146,20 +153,20 @@ mod tests {
             write_into_record();
             batch_on_this_thread();
             let line = [b' '; 1000];
-            write_line(&line);
-            write_line(&line);
+            write_line(|out| out.extend_from_slice(&line));
+            write_line(|out| out.extend_from_slice(&line));
             assert_eq!(writes(), [0; 0]);
             flush_this_thread();
             assert_eq!(writes(), [2000]);
             flush_this_thread();
             assert_eq!(writes(), [0; 0], "nothing held, nothing written");
             for _ in 0..5 {
-                write_line(&line);
+                write_line(|out| out.extend_from_slice(&line));
             }
             // The fifth would pass BATCH_BYTES: the four went out first.
             assert_eq!(writes(), [4000]);
             // A line longer than a batch is written alone, after what was held.
-            write_line(&[b' '; BATCH_BYTES + 1]);
+            write_line(|out| out.extend_from_slice(&[b' '; BATCH_BYTES + 1]));
             assert_eq!(writes(), [1000, BATCH_BYTES + 1]);
         })
         .join()
@@ -175,7 +182,7 @@ mod tests {
         std::thread::spawn(|| {
             PENDING.with(|pending| pending.borrow_mut().sink = count);
             batch_on_this_thread();
-            write_line(b"{\"msg\":\"Request\"}\n");
+            write_line(|out| out.extend_from_slice(b"{\"msg\":\"Request\"}\n"));
         })
         .join()
         .unwrap();

@@ -183,12 +183,7 @@ impl RequestRecord {
             return;
         }
         let elapsed = self.started.elapsed();
-        LINE.with(|buffer| {
-            let mut buffer = buffer.borrow_mut();
-            buffer.clear();
-            self.write_line(&mut buffer, elapsed);
-            crate::log_output::write_line(&buffer);
-        });
+        crate::log_output::write_line(|out| self.write_line(out, elapsed));
         // Only routed requests are counted, so a record with metrics names its service.
         if let (Some(metrics), Some(service)) = (self.metrics.take(), &self.service) {
             if let (Some(upstream), Some(target)) = (self.upstream_duration, &self.target) {
@@ -260,8 +255,6 @@ fn header_text(value: Option<&HeaderValue>) -> &str {
 }
 
 thread_local! {
-    /// Each worker thread formats its log lines in one reused buffer.
-    static LINE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(1024));
     /// The date and time to the second of the last line this thread wrote, so the calendar
     /// arithmetic runs once a second rather than once a request.
     static SECOND: std::cell::Cell<(u64, [u8; 19])> = const { std::cell::Cell::new((u64::MAX, [0; 19])) };
