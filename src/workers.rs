@@ -141,8 +141,8 @@ impl Workers {
                         // Connections outlive the accept loops (the drain waits for them), so
                         // the runtime runs until told to stop.
                         stop.cancelled().await;
-                    });
-                    log_output::flush_this_thread();
+                    })
+                    // The lines the worker still holds are written as its thread ends.
                 })
                 .context("cannot start a worker thread")?;
             threads.push(thread);

@@ -348,8 +348,11 @@ async fn a_pooled_connection_the_target_closed_is_not_a_failed_request() {
             );
         }
     }
+    // Every one of the 15 requests logged, so a failure among the last is not missed.
+    let requests =
+        |lines: &[serde_json::Value]| lines.iter().filter(|line| line["msg"] == "Request").count();
     let failures: Vec<_> = proxy
-        .log_lines()
+        .log_lines_once(|lines| requests(lines) >= 15)
         .into_iter()
         .filter(|line| line["status"].as_u64().is_some_and(|s| s >= 500))
         .collect();
