@@ -150,7 +150,7 @@ async fn a_path_service_on_a_tls_host_is_redirected_to_https_like_its_root() {
             reply.headers["content-type"], "text/html; charset=utf-8",
             "{side}"
         );
-        let line = request_line(&peer, "/api/x").await;
+        let line = request_line(&peer, "/api/x", 1).await;
         assert_eq!(line["resp_content_length"], reply.body.len(), "{side}");
         // A TLS path service cannot be asked for directly.
         let refused = peer.cli(&[
@@ -645,22 +645,24 @@ async fn custom_error_pages_are_go_templates() {
     );
 }
 
-/// The last request line a proxy logged for `path`.
-async fn request_line(peer: &Peer, path: &str) -> serde_json::Value {
+/// The `nth` (from 1) request line a proxy logged for `path`, once it is there: Berth's
+/// workers write their lines when they run out of work, moments after the response, so the
+/// last line so far may be an earlier request's.
+async fn request_line(peer: &Peer, path: &str, nth: usize) -> serde_json::Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         let found = peer
             .log()
             .lines()
-            .rev()
             .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .find(|line| line["msg"] == "Request" && line["path"] == path);
+            .filter(|line| line["msg"] == "Request" && line["path"] == path)
+            .nth(nth - 1);
         if let Some(line) = found {
             return line;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "{}: no line for {path}",
+            "{}: no line {nth} for {path}",
             peer.name()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -693,7 +695,7 @@ async fn request_log_lines_have_kamal_proxys_shape() {
             .unwrap();
         let mut buffer = [0u8; 4096];
         let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer)).await;
-        let line = request_line(&peer, "/echo").await;
+        let line = request_line(&peer, "/echo", 1).await;
         let text = line.to_string();
         assert!(line["time"].is_string(), "{side}: {text}");
         assert_eq!(line["level"], "INFO", "{side}");
@@ -707,7 +709,7 @@ async fn request_log_lines_have_kamal_proxys_shape() {
 
         // An error page's bytes are counted.
         let reply = get(peer.address(), "nobody.test", "/missing").await;
-        let line = request_line(&peer, "/missing").await;
+        let line = request_line(&peer, "/missing", 1).await;
         assert_eq!(line["status"], 404, "{side}");
         assert_eq!(
             line["resp_content_length"],
@@ -1166,7 +1168,7 @@ async fn request_paths_reach_the_app_encoded_as_kamal_proxy_encodes_them() {
         let (status, _) =
             raw_request(peer.address(), "GET", b"/logged%20as%C3%A9", "app.test").await;
         assert_eq!(status, 200, "{side}");
-        request_line(&peer, "/logged as\u{e9}").await;
+        request_line(&peer, "/logged as\u{e9}", 1).await;
         // The query goes on as it came, broken escapes and all.
         let (status, body) = raw_request(peer.address(), "GET", b"/q?x=|{}%zz", "app.test").await;
         assert_eq!(status, 200, "{side}: {body}");
@@ -1370,7 +1372,7 @@ async fn the_logged_host_and_remote_addr_are_what_the_client_sent() {
             let mut answer = Vec::new();
             let _ =
                 tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
-            let line = request_line(&peer, path).await;
+            let line = request_line(&peer, path, 1).await;
             assert_eq!(line["status"], 200, "{side}: {line}");
             assert_eq!(line["host"], host_logged, "{side}: {line}");
             assert_eq!(line["remote_addr"], remote_logged, "{side}: {line}");
@@ -1457,7 +1459,7 @@ async fn a_body_without_a_content_type_gets_the_one_go_names() {
             .unwrap();
         assert!(reply.headers.get("content-type").is_none(), "{side}");
         // The log keeps the type the app sent: none.
-        let line = request_line(&peer, "/json").await;
+        let line = request_line(&peer, "/json", 1).await;
         assert_eq!(line["resp_content_type"], "", "{side}: {line}");
     }
 }
@@ -1477,7 +1479,7 @@ async fn an_empty_host_goes_to_the_service_without_hosts() {
         let report: serde_json::Value = serde_json::from_str(&body).unwrap();
         // The app is told the target's address, as for a request with no Host at all.
         assert_eq!(report["headers"]["host"], app.target(), "{side}: {body}");
-        let line = request_line(&peer, "/empty-host").await;
+        let line = request_line(&peer, "/empty-host", 2).await;
         assert_eq!(line["service"], "catch-all", "{side}: {line}");
         assert_eq!(line["host"], "", "{side}: {line}");
     }
