@@ -39,8 +39,8 @@ fn main() -> ExitCode {
         Err(error) => return report_usage_error(error),
     };
     // rustls's process-wide provider, for the libraries that take the default (the Redis
-    // client's TLS); Berth's own configurations name ring explicitly.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    // client's TLS, the ACME client); the listeners name theirs (`tls::crypto_provider`).
+    let _ = berth_proxy::tls::crypto_provider().install_default();
     // The main thread runs the control plane (and every client command); the data plane has
     // threads of its own (`workers`).
     let runtime = match tokio::runtime::Builder::new_current_thread()

@@ -453,7 +453,7 @@ async fn handshake(
     port: u16,
     server_name: &str,
 ) -> Result<rustls::pki_types::CertificateDer<'static>, String> {
-    let provider = rustls::crypto::ring::default_provider();
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
     let tls = connect_tls(port, server_name, provider, rustls::DEFAULT_VERSIONS).await?;
     let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
     Ok(leaf)
@@ -465,7 +465,7 @@ async fn negotiated_suite(
     offered: &[rustls::CipherSuite],
     version: &'static rustls::SupportedProtocolVersion,
 ) -> rustls::CipherSuite {
-    let mut provider = rustls::crypto::ring::default_provider();
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider
         .cipher_suites
         .retain(|suite| offered.contains(&suite.suite()));
@@ -530,6 +530,80 @@ async fn the_server_prefers_aes_128_unless_the_client_puts_chacha20_first() {
         assert_eq!(
             negotiated_suite(port, &tls12, &rustls::version::TLS12).await,
             TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            "{side}"
+        );
+    }
+}
+
+/// The key exchange a TLS 1.3 handshake by a client offering `groups` (in its order of
+/// preference; it sends a key share for the first, and for X25519 too when the first is the
+/// X25519 hybrid, as browsers do) settles on, and whether the server had to ask for another
+/// key share (a HelloRetryRequest, one more round trip).
+async fn negotiated_group(
+    port: u16,
+    groups: &[rustls::NamedGroup],
+) -> (rustls::NamedGroup, rustls::HandshakeKind) {
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.kx_groups = groups
+        .iter()
+        .map(|named| {
+            *rustls::crypto::aws_lc_rs::ALL_KX_GROUPS
+                .iter()
+                .find(|group| group.name() == *named)
+                .unwrap_or_else(|| panic!("no {named:?} in aws-lc-rs"))
+        })
+        .collect();
+    let tls = connect_tls(port, "groups.test", provider, &[&rustls::version::TLS13])
+        .await
+        .unwrap();
+    let connection = tls.get_ref().1;
+    let group = connection.negotiated_key_exchange_group().unwrap().name();
+    (group, connection.handshake_kind().unwrap())
+}
+
+/// Go's TLS server (kamal-proxy is built with Go 1.27) agrees the post-quantum hybrid
+/// X25519MLKEM768 with the browsers that offer it first; a host moved to Berth must not fall
+/// back to a classical key exchange for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_offering_post_quantum_key_exchange_get_it() {
+    use rustls::HandshakeKind::{Full, FullWithHelloRetryRequest};
+    use rustls::NamedGroup::*;
+    let app = Upstream::start("app").await;
+    let files = certificate_files("groups.test");
+    for peer in Peer::both() {
+        let side = peer.name();
+        peer.deploy(
+            "web",
+            &app.target(),
+            &[
+                "--host=groups.test",
+                "--tls",
+                &files.flags[0],
+                &files.flags[1],
+            ],
+        );
+        let port = peer.https_port();
+        let browser_like = [X25519MLKEM768, X25519, secp256r1, secp384r1];
+        assert_eq!(
+            negotiated_group(port, &browser_like).await,
+            (X25519MLKEM768, Full),
+            "{side}"
+        );
+        // A client that prefers X25519 and sent only its key share: Berth takes the client's
+        // choice at once; Go asks again for the hybrid (one more round trip).
+        let classical_first = [X25519, X25519MLKEM768];
+        let expected = match peer {
+            Peer::Berth(_) => (X25519, Full),
+            Peer::KamalProxy { .. } => (X25519MLKEM768, FullWithHelloRetryRequest),
+        };
+        assert_eq!(
+            negotiated_group(port, &classical_first).await,
+            expected,
+            "{side}"
+        );
+        assert_eq!(
+            negotiated_group(port, &[secp256r1]).await,
+            (secp256r1, Full),
             "{side}"
         );
     }

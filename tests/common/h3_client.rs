@@ -38,7 +38,7 @@ impl H3Client {
     ) -> Result<Self, String> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(root.clone()).map_err(|e| e.to_string())?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| e.to_string())?

@@ -52,8 +52,8 @@ impl Certificate {
         let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
             .map_err(CertificateError::Pem)?
             .ok_or(CertificateError::NoPrivateKey)?;
-        let signing_key =
-            rustls::crypto::ring::sign::any_supported_type(&key).map_err(CertificateError::Key)?;
+        let signing_key = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key)
+            .map_err(CertificateError::Key)?;
         let certified = CertifiedKey::new(chain, signing_key);
         match certified.keys_match() {
             Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}

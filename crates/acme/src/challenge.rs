@@ -47,7 +47,7 @@ impl Challenges {
             .self_signed(&key)
             .map_err(|e| format!("challenge certificate: {e}"))?;
         let der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-        let signing = rustls::crypto::ring::sign::any_supported_type(&der)
+        let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&der)
             .map_err(|e| format!("challenge key: {e}"))?;
         let certified = CertifiedKey::new(vec![certificate.der().clone()], signing);
         lock(&self.tls_alpn).insert(host.to_string(), Arc::new(certified));

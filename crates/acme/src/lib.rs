@@ -41,7 +41,7 @@ pub fn directory_key(url: &str) -> &str {
 /// The hex SHA-256 of a directory key: what names its certificate folder (as autocert names
 /// it) and its entries in a shared store.
 pub(crate) fn directory_hash(key: &str) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, key.as_bytes());
     digest
         .as_ref()
         .iter()

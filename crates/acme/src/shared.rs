@@ -24,9 +24,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use base64::Engine;
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
-use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
 use crate::certificate::Certificate;
@@ -63,9 +63,10 @@ pub enum StoreSetupError {
     MissingKey,
 }
 
-/// The store key, which seals private keys at rest.
+/// The store key, which seals private keys at rest. Shared, not copied: aws-lc's keys cannot
+/// be cloned.
 #[derive(Clone)]
-pub struct StoreKey(LessSafeKey);
+pub struct StoreKey(std::sync::Arc<LessSafeKey>);
 
 impl StoreKey {
     /// Reads a key written as 64 hex digits or as base64 of 32 bytes (surrounding space
@@ -87,7 +88,7 @@ impl StoreKey {
         }
         let key = UnboundKey::new(&AES_256_GCM, &bytes)
             .map_err(|_| StoreSetupError::Key("rejected by AES-256-GCM".into()))?;
-        Ok(Self(LessSafeKey::new(key)))
+        Ok(Self(std::sync::Arc::new(LessSafeKey::new(key))))
     }
 
     /// `nonce ‖ ciphertext ‖ tag`, base64.

@@ -57,7 +57,7 @@ pub fn endpoint(
     certificates: Arc<dyn CertificateSource>,
     idle_timeout: Duration,
 ) -> Result<quinn::Endpoint, Http3Error> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(crate::tls::crypto_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Http3Error::Crypto(e.to_string()))?

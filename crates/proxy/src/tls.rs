@@ -117,12 +117,21 @@ async fn refuse_unrecognized_name(start: tokio_rustls::StartHandshake<TcpStream>
     }
 }
 
+/// The cryptography every server configuration (TCP and QUIC) is built on: aws-lc, with the
+/// post-quantum hybrid X25519MLKEM768 first among key exchanges, then X25519, P-256 and P-384.
+/// Browsers offer X25519MLKEM768 and kamal-proxy's Go server picks it (Go 1.24 and later), so
+/// a host moved to Berth keeps the key exchange its clients had; clients that do not offer
+/// it get X25519, which aws-lc computes in half ring's time (the largest cost of a handshake).
+pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
+    rustls::crypto::aws_lc_rs::default_provider()
+}
+
 /// A configuration that serves no certificate, only to take the ClientHello off our hands.
 fn refusing_config() -> Arc<ServerConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(crypto_provider());
     let config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .expect("ring supports TLS 1.2 and 1.3")
+        .expect("aws-lc supports TLS 1.2 and 1.3")
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(Refuse));
     Arc::new(config)
@@ -140,10 +149,10 @@ impl ResolvesServerCert for Refuse {
 /// The configuration answering a TLS-ALPN-01 validation: the challenge certificate, and
 /// `acme-tls/1` as the only protocol.
 fn acme_challenge_config(certified: Arc<CertifiedKey>) -> Arc<ServerConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(crypto_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .expect("ring supports TLS 1.2 and 1.3")
+        .expect("aws-lc supports TLS 1.2 and 1.3")
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(Chosen(certified)));
     config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
@@ -159,7 +168,7 @@ struct Resumption {
 }
 
 static RESUMPTION: std::sync::LazyLock<Option<Resumption>> =
-    std::sync::LazyLock::new(|| match rustls::crypto::ring::Ticketer::new() {
+    std::sync::LazyLock::new(|| match rustls::crypto::aws_lc_rs::Ticketer::new() {
         Ok(tickets) => Some(Resumption {
             tickets,
             sessions: rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES),
@@ -253,11 +262,11 @@ fn server_config(certified: Arc<CertifiedKey>, order: SuiteOrder) -> Arc<ServerC
         return Arc::clone(config);
     }
     configs.retain(|(key, _, _)| key.strong_count() > 0);
-    let mut provider = rustls::crypto::ring::default_provider();
+    let mut provider = crypto_provider();
     order.arrange(&mut provider);
     let mut config = ServerConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .expect("ring supports TLS 1.2 and 1.3")
+        .expect("aws-lc supports TLS 1.2 and 1.3")
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(Chosen(Arc::clone(&certified))));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -318,7 +327,7 @@ mod tests {
 
     #[test]
     fn every_suite_stays_and_tls13_comes_first() {
-        let mut provider = rustls::crypto::ring::default_provider();
+        let mut provider = crypto_provider();
         let before = provider.cipher_suites.len();
         SuiteOrder::Aes128First.arrange(&mut provider);
         let order: Vec<_> = provider.cipher_suites.iter().map(|s| s.suite()).collect();
