@@ -23,7 +23,8 @@
 //!   request than a tokio timer.
 //! - [`log_output`]: request log lines to stdout, batched on the worker threads.
 //! - [`metrics`]: Prometheus counters and histograms, and the gauges filled in at scrape.
-//! - [`tls`]: TLS termination with the certificate chosen by server name.
+//! - [`tls`]: TLS termination with the certificate chosen by server name; `tickets` seals
+//!   the session tickets returning clients resume with.
 //! - [`http3`]: HTTP/3 over QUIC on the HTTPS port's UDP socket, into the same pipeline.
 //! - `buffer`, `headers`, `tunnel`, `error_page` (with `page_template`, the Go template
 //!   subset custom pages use), `request_log`, `request_target` (the path as kamal-proxy
@@ -65,6 +66,7 @@ pub mod service;
 pub mod signal;
 mod sniff;
 pub mod target;
+mod tickets;
 pub mod tls;
 mod tunnel;
 pub mod upstream;

@@ -168,7 +168,7 @@ struct Resumption {
 }
 
 static RESUMPTION: std::sync::LazyLock<Option<Resumption>> =
-    std::sync::LazyLock::new(|| match rustls::crypto::aws_lc_rs::Ticketer::new() {
+    std::sync::LazyLock::new(|| match crate::tickets::rotating() {
         Ok(tickets) => Some(Resumption {
             tickets,
             sessions: rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES),
