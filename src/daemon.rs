@@ -327,8 +327,14 @@ fn kamal_env<T: FromStr>(name: &str, warnings: &mut Vec<String>) -> Option<T> {
 
 pub fn init_logging(debug: bool) {
     let level = if debug { "debug" } else { "info" };
+    // rustls warns about what clients send (an IP address as the server name, which wrk and
+    // some monitors send on every connection): a line per connection that any client can
+    // cause. Its errors stay; its warnings only with --debug.
+    let rustls_level = if debug { "warn" } else { "error" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("PROXY_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!("{level},hyper=info,hyper_util=info"))
+        tracing_subscriber::EnvFilter::new(format!(
+            "{level},hyper=info,hyper_util=info,rustls={rustls_level}"
+        ))
     });
     tracing_subscriber::fmt()
         .event_format(crate::log_format::KamalJson)

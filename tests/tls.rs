@@ -548,3 +548,65 @@ async fn returning_clients_resume_their_tls_sessions() {
         "{text}"
     );
 }
+
+/// A ClientHello whose server name is `name` (any bytes; clients such as wrk send an IP
+/// address there, which RFC 6066 forbids), offering only TLS_AES_128_GCM_SHA256.
+fn client_hello_naming(name: &[u8]) -> Vec<u8> {
+    let name_len = name.len() as u16;
+    let mut server_name = vec![0x00, 0x00]; // extension: server_name
+    server_name.extend_from_slice(&(name_len + 5).to_be_bytes());
+    server_name.extend_from_slice(&(name_len + 3).to_be_bytes());
+    server_name.push(0x00); // host_name
+    server_name.extend_from_slice(&name_len.to_be_bytes());
+    server_name.extend_from_slice(name);
+    let mut body = vec![0x03, 0x03];
+    body.extend_from_slice(&[7u8; 32]); // random
+    body.push(0x00); // no session ID
+    body.extend_from_slice(&[0x00, 0x02, 0x13, 0x01]);
+    body.extend_from_slice(&[0x01, 0x00]); // no compression
+    body.extend_from_slice(&(server_name.len() as u16).to_be_bytes());
+    body.extend_from_slice(&server_name);
+    let mut handshake = vec![0x01, 0x00];
+    handshake.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    handshake.extend_from_slice(&body);
+    let mut record = vec![0x16, 0x03, 0x01];
+    record.extend_from_slice(&(handshake.len() as u16).to_be_bytes());
+    record.extend_from_slice(&handshake);
+    record
+}
+
+/// What a client sends is not a reason for a log line per connection: rustls's warning about
+/// an IP address as the server name (wrk and some monitors send one on every connection)
+/// stays out of the log unless `--debug` asks for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ip_address_as_server_name_writes_no_log_line_per_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let quiet = ProxyProcess::start();
+    let verbose = ProxyProcess::start_with(&["--debug"]);
+    let app = Upstream::start("app").await;
+    let files = common::certs::certificate_files("ip.test");
+    for proxy in [&quiet, &verbose] {
+        proxy.deploy(
+            "web",
+            &app.target(),
+            &["--host=ip.test", "--tls", &files.flags[0], &files.flags[1]],
+        );
+        for _ in 0..3 {
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", proxy.https_port))
+                .await
+                .unwrap();
+            stream
+                .write_all(&client_hello_naming(b"127.0.0.1"))
+                .await
+                .unwrap();
+            // The server has parsed the ClientHello once it answers (an alert: no suite in
+            // common for the TLS 1.2 this hello negotiates), so any warning is written by then.
+            let mut answer = Vec::new();
+            let _ = stream.read_to_end(&mut answer).await;
+            assert_eq!(answer.first(), Some(&0x15), "an alert record");
+        }
+    }
+    let warned = |proxy: &ProxyProcess| proxy.log().matches("Illegal SNI").count();
+    assert_eq!(warned(&quiet), 0, "{}", quiet.log());
+    assert_eq!(warned(&verbose), 3, "{}", verbose.log());
+}
