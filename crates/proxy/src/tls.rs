@@ -118,10 +118,11 @@ async fn refuse_unrecognized_name(start: tokio_rustls::StartHandshake<TcpStream>
 }
 
 /// The cryptography every server configuration (TCP and QUIC) is built on: aws-lc, with the
-/// post-quantum hybrid X25519MLKEM768 first among key exchanges, then X25519, P-256 and P-384.
-/// Browsers offer X25519MLKEM768 and kamal-proxy's Go server picks it (Go 1.24 and later), so
-/// a host moved to Berth keeps the key exchange its clients had; clients that do not offer
-/// it get X25519, which aws-lc computes in half ring's time (the largest cost of a handshake).
+/// key exchanges X25519MLKEM768 (the post-quantum hybrid), X25519, P-256 and P-384, of which a
+/// client gets the first it lists (rustls follows the client's order). Browsers list the
+/// hybrid first and kamal-proxy's Go server agrees it with them, so a host moved to Berth
+/// keeps the key exchange its clients had. aws-lc also computes X25519, the largest cost of
+/// a handshake, in half ring's time.
 pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
     rustls::crypto::aws_lc_rs::default_provider()
 }
