@@ -279,7 +279,7 @@ async fn a_tls_connection_is_parked_and_taken_up_again() {
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(root).unwrap();
-    let config = rustls::ClientConfig::builder()
+    let config = common::tls_client()
         .with_root_certificates(roots)
         .with_no_client_auth();
     let tcp = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], proxy.https_port)))

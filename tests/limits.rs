@@ -254,7 +254,7 @@ async fn a_413_reaches_a_client_that_sends_its_whole_upload_first() {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(files.root.clone()).unwrap();
     let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(
-        rustls::ClientConfig::builder()
+        common::tls_client()
             .with_root_certificates(roots)
             .with_no_client_auth(),
     ));

@@ -140,7 +140,7 @@ async fn proxy_protocol_headers_carry_the_client_address_and_are_required() {
     // HTTPS: the header comes before the TLS handshake.
     let mut roots = rustls::RootCertStore::empty();
     roots.add(certificate.root.clone()).unwrap();
-    let config = rustls::ClientConfig::builder()
+    let config = common::tls_client()
         .with_root_certificates(roots)
         .with_no_client_auth();
     let mut stream = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], proxy.https_port)))
@@ -165,7 +165,7 @@ async fn proxy_protocol_headers_carry_the_client_address_and_are_required() {
     let stream = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], proxy.https_port)))
         .await
         .unwrap();
-    let config = rustls::ClientConfig::builder()
+    let config = common::tls_client()
         .with_root_certificates(rustls::RootCertStore::empty())
         .with_no_client_auth();
     let refused = tokio::time::timeout(

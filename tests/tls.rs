@@ -500,7 +500,7 @@ async fn returning_clients_resume_their_tls_sessions() {
         roots.add(files.root.clone()).unwrap();
         // One client configuration, as one browser: it remembers its sessions.
         let config = std::sync::Arc::new(
-            rustls::ClientConfig::builder_with_protocol_versions(&[versions])
+            common::tls_client_speaking(&[versions])
                 .with_root_certificates(roots)
                 .with_no_client_auth(),
         );

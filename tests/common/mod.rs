@@ -490,3 +490,19 @@ pub async fn get(address: SocketAddr, host: &str, path: &str) -> Reply {
         .await
         .expect("request through proxy")
 }
+
+/// A TLS client configuration builder on aws-lc (rustls has two providers built in, so it
+/// picks none by itself).
+pub fn tls_client() -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier> {
+    tls_client_speaking(rustls::DEFAULT_VERSIONS)
+}
+
+/// [`tls_client`], speaking only `versions`.
+pub fn tls_client_speaking(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier> {
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .expect("aws-lc speaks TLS 1.2 and 1.3")
+}

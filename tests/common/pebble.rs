@@ -240,7 +240,7 @@ impl Pebble {
         for cert in rustls_pemfile::certs(&mut self.api_ca_pem.as_bytes()) {
             roots.add(cert.unwrap()).unwrap();
         }
-        let config = rustls::ClientConfig::builder()
+        let config = super::tls_client()
             .with_root_certificates(roots)
             .with_no_client_auth();
         let stream = TcpStream::connect(("127.0.0.1", self.management_port))
@@ -367,7 +367,7 @@ async fn https_request(
     for root in roots {
         store.add(root.clone()).map_err(|e| e.to_string())?;
     }
-    let mut config = rustls::ClientConfig::builder()
+    let mut config = super::tls_client()
         .with_root_certificates(store)
         .with_no_client_auth();
     config.alpn_protocols = offered.iter().map(|p| p.to_vec()).collect();
