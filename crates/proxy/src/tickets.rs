@@ -76,17 +76,17 @@ impl ProducesTickets for SealedTickets {
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
         let tag_len = AES_256_GCM.tag_len();
         let header = self.key_name.len() + NONCE_LEN;
+        // Sealed where it lies in the ticket: one buffer, one copy of the state.
         let mut ticket = Vec::with_capacity(header + plain.len() + tag_len);
         ticket.extend_from_slice(&self.key_name);
         ticket.resize(header, 0);
-        let mut sealed = Vec::with_capacity(plain.len() + tag_len);
-        sealed.extend_from_slice(plain);
-        let nonce = self
+        ticket.extend_from_slice(plain);
+        let (nonce, tag) = self
             .key
-            .seal_in_place_append_tag(Aad::from(&self.key_name), &mut sealed)
+            .seal_in_place_separate_tag(Aad::from(&self.key_name), &mut ticket[header..])
             .ok()?;
         ticket[self.key_name.len()..header].copy_from_slice(nonce.as_ref());
-        ticket.extend_from_slice(&sealed);
+        ticket.extend_from_slice(tag.as_ref());
         self.longest.fetch_max(ticket.len(), Ordering::Relaxed);
         Some(ticket)
     }

@@ -137,7 +137,7 @@ fn refusing_config() -> Arc<ServerConfig> {
     let provider = Arc::new(crypto_provider());
     let config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .expect("aws-lc supports TLS 1.2 and 1.3")
+        .expect("the provider supports TLS 1.2 and 1.3")
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(Refuse));
     Arc::new(config)
@@ -158,7 +158,7 @@ fn acme_challenge_config(certified: Arc<CertifiedKey>) -> Arc<ServerConfig> {
     let provider = Arc::new(crypto_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .expect("aws-lc supports TLS 1.2 and 1.3")
+        .expect("the provider supports TLS 1.2 and 1.3")
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(Chosen(certified)));
     config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
@@ -272,7 +272,7 @@ fn server_config(certified: Arc<CertifiedKey>, order: SuiteOrder) -> Arc<ServerC
     order.arrange(&mut provider);
     let mut config = ServerConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .expect("aws-lc supports TLS 1.2 and 1.3")
+        .expect("the provider supports TLS 1.2 and 1.3")
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(Chosen(Arc::clone(&certified))));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
