@@ -36,3 +36,31 @@ open(ready, "w").close()
 time.sleep(600)
 PY
 }
+
+# idle_tls_clients PORT COUNT HOST READY_FILE: as idle_clients, over TLS (1.3, the server's
+# certificate not checked, HOST as the server name): COUNT connections, one GET /up each, then
+# held open and idle. Handshakes run 50 at a time.
+idle_tls_clients() {
+  exec python3 - "$@" <<'PY'
+import asyncio, resource, ssl, sys, time
+port, count, host, ready = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+resource.setrlimit(resource.RLIMIT_NOFILE, (count + 100, count + 100))
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+context.check_hostname = False
+context.verify_mode = ssl.CERT_NONE
+request = b"GET /up HTTP/1.1\r\nHost: " + host.encode() + b"\r\n\r\n"
+async def one(gate, conns):
+    async with gate:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname=host)
+        writer.write(request)
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")
+        conns.append((reader, writer))
+async def main():
+    gate, conns = asyncio.Semaphore(50), []
+    await asyncio.gather(*[one(gate, conns) for _ in range(count)])
+    open(ready, "w").close()
+    await asyncio.sleep(600)
+asyncio.run(main())
+PY
+}
