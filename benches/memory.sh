@@ -9,6 +9,7 @@
 #   benches/memory.sh                       # builds the release binary
 #   PROXY=target/profiling/proxy benches/memory.sh
 #   COUNT=5000 TLS_COUNT=1000 benches/memory.sh
+#   KAMAL_PROXY_BIN=../shared/peers/kamal-proxy benches/memory.sh   # kamal-proxy alongside
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for tool in nginx taskset python3 curl openssl; do
@@ -79,19 +80,23 @@ idle_rss() {
   wait "$clients" 2>/dev/null || true
 }
 
-# start_berth: a fresh Berth with 100 services, one of them over TLS; sets BERTH.
-start_berth() {
-  export HOME=$WORK/home-$1 KAMAL_PROXY_SOCKET=$WORK/proxy-$1.sock
+# start_proxy NAME BIN: a fresh Berth (or, with KAMAL_PROXY_BIN, kamal-proxy: the same CLI)
+# with 100 services, one of them over TLS; sets SUT to its pid.
+start_proxy() {
+  local name=$1 bin=$2 berth_only=()
+  export HOME=$WORK/home-$name KAMAL_PROXY_SOCKET=$WORK/proxy-$name.sock
   mkdir -p "$HOME"
-  TOKIO_WORKER_THREADS=1 taskset -c 0 "$PROXY" run --bind 127.0.0.1 --http-port $MEMORY_PORT \
-    --https-port $MEMORY_TLS_PORT --metrics-port $METRICS_PORT > /dev/null 2>"${PROXY_STDERR:-/dev/null}" & PIDS+=($!)
-  BERTH=$!
-  for _ in $(seq 100); do [ -S "$KAMAL_PROXY_SOCKET" ] && break; sleep 0.05; done
-  "$PROXY" deploy tls --target 127.0.0.1:$UPSTREAM_PORT --host tls.bench --health-check-interval=1s \
+  # kamal-proxy has no --bind (it listens on every address); its metrics are not read here.
+  [ "$bin" = "$PROXY" ] && berth_only=(--bind 127.0.0.1 --metrics-port $METRICS_PORT)
+  TOKIO_WORKER_THREADS=1 GOMAXPROCS=1 taskset -c 0 "$bin" run --http-port $MEMORY_PORT \
+    --https-port $MEMORY_TLS_PORT "${berth_only[@]}" > /dev/null 2>"${PROXY_STDERR:-/dev/null}" & PIDS+=($!)
+  SUT=$!
+  for _ in $(seq 200); do "$bin" list >/dev/null 2>&1 && break; sleep 0.05; done
+  "$bin" deploy tls --target 127.0.0.1:$UPSTREAM_PORT --host tls.bench --health-check-interval=1s \
     --tls --tls-redirect=false --tls-certificate-path "$WORK/tls-cert.pem" \
     --tls-private-key-path "$WORK/tls-key.pem" >/dev/null
   for i in $(seq 1 99); do
-    "$PROXY" deploy "svc$i" --target 127.0.0.1:$UPSTREAM_PORT --host "svc$i.bench" --health-check-interval=1s >/dev/null
+    "$bin" deploy "svc$i" --target 127.0.0.1:$UPSTREAM_PORT --host "svc$i.bench" --health-check-interval=1s >/dev/null
   done
   sleep 3
 }
@@ -99,13 +104,13 @@ stop() { kill "$1"; wait "$1" 2>/dev/null || true; }
 
 # Each measurement in a fresh process, so that what one left in the allocator is not counted
 # in the next.
-start_berth plain
+start_proxy plain "$PROXY"; BERTH=$SUT
 RSS_100=$(rss_kb $BERTH)
 idle_rss $BERTH $MEMORY_PORT "$COUNT" svc1.bench plain
 BERTH_PLAIN=$(( (AFTER - BEFORE) * 1024 / COUNT ))
 PLAIN_PARKED="$OPEN / $PARKED" PLAIN_UPSTREAM=$UPSTREAM_CONNECTIONS RSS_IDLE=$AFTER
 stop $BERTH
-start_berth tls
+start_proxy tls "$PROXY"; BERTH=$SUT
 idle_rss $BERTH $MEMORY_TLS_PORT "$TLS_COUNT" tls.bench tls
 BERTH_TLS=$(( (AFTER - BEFORE) * 1024 / TLS_COUNT ))
 TLS_PARKED="$OPEN / $PARKED"
@@ -124,14 +129,31 @@ for kind in plain tls; do
   fi
   stop $NGINX
 done
+if [ -n "${KAMAL_PROXY_BIN:-}" ]; then
+  start_proxy kamal-proxy-plain "$KAMAL_PROXY_BIN"
+  idle_rss $SUT $MEMORY_PORT "$COUNT" svc1.bench plain
+  KP_PLAIN=$(( (AFTER - BEFORE) * 1024 / COUNT ))
+  stop $SUT
+  start_proxy kamal-proxy-tls "$KAMAL_PROXY_BIN"
+  idle_rss $SUT $MEMORY_TLS_PORT "$TLS_COUNT" tls.bench tls
+  KP_TLS=$(( (AFTER - BEFORE) * 1024 / TLS_COUNT ))
+  stop $SUT
+fi
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 echo "| 100 services, idle | $RSS_100 KiB |"
 echo "| $COUNT idle keep-alive connections, $IDLE_WAIT s after their response | $RSS_IDLE KiB |"
 echo
-echo "| per idle keep-alive connection | Berth | nginx | Berth ÷ nginx | Berth's connections open / parked |"
-echo "|---|---:|---:|---:|---:|"
-echo "| plain HTTP/1.1 ($COUNT connections) | $BERTH_PLAIN bytes | $NGINX_PLAIN bytes | $(ratio $BERTH_PLAIN $NGINX_PLAIN) | $PLAIN_PARKED |"
-echo "| TLS 1.3, HTTP/1.1 ($TLS_COUNT connections) | $BERTH_TLS bytes | $NGINX_TLS bytes | $(ratio $BERTH_TLS $NGINX_TLS) | $TLS_PARKED |"
+if [ -n "${KAMAL_PROXY_BIN:-}" ]; then
+  echo "| per idle keep-alive connection | Berth | nginx | kamal-proxy | Berth ÷ nginx | Berth ÷ kamal-proxy | Berth's connections open / parked |"
+  echo "|---|---:|---:|---:|---:|---:|---:|"
+  echo "| plain HTTP/1.1 ($COUNT connections) | $BERTH_PLAIN bytes | $NGINX_PLAIN bytes | $KP_PLAIN bytes | $(ratio $BERTH_PLAIN $NGINX_PLAIN) | $(ratio $BERTH_PLAIN $KP_PLAIN) | $PLAIN_PARKED |"
+  echo "| TLS 1.3, HTTP/1.1 ($TLS_COUNT connections) | $BERTH_TLS bytes | $NGINX_TLS bytes | $KP_TLS bytes | $(ratio $BERTH_TLS $NGINX_TLS) | $(ratio $BERTH_TLS $KP_TLS) | $TLS_PARKED |"
+else
+  echo "| per idle keep-alive connection | Berth | nginx | Berth ÷ nginx | Berth's connections open / parked |"
+  echo "|---|---:|---:|---:|---:|"
+  echo "| plain HTTP/1.1 ($COUNT connections) | $BERTH_PLAIN bytes | $NGINX_PLAIN bytes | $(ratio $BERTH_PLAIN $NGINX_PLAIN) | $PLAIN_PARKED |"
+  echo "| TLS 1.3, HTTP/1.1 ($TLS_COUNT connections) | $BERTH_TLS bytes | $NGINX_TLS bytes | $(ratio $BERTH_TLS $NGINX_TLS) | $TLS_PARKED |"
+fi
 echo
 echo "Berth's pooled connections to the upstream with the plain clients idle: $PLAIN_UPSTREAM"
