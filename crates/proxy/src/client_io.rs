@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// What a connection's task needs to know to park it: has anything moved, is a request being
 /// served, is a write waiting for a slow client. Written by the connection's own task (the
@@ -182,19 +182,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientIo<S> {
 
 /// Waits for `stream`'s next bytes and appends them to `replay`. Returns how many arrived: 0
 /// means the client closed its side. Cancel-safe: bytes are kept only once read.
-pub async fn read_ahead<S: AsyncRead + Unpin>(
+///
+/// The read buffer lives on the stack of each poll, not in the future, and the future is no
+/// `async fn` (which would hold its arguments twice): a parked connection waits in it for as
+/// long as its client is quiet, and every byte of its state is held per idle connection.
+pub fn read_ahead<'a, S: AsyncRead + Unpin>(
+    stream: &'a mut S,
+    replay: &'a mut Bytes,
+) -> impl std::future::Future<Output = io::Result<usize>> + 'a {
+    std::future::poll_fn(move |cx| poll_read_ahead(stream, replay, cx))
+}
+
+fn poll_read_ahead<S: AsyncRead + Unpin>(
     stream: &mut S,
     replay: &mut Bytes,
-) -> io::Result<usize> {
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
     let mut buffer = [0u8; READ_AHEAD];
-    let read = stream.read(&mut buffer).await?;
-    if read > 0 {
-        let mut joined = BytesMut::with_capacity(replay.len() + read);
+    let mut read = ReadBuf::new(&mut buffer);
+    std::task::ready!(Pin::new(stream).poll_read(cx, &mut read))?;
+    let read = read.filled();
+    if !read.is_empty() {
+        let mut joined = BytesMut::with_capacity(replay.len() + read.len());
         joined.extend_from_slice(replay);
-        joined.extend_from_slice(&buffer[..read]);
+        joined.extend_from_slice(read);
         *replay = joined.freeze();
     }
-    Ok(read)
+    Poll::Ready(Ok(read.len()))
 }
 
 /// A client stream that can move what it holds on the heap to new allocations, done when its
@@ -345,7 +359,7 @@ impl<S> ClientIo<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
     async fn replayed_bytes_come_before_the_socket() {

@@ -17,12 +17,26 @@ use tokio_util::sync::CancellationToken;
 use crate::signal::Signal;
 use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Drain {
     started: Signal,
     close_idle: CancellationToken,
     deadline: CancellationToken,
     tasks: TaskTracker,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        let deadline = CancellationToken::new();
+        Self {
+            started: Signal::default(),
+            // A child: the deadline closes idle connections too, so that one wait covers both
+            // (an idle connection's wait is held for as long as it is idle).
+            close_idle: deadline.child_token(),
+            deadline,
+            tasks: TaskTracker::new(),
+        }
+    }
 }
 
 impl Drain {
@@ -45,7 +59,7 @@ impl Drain {
         &self.started
     }
 
-    /// Fires when idle connections should close now rather than at the deadline (a shutdown).
+    /// Fires when idle connections should close: at once in a shutdown, else at the deadline.
     pub fn close_idle(&self) -> &CancellationToken {
         &self.close_idle
     }
@@ -120,5 +134,19 @@ mod tests {
         drain.track(async move { deadline.cancelled().await });
         assert!(!drain.finish(Duration::from_millis(20)).await);
         assert!(drain.deadline().is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn the_deadline_closes_idle_connections_and_a_shutdown_only_those() {
+        let drain = Drain::new();
+        let deadline = drain.deadline().clone();
+        drain.track(async move { deadline.cancelled().await });
+        assert!(!drain.finish(Duration::from_millis(20)).await);
+        assert!(drain.close_idle().is_cancelled());
+
+        let drain = Drain::new();
+        assert!(drain.shut_down(Duration::from_secs(5)).await);
+        assert!(drain.close_idle().is_cancelled());
+        assert!(!drain.deadline().is_cancelled());
     }
 }
