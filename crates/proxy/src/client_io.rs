@@ -198,17 +198,32 @@ fn poll_read_ahead<S: AsyncRead + Unpin>(
     replay: &mut Bytes,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
-    let mut buffer = [0u8; READ_AHEAD];
-    let mut read = ReadBuf::new(&mut buffer);
-    std::task::ready!(Pin::new(stream).poll_read(cx, &mut read))?;
-    let read = read.filled();
+    let read = std::task::ready!(poll_read_some(stream, cx))?;
     if !read.is_empty() {
         let mut joined = BytesMut::with_capacity(replay.len() + read.len());
         joined.extend_from_slice(replay);
-        joined.extend_from_slice(read);
+        joined.extend_from_slice(&read);
         *replay = joined.freeze();
     }
     Poll::Ready(Ok(read.len()))
+}
+
+/// Waits for `stream`'s next bytes (none: the client closed its side), held as
+/// [`read_ahead`] holds them: no buffer in the future.
+pub fn read_some<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> impl std::future::Future<Output = io::Result<Bytes>> + '_ {
+    std::future::poll_fn(move |cx| poll_read_some(stream, cx))
+}
+
+fn poll_read_some<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<Bytes>> {
+    let mut buffer = [0u8; READ_AHEAD];
+    let mut read = ReadBuf::new(&mut buffer);
+    std::task::ready!(Pin::new(stream).poll_read(cx, &mut read))?;
+    Poll::Ready(Ok(Bytes::copy_from_slice(read.filled())))
 }
 
 /// A client stream that can move what it holds on the heap to new allocations, done when its
