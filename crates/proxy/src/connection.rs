@@ -79,36 +79,32 @@ impl ConnectionCounts {
     }
 }
 
-/// Counts a connection among the open ones for as long as it lives.
-struct CountedOpen(());
+/// Counts a connection among the open ones ([`CountedOpen`]) or the parked ones
+/// ([`CountedParked`]) for as long as it lives. Zero-sized, the gauge chosen by its type
+/// rather than held as an address: every byte is held in each idle connection's task.
+struct Counted<const PARKED_GAUGE: bool>(());
 
-impl CountedOpen {
+type CountedOpen = Counted<false>;
+type CountedParked = Counted<true>;
+
+impl<const PARKED_GAUGE: bool> Counted<PARKED_GAUGE> {
     fn new() -> Self {
-        OPEN.fetch_add(1, Ordering::Relaxed);
+        Self::gauge().fetch_add(1, Ordering::Relaxed);
         Self(())
     }
-}
 
-impl Drop for CountedOpen {
-    fn drop(&mut self) {
-        OPEN.fetch_sub(1, Ordering::Relaxed);
+    fn gauge() -> &'static AtomicUsize {
+        if PARKED_GAUGE {
+            &PARKED
+        } else {
+            &OPEN
+        }
     }
 }
 
-/// Counts a connection among the parked ones for as long as it lives. Like [`CountedOpen`],
-/// it holds no reference to its counter: every byte is held in each idle connection's task.
-struct CountedParked(());
-
-impl CountedParked {
-    fn new() -> Self {
-        PARKED.fetch_add(1, Ordering::Relaxed);
-        Self(())
-    }
-}
-
-impl Drop for CountedParked {
+impl<const PARKED_GAUGE: bool> Drop for Counted<PARKED_GAUGE> {
     fn drop(&mut self) {
-        PARKED.fetch_sub(1, Ordering::Relaxed);
+        Self::gauge().fetch_sub(1, Ordering::Relaxed);
     }
 }
 
