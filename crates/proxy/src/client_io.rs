@@ -182,34 +182,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientIo<S> {
 
 /// Waits for `stream`'s next bytes and appends them to `replay`. Returns how many arrived: 0
 /// means the client closed its side. Cancel-safe: bytes are kept only once read.
-///
-/// The read buffer lives on the stack of each poll, not in the future, and the future is no
-/// `async fn` (which would hold its arguments twice): a parked connection waits in it for as
-/// long as its client is quiet, and every byte of its state is held per idle connection.
-pub fn read_ahead<'a, S: AsyncRead + Unpin>(
-    stream: &'a mut S,
-    replay: &'a mut Bytes,
-) -> impl std::future::Future<Output = io::Result<usize>> + 'a {
-    std::future::poll_fn(move |cx| poll_read_ahead(stream, replay, cx))
-}
-
-fn poll_read_ahead<S: AsyncRead + Unpin>(
+pub async fn read_ahead<S: AsyncRead + Unpin>(
     stream: &mut S,
     replay: &mut Bytes,
-    cx: &mut Context<'_>,
-) -> Poll<io::Result<usize>> {
-    let read = std::task::ready!(poll_read_some(stream, cx))?;
+) -> io::Result<usize> {
+    let read = read_some(stream).await?;
     if !read.is_empty() {
         let mut joined = BytesMut::with_capacity(replay.len() + read.len());
         joined.extend_from_slice(replay);
         joined.extend_from_slice(&read);
         *replay = joined.freeze();
     }
-    Poll::Ready(Ok(read.len()))
+    Ok(read.len())
 }
 
-/// Waits for `stream`'s next bytes (none: the client closed its side), held as
-/// [`read_ahead`] holds them: no buffer in the future.
+/// Waits for `stream`'s next bytes (none: the client closed its side). Cancel-safe.
+///
+/// The read buffer lives on the stack of each poll, not in the future, and the future is no
+/// `async fn` (which would hold its argument twice): a parked connection waits in it for as
+/// long as its client is quiet, and every byte of its state is held per idle connection.
 pub fn read_some<S: AsyncRead + Unpin>(
     stream: &mut S,
 ) -> impl std::future::Future<Output = io::Result<Bytes>> + '_ {
