@@ -102,58 +102,56 @@ start_proxy() {
 }
 stop() { kill "$1"; wait "$1" 2>/dev/null || true; }
 
+# per_connection PID KIND PLAIN_PORT TLS_PORT: sets PER_CONNECTION to the bytes PID holds per
+# idle KIND (plain or tls) connection, measured on the port for that kind.
+per_connection() {
+  local pid=$1 kind=$2 count=$COUNT port=$3 host=svc1.bench
+  [ "$kind" = tls ] && count=$TLS_COUNT port=$4 host=tls.bench
+  idle_rss "$pid" "$port" "$count" "$host" "$kind"
+  PER_CONNECTION=$(( (AFTER - BEFORE) * 1024 / count ))
+}
+
 # Each measurement in a fresh process, so that what one left in the allocator is not counted
-# in the next.
-start_proxy plain "$PROXY"; BERTH=$SUT
-RSS_100=$(rss_kb $BERTH)
-idle_rss $BERTH $MEMORY_PORT "$COUNT" svc1.bench plain
-BERTH_PLAIN=$(( (AFTER - BEFORE) * 1024 / COUNT ))
-PLAIN_PARKED="$OPEN / $PARKED" PLAIN_UPSTREAM=$UPSTREAM_CONNECTIONS RSS_IDLE=$AFTER
-stop $BERTH
-start_proxy tls "$PROXY"; BERTH=$SUT
-idle_rss $BERTH $MEMORY_TLS_PORT "$TLS_COUNT" tls.bench tls
-BERTH_TLS=$(( (AFTER - BEFORE) * 1024 / TLS_COUNT ))
-TLS_PARKED="$OPEN / $PARKED"
-stop $BERTH
-BERTH=
+# in the next. Bytes per idle connection, by kind:
+declare -A BERTH_BYTES NGINX_BYTES KP_BYTES OPEN_PARKED
 for kind in plain tls; do
+  start_proxy "berth-$kind" "$PROXY"; BERTH=$SUT
+  [ $kind = plain ] && RSS_100=$(rss_kb $BERTH)
+  per_connection $BERTH $kind $MEMORY_PORT $MEMORY_TLS_PORT
+  BERTH_BYTES[$kind]=$PER_CONNECTION OPEN_PARKED[$kind]="$OPEN / $PARKED"
+  [ $kind = plain ] && PLAIN_UPSTREAM=$UPSTREAM_CONNECTIONS RSS_IDLE=$AFTER
+  stop $BERTH
+  BERTH=
+
   taskset -c 0 nginx -c "$WORK/nginx.conf" -e stderr & PIDS+=($!)
   NGINX=$!
   sleep 1
-  if [ $kind = plain ]; then
-    idle_rss $NGINX $NGINX_PORT "$COUNT" svc1.bench plain
-    NGINX_PLAIN=$(( (AFTER - BEFORE) * 1024 / COUNT ))
-  else
-    idle_rss $NGINX $NGINX_TLS_PORT "$TLS_COUNT" tls.bench tls
-    NGINX_TLS=$(( (AFTER - BEFORE) * 1024 / TLS_COUNT ))
-  fi
+  per_connection $NGINX $kind $NGINX_PORT $NGINX_TLS_PORT
+  NGINX_BYTES[$kind]=$PER_CONNECTION
   stop $NGINX
+
+  if [ -n "${KAMAL_PROXY_BIN:-}" ]; then
+    start_proxy "kamal-proxy-$kind" "$KAMAL_PROXY_BIN"
+    per_connection $SUT $kind $MEMORY_PORT $MEMORY_TLS_PORT
+    KP_BYTES[$kind]=$PER_CONNECTION
+    stop $SUT
+  fi
 done
-if [ -n "${KAMAL_PROXY_BIN:-}" ]; then
-  start_proxy kamal-proxy-plain "$KAMAL_PROXY_BIN"
-  idle_rss $SUT $MEMORY_PORT "$COUNT" svc1.bench plain
-  KP_PLAIN=$(( (AFTER - BEFORE) * 1024 / COUNT ))
-  stop $SUT
-  start_proxy kamal-proxy-tls "$KAMAL_PROXY_BIN"
-  idle_rss $SUT $MEMORY_TLS_PORT "$TLS_COUNT" tls.bench tls
-  KP_TLS=$(( (AFTER - BEFORE) * 1024 / TLS_COUNT ))
-  stop $SUT
-fi
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 echo "| 100 services, idle | $RSS_100 KiB |"
 echo "| $COUNT idle keep-alive connections, $IDLE_WAIT s after their response | $RSS_IDLE KiB |"
 echo
-if [ -n "${KAMAL_PROXY_BIN:-}" ]; then
-  echo "| per idle keep-alive connection | Berth | nginx | kamal-proxy | Berth ÷ nginx | Berth ÷ kamal-proxy | Berth's connections open / parked |"
-  echo "|---|---:|---:|---:|---:|---:|---:|"
-  echo "| plain HTTP/1.1 ($COUNT connections) | $BERTH_PLAIN bytes | $NGINX_PLAIN bytes | $KP_PLAIN bytes | $(ratio $BERTH_PLAIN $NGINX_PLAIN) | $(ratio $BERTH_PLAIN $KP_PLAIN) | $PLAIN_PARKED |"
-  echo "| TLS 1.3, HTTP/1.1 ($TLS_COUNT connections) | $BERTH_TLS bytes | $NGINX_TLS bytes | $KP_TLS bytes | $(ratio $BERTH_TLS $NGINX_TLS) | $(ratio $BERTH_TLS $KP_TLS) | $TLS_PARKED |"
-else
-  echo "| per idle keep-alive connection | Berth | nginx | Berth ÷ nginx | Berth's connections open / parked |"
-  echo "|---|---:|---:|---:|---:|"
-  echo "| plain HTTP/1.1 ($COUNT connections) | $BERTH_PLAIN bytes | $NGINX_PLAIN bytes | $(ratio $BERTH_PLAIN $NGINX_PLAIN) | $PLAIN_PARKED |"
-  echo "| TLS 1.3, HTTP/1.1 ($TLS_COUNT connections) | $BERTH_TLS bytes | $NGINX_TLS bytes | $(ratio $BERTH_TLS $NGINX_TLS) | $TLS_PARKED |"
-fi
+kp_header="" kp_rule=""
+[ -n "${KAMAL_PROXY_BIN:-}" ] && kp_header=" kamal-proxy | Berth ÷ kamal-proxy |" kp_rule="---:|---:|"
+echo "| per idle keep-alive connection | Berth | nginx | Berth ÷ nginx |$kp_header Berth's connections open / parked |"
+echo "|---|---:|---:|---:|$kp_rule---:|"
+for kind in plain tls; do
+  label="plain HTTP/1.1 ($COUNT connections)"
+  [ $kind = tls ] && label="TLS 1.3, HTTP/1.1 ($TLS_COUNT connections)"
+  kp_cells=""
+  [ -n "${KAMAL_PROXY_BIN:-}" ] && kp_cells=" ${KP_BYTES[$kind]} bytes | $(ratio ${BERTH_BYTES[$kind]} ${KP_BYTES[$kind]}) |"
+  echo "| $label | ${BERTH_BYTES[$kind]} bytes | ${NGINX_BYTES[$kind]} bytes | $(ratio ${BERTH_BYTES[$kind]} ${NGINX_BYTES[$kind]}) |$kp_cells ${OPEN_PARKED[$kind]} |"
+done
 echo
 echo "Berth's pooled connections to the upstream with the plain clients idle: $PLAIN_UPSTREAM"
